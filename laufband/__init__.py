@@ -1,0 +1,34 @@
+"""laufband: run a DAG of tasks across many worker processes through one shared database."""
+
+from laufband.errors import (
+    ConfigError,
+    DatabaseError,
+    GraphError,
+    GraphMismatchError,
+    LaufbandError,
+    LockTimeoutError,
+    SchemaVersionError,
+    TaskFailedError,
+    WorkerIdentityError,
+)
+from laufband.graphband import Graphband
+from laufband.laufband import Laufband
+from laufband.task import Task
+
+__version__ = "0.3.0.dev0"
+
+__all__ = [
+    "ConfigError",
+    "DatabaseError",
+    "GraphError",
+    "GraphMismatchError",
+    "Graphband",
+    "Laufband",
+    "LaufbandError",
+    "LockTimeoutError",
+    "SchemaVersionError",
+    "Task",
+    "TaskFailedError",
+    "WorkerIdentityError",
+    "__version__",
+]

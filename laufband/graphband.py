@@ -1,0 +1,343 @@
+"""The worker-side iterator: register the graph, claim, yield, finish, wait.
+
+Each process that runs ``for task in Graphband(tasks()):`` is one worker. Workers share
+nothing but the database; every claim and completion is one short transaction in
+``store.py``, and this module only decides what to ask the store next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import typing as t
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+
+from flufl.lock import Lock
+from tqdm import tqdm
+
+from laufband import config
+from laufband.clock import Clock, SystemClock
+from laufband.errors import LaufbandError, TaskFailedError
+from laufband.heartbeat import Heartbeat
+from laufband.locking import DEFAULT_LIFETIME, DatabaseLock, FastLock, speed_up
+from laufband.states import UNFINISHED, Event, TaskState, WorkerState
+from laufband.store import Claim, Counts, Finish, Store, WorkerInfo, sqlite_path
+from laufband.task import Task, validate
+
+log = logging.getLogger(__name__)
+
+T = t.TypeVar("T")
+
+#: Waiting for other workers polls the (tiny) counts table with this backoff, seconds.
+POLL_MIN, POLL_MAX = 0.01, 0.25
+
+
+def _pid_gone(hostname: str, pid: int) -> bool:
+    """True if ``pid`` on this host no longer exists (a crashed earlier incarnation)."""
+    if hostname != socket.gethostname():
+        return False  # cannot tell for other hosts; the heartbeat timeout decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _shutdown(store: Store, heartbeat: Heartbeat, worker: str) -> None:
+    """Mark the worker offline when its object is collected or the interpreter exits."""
+    heartbeat.stop()
+    try:
+        store.set_worker_state(worker, WorkerState.OFFLINE)
+    except Exception as exc:  # at exit, report and move on
+        log.warning("could not mark worker %s offline: %s", worker, exc)
+
+
+class Graphband(t.Generic[T]):
+    """Iterate over the tasks of a DAG together with every other worker of the workflow.
+
+    Each task is yielded by exactly one worker (per attempt), only after all its
+    dependencies completed. The loop waits while another live worker runs a task that
+    could make work for this one, and ends when nothing more can become claimable.
+    """
+
+    default_db = "sqlite:///graphband.sqlite"
+
+    def __init__(
+        self,
+        tasks: Iterable[Task[T]],
+        *,
+        lock: Lock | None = None,
+        db_lock: Lock | None = None,
+        db: str | None = None,
+        identifier: str | Callable[[], str] | None = None,
+        failure_policy: t.Literal["continue", "stop"] | None = None,
+        heartbeat_timeout: float | None = None,
+        heartbeat_interval: float | None = None,
+        max_killed_retries: int | None = None,
+        max_failed_retries: int | None = None,
+        disabled: bool | None = None,
+        tqdm_kwargs: dict[str, t.Any] | None = None,
+        labels: Iterable[str] | None = None,
+        journal_mode: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = config.resolve(
+            db=db, default_db=self.default_db, identifier=identifier,
+            failure_policy=failure_policy, heartbeat_timeout=heartbeat_timeout,
+            heartbeat_interval=heartbeat_interval, max_killed_retries=max_killed_retries,
+            max_failed_retries=max_failed_retries, disabled=disabled, labels=labels,
+            journal_mode=journal_mode,
+        )
+        self._tasks_input = tasks
+        self.tqdm_kwargs = dict(tqdm_kwargs or {})
+        self._clock = clock or SystemClock()
+        self._by_id: dict[str, Task[T]] | None = None
+        self._generation = 0
+        self._reqset_ids: list[int] = []
+        self._known_reqsets: set[int] = set()
+        self._bar: tqdm | None = None
+        self._closing = False
+        self._iterating = False
+        self._online = False
+        self._context_managed = False
+        if self.settings.disabled:
+            self.lock = lock if lock is not None else nullcontext()
+            self.db_lock = db_lock if db_lock is not None else nullcontext()
+            return
+        self._open(lock, db_lock)
+
+    # ------------------------------------------------------------------ set-up
+    def _open(self, lock: Lock | None, db_lock: Lock | None) -> None:
+        s = self.settings
+        base = sqlite_path(s.db) or "laufband"
+        lifetime = float(os.environ.get("LAUFBAND_LOCK_LIFETIME", DEFAULT_LIFETIME))
+        # The user's lock is separate from the database lock, so that user critical
+        # sections never block claims; the heartbeat keeps it alive while held.
+        self.lock = lock if lock is not None else FastLock(
+            f"{base}.user.lock", lifetime=max(2 * s.heartbeat_interval, lifetime))
+        self.db_lock = speed_up(db_lock) if db_lock is not None else FastLock(
+            f"{base}.lock", lifetime=lifetime)
+        self._store = Store(s.db, DatabaseLock(self.db_lock), self._clock, s.journal_mode)
+        self._heartbeat = Heartbeat(self._store, s.identifier, s.heartbeat_interval,
+                                    s.max_killed_retries, self.lock)
+        self._go_online()
+        self._finalizer = weakref.finalize(self, _shutdown, self._store, self._heartbeat,
+                                           s.identifier)
+
+    def _go_online(self) -> None:
+        if self._online:
+            return
+        s = self.settings
+        info = WorkerInfo(s.identifier, socket.gethostname(), os.getpid(), s.labels,
+                          s.heartbeat_timeout)
+        self._store.register_worker(info, _pid_gone, s.max_killed_retries)
+        self._heartbeat.start()
+        self._online = True
+
+    def _go_offline(self) -> None:
+        if not self._online:
+            return
+        self._online = False
+        self._heartbeat.stop()
+        self._store.set_worker_state(self.settings.identifier, WorkerState.OFFLINE)
+
+    def _ensure_registered(self) -> None:
+        if self._by_id is not None:
+            return
+        spec = validate(self._tasks_input)
+        self._generation = self._store.register_graph(spec, self.settings.identifier)
+        self._by_id = spec.by_id
+        self._refresh_reqsets()
+
+    def _refresh_reqsets(self) -> None:
+        self._reqset_ids = self._store.reqsets_for(self.settings.labels)
+        self._known_reqsets = set(self._store.counts().rows)
+
+    # ---------------------------------------------------------- public surface
+    @property
+    def identifier(self) -> str:
+        """Unique identifier of this worker."""
+        return self.settings.identifier
+
+    @property
+    def labels(self) -> frozenset[str]:
+        """Labels of this worker; it runs tasks whose requirements are a subset."""
+        return self.settings.labels
+
+    @property
+    def db(self) -> str:
+        """The database URL."""
+        return self.settings.db
+
+    @property
+    def disabled(self) -> bool:
+        return self.settings.disabled
+
+    @property
+    def failure_policy(self) -> str:
+        return self.settings.failure_policy
+
+    @property
+    def iterator(self) -> tqdm:
+        """The tqdm progress bar of the current (or last) iteration."""
+        if self._bar is None:
+            raise ValueError("Iterator not initialized. Call __iter__() first.")
+        return self._bar
+
+    def __len__(self) -> int:
+        """Number of tasks of the input (TypeError for generators, as with len())."""
+        return len(self._tasks_input)  # type: ignore[arg-type]
+
+    @property
+    def has_more_jobs(self) -> bool:
+        """True while a task this worker could run (now or later) is not finished."""
+        if self.settings.disabled:
+            return False
+        self._ensure_registered()
+        counts = self._counts()
+        return counts.n(UNFINISHED, self._reqset_ids) > 0
+
+    def close(self) -> None:
+        """Stop after the current task (which counts as completed)."""
+        self._closing = True
+        if not self._iterating and not self.settings.disabled:
+            self._go_offline()
+
+    def __enter__(self) -> Graphband[T]:
+        self._context_managed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._context_managed = False
+        if not self.settings.disabled:
+            self._go_offline()
+
+    def __iter__(self) -> Iterator[T]:
+        if self.settings.disabled:
+            return self._iterate_locally()
+        return self._iterate()
+
+    def _item(self, task: Task[T]) -> t.Any:
+        """What the loop yields for a task (Laufband yields ``task.data``)."""
+        return task
+
+    # -------------------------------------------------------------- iteration
+    def _iterate_locally(self) -> Iterator[t.Any]:
+        self._closing = False
+        order = validate(self._tasks_input).order
+        self._bar = tqdm(total=len(order), **self.tqdm_kwargs)
+        with self._bar:
+            for task in order:
+                yield self._item(task)
+                self._bar.update()
+                if self._closing:
+                    return
+
+    def _iterate(self) -> Iterator[t.Any]:
+        self._closing = False
+        self._iterating = True
+        self._go_online()
+        try:
+            self._ensure_registered()
+            self._store.set_worker_state(self.identifier, WorkerState.BUSY)
+            self._bar = tqdm(total=0, **self.tqdm_kwargs)
+            yield from self._work()
+        finally:
+            self._iterating = False
+            if self._bar is not None:
+                self._bar.close()
+            self._end_iteration()
+
+    def _work(self) -> Iterator[t.Any]:
+        finish: Finish | None = None
+        while True:
+            result = self._step(finish)
+            finish = None
+            if self._closing:
+                return
+            if not result.claims:
+                if self._wait_for_work(result.counts):
+                    continue
+                return
+            claim = result.claims[0]
+            try:
+                yield self._item(self._by_id[claim.id])  # type: ignore[index]
+            except BaseException:
+                # break, an exception in the loop body, or the generator being
+                # collected: the task did not complete.
+                self._abandon(claim)
+                raise
+            finish = Finish(claim, Event.COMPLETED)
+
+    def _step(self, finish: Finish | None) -> t.Any:
+        s = self.settings
+        limit = 0 if self._closing else 1
+        result = self._store.step(s.identifier, finish, self._reqset_ids, self._generation,
+                                  limit, stop_on_failure=s.failure_policy == "stop")
+        self._observe(result.counts)
+        return result
+
+    def _abandon(self, claim: Claim) -> None:
+        finish = Finish(claim, Event.FAILED,
+                        "the loop body raised, or the loop was left with break",
+                        self.settings.max_failed_retries)
+        try:
+            self._store.step(self.identifier, finish, self._reqset_ids, self._generation, 0)
+        except LaufbandError as exc:
+            log.error("could not record the failure of task %r: %s", claim.id, exc)
+
+    def _end_iteration(self) -> None:
+        if self._context_managed:
+            try:
+                self._store.set_worker_state(self.identifier, WorkerState.IDLE)
+            except LaufbandError as exc:
+                log.error("could not mark worker %s idle: %s", self.identifier, exc)
+        else:
+            self._go_offline()
+
+    # ---------------------------------------------------------------- waiting
+    def _wait_for_work(self, counts: Counts) -> bool:
+        """Wait until a task may be claimable (True) or nothing can change (False)."""
+        # Ready tasks the empty claim saw are ones we cannot take (a newer graph's).
+        unclaimable = counts.n([TaskState.READY], self._reqset_ids)
+        delay = POLL_MIN
+        while True:
+            if counts.n([TaskState.RUNNING]) == 0:
+                return False  # nothing is running, so nothing can change
+            if counts.n([TaskState.PENDING, TaskState.RUNNING], self._reqset_ids) == 0:
+                return False  # nothing left for us, and nothing of ours can come back
+            self._clock.sleep(delay)
+            delay = min(2 * delay, POLL_MAX)
+            counts = self._counts()
+            self._observe(counts)
+            if counts.n([TaskState.READY], self._reqset_ids) > unclaimable:
+                return True
+
+    def _counts(self) -> Counts:
+        counts = self._store.counts()
+        if not self._known_reqsets.issuperset(counts.rows):
+            self._refresh_reqsets()  # another worker added tasks with new requirements
+        return counts
+
+    def _observe(self, counts: Counts) -> None:
+        """Update the progress bar and enforce the failure policy."""
+        bar = self._bar
+        if bar is not None:
+            bar.total = counts.total
+            done = counts.n([TaskState.COMPLETED])
+            if done != bar.n:
+                bar.update(done - bar.n)
+        if self.settings.failure_policy == "stop":
+            failed = counts.n([TaskState.FAILED, TaskState.KILLED])
+            if failed:
+                names = self._store.failed_tasks(limit=5)
+                raise TaskFailedError(
+                    f"{failed} task(s) of this workflow failed ({', '.join(map(repr, names))})"
+                    " and failure_policy='stop': this worker stops. Fix the cause and rerun; "
+                    "completed tasks are kept."
+                )

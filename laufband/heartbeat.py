@@ -1,0 +1,64 @@
+"""The background heartbeat: proves this worker alive and declares silent ones dead.
+
+It runs in a daemon thread so the loop body never waits for it, and it never holds the
+database lock while user code runs (each beat is one short transaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from flufl.lock import Lock, LockState
+
+from laufband.errors import LaufbandError
+from laufband.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, store: Store, worker: str, interval: float, max_killed_retries: int,
+                 user_lock: Lock | None) -> None:
+        self._store = store
+        self._worker = worker
+        self._interval = interval
+        self._max_killed_retries = max_killed_retries
+        self._user_lock = user_lock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"laufband-heartbeat-{self._worker}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.beat()
+
+    def beat(self) -> None:
+        """One heartbeat: refresh ours, reap dead workers, keep our user lock alive."""
+        try:
+            if not self._store.heartbeat(self._worker, self._max_killed_retries):
+                log.warning(
+                    "worker %s had been declared dead (paused longer than its heartbeat "
+                    "timeout?); its running task was handed to another worker and its late "
+                    "result will be rejected", self._worker)
+        except LaufbandError as exc:
+            # Keep beating: a transient NFS hiccup must not silence a live worker.
+            log.error("heartbeat of worker %s failed: %s", self._worker, exc)
+        lock = self._user_lock
+        if lock is not None and lock.state == LockState.ours:
+            # A user critical section may outlast the lock lifetime; while we are alive
+            # it stays ours, and if we die it expires.
+            lock.refresh(unconditionally=True)

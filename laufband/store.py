@@ -1,0 +1,671 @@
+"""Everything SQL: opening the database, the schema check, and every transaction.
+
+The iterator, heartbeat and CLI call the verb-named methods below; nothing else in
+laufband builds a query. Every task state change is booked by ``_Unit.record`` (counts
+and history, checked against the state machine in states.py), and every write for an
+attempt first removes that attempt's claim row, so a stale worker's late write is
+rejected (fenced) instead of landing on a task that moved on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import typing as t
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from laufband.clock import Clock
+from laufband.errors import (
+    DatabaseError,
+    GraphMismatchError,
+    SchemaVersionError,
+    WorkerIdentityError,
+)
+from laufband.locking import DatabaseLock
+from laufband.schema import (
+    SCHEMA_VERSION,
+    counts,
+    edges,
+    graphs,
+    meta,
+    metadata,
+    reqsets,
+    tasks,
+    workers,
+)
+from laufband.states import ALIVE, Event, TaskState, WorkerState, check_transition
+from laufband.task import GraphSpec, Task
+
+log = logging.getLogger(__name__)
+
+#: Rows per INSERT batch / ids per IN (...) list (well below SQLite's variable limit).
+CHUNK = 5000
+
+S = TaskState
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One attempt at one task, held by one worker. ``attempt`` fences later writes."""
+
+    pk: int
+    id: str
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    """How an attempt ended: ``completed``, ``failed`` or ``preempted``."""
+
+    claim: Claim
+    outcome: Event
+    detail: str | None = None
+    retries: int = 0  # failures allowed beyond the first attempt
+
+
+@dataclasses.dataclass
+class Counts:
+    """Tasks per (requirement set, state): the whole workflow's progress in one read."""
+
+    rows: dict[int, dict[str, int]]
+
+    def n(self, states: Sequence[str], reqset_ids: Sequence[int] | None = None) -> int:
+        ids = self.rows.keys() if reqset_ids is None else reqset_ids
+        return sum(self.rows.get(r, {}).get(s, 0) for r in ids for s in states)
+
+    @property
+    def total(self) -> int:
+        return sum(sum(by_state.values()) for by_state in self.rows.values())
+
+    def by_state(self) -> dict[str, int]:
+        return {state.value: self.n([state]) for state in TaskState}
+
+
+@dataclasses.dataclass
+class StepResult:
+    claims: list[Claim]
+    counts: Counts
+    fenced: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    hostname: str
+    pid: int
+    labels: frozenset[str]
+    heartbeat_timeout: float
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file behind a sqlite URL, or None for other databases and :memory:."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
+
+
+class Store:
+    """The database of one workflow, shared by all its workers."""
+
+    def __init__(self, url: str, lock: DatabaseLock, clock: Clock,
+                 journal_mode: str = "delete") -> None:
+        self.url = url
+        self.clock = clock
+        self.lock = lock
+        self._check_path()
+        self.engine = self._make_engine(journal_mode)
+        self._open()
+
+    # ----------------------------------------------------------------- connection
+    def _check_path(self) -> None:
+        path = sqlite_path(self.url)
+        if path is None:
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise DatabaseError(
+                f"The folder {folder} of the database {path} does not exist. "
+                f"Create it (mkdir -p {folder}) or point db= at an existing folder."
+            )
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise DatabaseError(
+                f"The database {path} is read-only for this user. Workers must write to it: "
+                "fix its permissions (chmod u+w) or use a copy."
+            )
+
+    def _make_engine(self, journal_mode: str) -> Engine:
+        engine = sa.create_engine(self.url)
+        if engine.dialect.name != "sqlite":
+            return engine
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # pragma: no branch
+            # We issue BEGIN ourselves: pysqlite's implicit transactions start too late
+            # to take the write lock up front (see SQLAlchemy's pysqlite notes).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout = 60000")
+            cur.execute(f"PRAGMA journal_mode = {journal_mode}")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql(conn.get_execution_options().get("laufband_begin",
+                                                                  "BEGIN IMMEDIATE"))
+
+        return engine
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction under the database lock."""
+        with self.lock, self._translate_errors(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only snapshot; callers keep it to a statement or two."""
+        with self.lock, self._translate_errors(), self.engine.connect() as conn:
+            conn.execution_options(laufband_begin="BEGIN")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sa_exc.DBAPIError as exc:
+            raise self._explain(exc) from exc
+
+    def _explain(self, exc: sa_exc.DBAPIError) -> DatabaseError:
+        text = str(exc.orig)
+        where = sqlite_path(self.url) or self.url
+        hints = {
+            "readonly database": "is read-only: fix its permissions (chmod u+w) or use a copy",
+            "file is not a database": "is not a laufband SQLite database or is corrupt: "
+            "move it aside and start again, or point db= elsewhere",
+            "malformed": "is corrupt: move it aside and start again (finished work in it "
+            "is lost; results your tasks wrote elsewhere are not)",
+            "unable to open": "cannot be opened: check that its folder exists and is "
+            "writable",
+            "disk is full": "cannot grow: the disk is full; free space and rerun",
+            "disk I/O error": "could not be read or written (disk I/O error): check the "
+            "file system; on NFS, check the mount",
+            "no such table": "lacks laufband's tables: was it deleted or replaced while "
+            "workers ran? Move it aside and start again",
+        }
+        for needle, hint in hints.items():
+            if needle in text:
+                return DatabaseError(f"The database {where} {hint}. ({text})")
+        return DatabaseError(f"Database error on {where}: {text}")
+
+    # -------------------------------------------------------------------- schema
+    def _open(self) -> None:
+        with self.transaction() as conn:
+            if not sa.inspect(conn).has_table(meta.name):
+                self._create(conn)
+                return
+            stored = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+        if stored != str(SCHEMA_VERSION):
+            raise SchemaVersionError(
+                f"The database {self.url} was written by a laufband with schema version "
+                f"{stored}; this laufband uses version {SCHEMA_VERSION}. Finish the "
+                "workflow with the laufband version that started it, or use a new db file."
+            )
+
+    def _create(self, conn: Connection) -> None:
+        names = sa.inspect(conn).get_table_names()
+        if names:
+            raise SchemaVersionError(
+                f"The database {self.url} holds tables {sorted(names)[:5]} but no laufband "
+                "schema (written by laufband 0.2.x or another program). Use a new db file "
+                "or move this one aside."
+            )
+        metadata.create_all(conn)
+        conn.execute(meta.insert(), [
+            {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+            {"key": "created_at", "value": repr(self.clock.now())},
+        ])
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # ------------------------------------------------------------ state machine
+    @contextmanager
+    def _unit(self) -> Iterator[_Unit]:
+        """A write transaction that books state changes and flushes them at its end."""
+        with self.transaction() as conn:
+            unit = _Unit(conn, self.clock.now())
+            yield unit
+            unit.flush()
+
+    # ----------------------------------------------------------------- reading
+    def counts(self) -> Counts:
+        with self.read() as conn:
+            return _Unit(conn, 0.0).counts
+
+    def reqsets_for(self, labels: frozenset[str]) -> list[int]:
+        """Requirement sets a worker with ``labels`` may run, most specific first."""
+        with self.read() as conn:
+            rows = conn.execute(sa.select(reqsets.c.id, reqsets.c.labels)).all()
+        usable = [(len(req), rid) for rid, raw in rows if (req := set(json.loads(raw))) <= labels]
+        return [rid for _, rid in sorted(usable, key=lambda x: (-x[0], x[1]))]
+
+    def failed_tasks(self, limit: int) -> list[str]:
+        """Ids of some tasks that failed or were killed for good."""
+        with self.read() as conn:
+            return list(conn.execute(
+                sa.select(tasks.c.id).where(tasks.c.state.in_([S.FAILED.value, S.KILLED.value]))
+                .order_by(tasks.c.pk).limit(limit)
+            ).scalars())
+
+    # ------------------------------------------------------------------ workers
+    def register_worker(self, info: WorkerInfo, is_gone: Callable[[str, int], bool],
+                        max_killed_retries: int) -> None:
+        """Add (or revive) this worker's row; refuse an identifier a live worker uses."""
+        with self._unit() as unit:
+            conn, now = unit.conn, unit.now
+            row = conn.execute(sa.select(workers).where(workers.c.id == info.id)).first()
+            if row is not None and row.state in ALIVE:
+                age = now - row.heartbeat
+                if age <= row.heartbeat_timeout and not is_gone(row.hostname, row.pid):
+                    raise WorkerIdentityError(
+                        f"Worker identifier {info.id!r} is in use by a live worker (state "
+                        f"{row.state!r}, pid {row.pid} on {row.hostname}, last heartbeat "
+                        f"{age:.0f} s ago). Give each worker a unique identifier (or unset "
+                        "LAUFBAND_IDENTIFIER); a worker's identifier becomes free when it "
+                        "exits or is declared dead."
+                    )
+                unit.declare_dead(info.id, max_killed_retries)
+            values = {
+                "state": WorkerState.IDLE.value, "hostname": info.hostname, "pid": info.pid,
+                "labels": json.dumps(sorted(info.labels)), "heartbeat": now,
+                "heartbeat_timeout": info.heartbeat_timeout, "started_at": now,
+                "stopped_at": None,
+            }
+            if row is None:
+                conn.execute(workers.insert().values(id=info.id, **values))
+            else:
+                conn.execute(workers.update().where(workers.c.id == info.id).values(**values))
+
+    def set_worker_state(self, worker: str, state: WorkerState) -> None:
+        stopped = self.clock.now() if state == WorkerState.OFFLINE else None
+        with self.transaction() as conn:
+            conn.execute(
+                workers.update()
+                .where(workers.c.id == worker, workers.c.state != WorkerState.DEAD.value)
+                .values(state=state.value, stopped_at=stopped)
+            )
+
+    def heartbeat(self, worker: str, max_killed_retries: int) -> bool:
+        """Refresh our heartbeat and reap dead workers. False if we had been declared dead."""
+        with self._unit() as unit:
+            state = unit.scalar(_SQL["beat"], {"now": unit.now, "worker": worker})
+            if state == WorkerState.DEAD:
+                unit.run(_SQL["revive"], {"worker": worker})
+            for (dead,) in unit.all(_SQL["find_dead"], {"now": unit.now, "me": worker}):
+                log.warning("worker %s missed its heartbeat; declaring it dead", dead)
+                unit.declare_dead(dead, max_killed_retries)
+        return state != WorkerState.DEAD
+
+    # ------------------------------------------------------------------- graph
+    def register_graph(self, spec: GraphSpec, worker: str) -> int:
+        """Store the graph (idempotently); return the generation this worker may claim."""
+        with self.read() as conn:
+            generation = self._generation_of(conn, spec.digest)
+        if generation is not None:
+            return generation
+        with self.transaction() as conn:
+            generation = self._generation_of(conn, spec.digest)
+            if generation is None:
+                generation = _Registration(self, conn, spec, worker).run()
+        return generation
+
+    @staticmethod
+    def _generation_of(conn: Connection, digest: str) -> int | None:
+        return conn.execute(
+            sa.select(graphs.c.generation).where(graphs.c.digest == digest)
+        ).scalar()
+
+    # ----------------------------------------------------------- claim / finish
+    def step(self, worker: str, finish: Finish | None, reqset_ids: Sequence[int],
+             generation: int, limit: int, stop_on_failure: bool = False) -> StepResult:
+        """End an attempt and claim up to ``limit`` tasks, in one transaction.
+
+        With ``stop_on_failure`` nothing is claimed once any task failed for good.
+        """
+        with self._unit() as unit:
+            fenced = finish is not None and not unit.end_attempt(worker, finish)
+            if stop_on_failure and unit.counts.n([S.FAILED, S.KILLED]):
+                limit = 0
+            claimed = unit.claim(worker, reqset_ids, generation, limit)
+        return StepResult(claimed, unit.counts, fenced)
+
+
+# The hot path's SQL. Plain statements with named parameters: on SQLite they run on the
+# raw sqlite3 connection (measured: 4 us per statement, against 44 us through
+# SQLAlchemy's execute), elsewhere through sqlalchemy.text().
+_SQL = {
+    "counts": "SELECT reqset, state, n FROM counts",
+    "bump": "UPDATE counts SET n = n + :delta WHERE reqset = :reqset AND state = :state",
+    "event": "INSERT INTO events (task, attempt, event, state, worker, at, detail)"
+             " VALUES (:task, :attempt, :event, :state, :worker, :at, :detail)",
+    "move": "UPDATE tasks SET state = :new, updated_at = :now"
+            " WHERE pk = :pk AND state = :old RETURNING reqset",
+    "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
+    "count_failure": "UPDATE tasks SET failures = failures + 1 WHERE pk = :pk",
+    "drop_claim": "DELETE FROM claims WHERE task = :pk AND attempt = :attempt"
+                  " AND worker = :worker",
+    "end_attempt": "UPDATE tasks SET running = running - 1 WHERE pk = :pk"
+                   " RETURNING state, running, failures, kills",
+    "release_dependents":
+        "UPDATE tasks SET waiting_on = waiting_on - 1,"
+        " state = CASE WHEN waiting_on = 1 AND state = 'pending' THEN 'ready' ELSE state END"
+        " WHERE pk IN (SELECT task FROM edges WHERE dep = :pk)"
+        " RETURNING pk, reqset, state",
+    "block_descendants":
+        "WITH RECURSIVE down(pk) AS ("
+        " SELECT task FROM edges WHERE dep = :pk"
+        " UNION SELECT edges.task FROM edges JOIN down ON edges.dep = down.pk)"
+        " UPDATE tasks SET state = 'blocked', updated_at = :now"
+        " WHERE pk IN (SELECT pk FROM down) AND state = 'pending'"
+        " RETURNING pk, reqset",
+    "find_ready": "SELECT pk FROM tasks WHERE state = 'ready' AND reqset = :reqset"
+                  " AND generation <= :generation AND NOT EXISTS (SELECT 1 FROM claims"
+                  " WHERE claims.task = tasks.pk AND claims.worker = :worker)"
+                  " ORDER BY pk LIMIT :limit",
+    "claim": "UPDATE tasks SET attempts = attempts + 1, running = running + 1,"
+             " state = CASE WHEN running + 1 >= max_parallel THEN 'running' ELSE 'ready' END,"
+             " updated_at = :now WHERE pk = :pk RETURNING id, attempts, state, reqset",
+    "add_claim": "INSERT INTO claims (task, attempt, worker, started_at)"
+                 " VALUES (:task, :attempt, :worker, :now)",
+    "claims_of": "SELECT claims.task, claims.attempt, tasks.id FROM claims"
+                 " JOIN tasks ON tasks.pk = claims.task WHERE claims.worker = :worker",
+    "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
+    "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL WHERE id = :worker",
+    "find_dead": "SELECT id FROM workers WHERE state IN ('idle', 'busy')"
+                 " AND heartbeat + heartbeat_timeout < :now AND id != :me",
+    "mark_dead": "UPDATE workers SET state = 'dead', stopped_at = :now WHERE id = :worker",
+}
+
+
+class _Unit:
+    """One transaction's work: runs the hot-path SQL and books every state change.
+
+    Count changes and history rows are collected and written once at the end
+    (``flush``), so a claim+finish costs a handful of statements. ``record`` is the one
+    place a state change is booked; it checks the transition against states.py.
+    """
+
+    def __init__(self, conn: Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self._raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        self._deltas: dict[tuple[int, str], int] = {}
+        self._events: list[dict[str, t.Any]] = []
+        rows: dict[int, dict[str, int]] = {}
+        for reqset, state, n in self.all(_SQL["counts"]):
+            rows.setdefault(reqset, {})[state] = n
+        self.counts = Counts(rows)
+
+    # -- execution
+    def all(self, sql: str, params: dict[str, t.Any] | None = None) -> list[tuple]:
+        if self._raw is not None:
+            return self._raw.execute(sql, params or {}).fetchall()
+        return [tuple(r) for r in self.conn.execute(sa.text(sql), params or {})]
+
+    def scalar(self, sql: str, params: dict[str, t.Any]) -> t.Any:
+        rows = self.all(sql, params)
+        return rows[0][0] if rows else None
+
+    def run(self, sql: str, params: dict[str, t.Any] | list[dict[str, t.Any]]) -> int:
+        if self._raw is not None:
+            if isinstance(params, list):
+                return self._raw.executemany(sql, params).rowcount
+            return self._raw.execute(sql, params).rowcount
+        return self.conn.execute(sa.text(sql), params).rowcount
+
+    # -- booking
+    def record(self, moved: Sequence[tuple[int, int]], old: str, new: str, event: Event,
+               worker: str | None, attempt: int | None = None, detail: str | None = None) -> None:
+        """Book ``moved`` (pk, reqset) from ``old`` to ``new``: counts and history."""
+        if old != new:
+            check_transition(TaskState(old), TaskState(new))
+            rows = self.counts.rows
+            for _pk, reqset in moved:
+                for state, delta in ((old, -1), (new, 1)):
+                    key = (reqset, state)
+                    self._deltas[key] = self._deltas.get(key, 0) + delta
+                    by_state = rows.setdefault(reqset, {})
+                    by_state[state] = by_state.get(state, 0) + delta
+        self.note([pk for pk, _ in moved], event, new, worker, attempt, detail)
+
+    def note(self, pks: Sequence[int], event: Event, state: str | None, worker: str | None,
+             attempt: int | None = None, detail: str | None = None) -> None:
+        """Append history rows; ``state`` is None for events that change no state."""
+        self._events.extend(
+            {"task": pk, "attempt": attempt, "event": event.value, "state": state,
+             "worker": worker, "at": self.now, "detail": detail}
+            for pk in pks
+        )
+
+    def flush(self) -> None:
+        bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
+        if bumps:
+            self.run(_SQL["bump"], bumps)
+        if self._events:
+            self.run(_SQL["event"], self._events)
+        self._deltas.clear()
+        self._events.clear()
+
+    def move(self, pk: int, old: str, new: str, event: Event, worker: str | None,
+             attempt: int | None = None, detail: str | None = None) -> None:
+        reqset = self.scalar(_SQL["move"], {"pk": pk, "old": old, "new": new, "now": self.now})
+        if reqset is None:
+            raise AssertionError(f"task pk {pk} was not in state {old!r}")
+        self.record([(pk, reqset)], old, new, event, worker, attempt, detail)
+
+    # -- claiming
+    def claim(self, worker: str, reqset_ids: Sequence[int], generation: int,
+              limit: int) -> list[Claim]:
+        pks: list[int] = []
+        for reqset in reqset_ids:
+            if len(pks) >= limit:
+                break
+            if self.counts.n([S.READY], [reqset]) == 0:
+                continue
+            pks += [pk for (pk,) in self.all(_SQL["find_ready"], {
+                "reqset": reqset, "generation": generation, "worker": worker,
+                "limit": limit - len(pks)})]
+        result = []
+        for pk in pks:
+            row = self.all(_SQL["claim"], {"pk": pk, "now": self.now})[0]
+            task_id, attempt, state, reqset = row
+            self.run(_SQL["add_claim"], {"task": pk, "attempt": attempt, "worker": worker,
+                                         "now": self.now})
+            self.record([(pk, reqset)], S.READY, state, Event.CLAIMED, worker, attempt)
+            result.append(Claim(pk, task_id, attempt))
+        return result
+
+    # -- ending attempts
+    def end_attempt(self, worker: str, finish: Finish) -> bool:
+        """Apply how an attempt ended. False if the attempt was no longer current."""
+        claim = finish.claim
+        if not self.run(_SQL["drop_claim"], {"pk": claim.pk, "attempt": claim.attempt,
+                                             "worker": worker}):
+            log.warning("task %r attempt %d: %s by %s was rejected; this attempt is no longer "
+                        "current (its worker was declared dead and the task moved on)",
+                        claim.id, claim.attempt, finish.outcome.value, worker)
+            self.note([claim.pk], Event.FENCED, None, worker, claim.attempt,
+                      f"late {finish.outcome.value} rejected")
+            return False
+        state, running, failures, kills = self.all(_SQL["end_attempt"], {"pk": claim.pk})[0]
+        outcome = finish.outcome
+        if outcome == Event.FAILED:
+            self.run(_SQL["count_failure"], {"pk": claim.pk})
+        elif outcome == Event.KILLED:
+            self.run(_SQL["count_kill"], {"pk": claim.pk})
+        if state == S.COMPLETED:
+            # A sibling attempt of a shared task completed it already.
+            self.note([claim.pk], Event.RELEASED, None, worker, claim.attempt, finish.detail)
+        elif outcome == Event.COMPLETED:
+            self.complete(claim, state, worker)
+        elif outcome == Event.PREEMPTED or running > 0:
+            # Preemption costs no retry; a shared task whose other attempts still run
+            # just frees a slot.
+            self.move(claim.pk, state, S.READY, outcome, worker, claim.attempt, finish.detail)
+        else:
+            used = failures + 1 if outcome == Event.FAILED else kills + 1
+            final = S.READY if used <= finish.retries else (
+                S.FAILED if outcome == Event.FAILED else S.KILLED)
+            self.move(claim.pk, state, final, outcome, worker, claim.attempt, finish.detail)
+            if final != S.READY:
+                self.block_descendants(claim, worker)
+        return True
+
+    def complete(self, claim: Claim, state: str, worker: str) -> None:
+        self.move(claim.pk, state, S.COMPLETED, Event.COMPLETED, worker, claim.attempt)
+        # One statement decrements every dependent; those reaching zero become ready.
+        rows = self.all(_SQL["release_dependents"], {"pk": claim.pk})
+        ready = [(pk, reqset) for pk, reqset, state in rows if state == S.READY]
+        if ready:
+            self.record(ready, S.PENDING, S.READY, Event.READY, worker,
+                        detail=f"dependency {claim.id!r} completed")
+
+    def block_descendants(self, claim: Claim, worker: str) -> None:
+        blocked = self.all(_SQL["block_descendants"], {"pk": claim.pk, "now": self.now})
+        if blocked:
+            self.record(blocked, S.PENDING, S.BLOCKED, Event.BLOCKED, worker,
+                        detail=f"dependency {claim.id!r} did not complete")
+
+    def declare_dead(self, worker: str, max_killed_retries: int) -> None:
+        self.run(_SQL["mark_dead"], {"worker": worker, "now": self.now})
+        for pk, attempt, task_id in self.all(_SQL["claims_of"], {"worker": worker}):
+            self.end_attempt(worker, Finish(Claim(pk, task_id, attempt), Event.KILLED,
+                                            f"worker {worker} missed its heartbeat",
+                                            max_killed_retries))
+
+
+class _Registration:
+    """Adds a validated graph to the database inside one write transaction.
+
+    One transaction keeps it atomic: a graph that contradicts the stored one is rejected
+    with nothing written. The lock is refreshed between chunks so that registering a
+    million tasks does not look like a dead lock holder.
+    """
+
+    def __init__(self, store: Store, conn: Connection, spec: GraphSpec, worker: str) -> None:
+        self.store, self.conn, self.spec, self.worker = store, conn, spec, worker
+        self.existing: dict[str, t.Any] = {}
+
+    def run(self) -> int:
+        conn = self.conn
+        stored = conn.execute(sa.select(sa.func.count()).select_from(tasks)).scalar_one()
+        if stored:
+            self._check_against_stored(stored)
+        generation = (conn.execute(sa.select(sa.func.max(graphs.c.generation))).scalar() or 0) + 1
+        new = [(task, h) for task, h in zip(self.spec.order, self.spec.hashes, strict=True)
+               if task.id not in self.existing]
+        self._insert(new, generation)
+        conn.execute(graphs.insert().values(
+            generation=generation, digest=self.spec.digest, n_tasks=len(self.spec.order),
+            registered_at=self.store.clock.now(), worker=self.worker))
+        return generation
+
+    def _check_against_stored(self, stored: int) -> None:
+        order, hashes = self.spec.order, self.spec.hashes
+        mismatched: list[str] = []
+        for start in range(0, len(order), CHUNK):
+            chunk = {task.id: h for task, h in
+                     zip(order[start:start + CHUNK], hashes[start:start + CHUNK], strict=True)}
+            rows = self.conn.execute(
+                sa.select(tasks.c.id, tasks.c.pk, tasks.c.spec_hash, tasks.c.state)
+                .where(tasks.c.id.in_(list(chunk)))
+            ).all()
+            for row in rows:
+                self.existing[row.id] = row
+                if row.spec_hash != chunk[row.id]:
+                    mismatched.append(row.id)
+            self.store.lock.refresh()
+        if mismatched:
+            raise GraphMismatchError(
+                f"{len(mismatched)} task(s) differ from the graph stored in "
+                f"{self.store.url} (dependencies, requirements or max_parallel_workers), "
+                f"e.g. {', '.join(map(repr, mismatched[:3]))}. All workers of a workflow "
+                "must yield the same graph; to change it, start a new db file."
+            )
+        if len(self.existing) < stored:
+            raise GraphMismatchError(
+                f"The database {self.store.url} holds {stored - len(self.existing)} task(s) "
+                "that this worker's graph lacks. All workers must yield the same tasks (a "
+                "rerun may add tasks, but not drop them); to change the graph, start a new "
+                "db file."
+            )
+
+    def _insert(self, new: list[tuple[Task, str]], generation: int) -> None:
+        conn, store = self.conn, self.store
+        next_pk = (conn.execute(sa.select(sa.func.max(tasks.c.pk))).scalar() or 0) + 1
+        reqset_ids = self._reqset_ids({task.requirements for task, _ in new})
+        pk_of = {tid: row.pk for tid, row in self.existing.items()}
+        state_of = {tid: row.state for tid, row in self.existing.items()}
+        now = store.clock.now()
+        rows, edge_rows = [], []
+        added: dict[tuple[int, str], int] = {}
+        for task, h in new:
+            pk = next_pk
+            next_pk += 1
+            pk_of[task.id] = pk
+            dep_states = [state_of[dep] for dep in task.dependencies]
+            waiting = sum(1 for s in dep_states if s != S.COMPLETED)
+            if any(s in (S.FAILED, S.KILLED, S.BLOCKED) for s in dep_states):
+                state = S.BLOCKED
+            else:
+                state = S.PENDING if waiting else S.READY
+            state_of[task.id] = state
+            reqset = reqset_ids[task.requirements]
+            added[(reqset, state)] = added.get((reqset, state), 0) + 1
+            rows.append({
+                "pk": pk, "id": task.id, "state": state.value, "reqset": reqset,
+                "generation": generation, "spec_hash": h, "fingerprint": task.fingerprint,
+                "waiting_on": waiting, "max_parallel": task.max_parallel_workers,
+                "running": 0, "attempts": 0, "failures": 0, "kills": 0, "updated_at": now,
+            })
+            edge_rows.extend({"dep": pk_of[dep], "task": pk} for dep in task.dependencies)
+            if len(rows) >= CHUNK:
+                self._flush(rows, edge_rows)
+        self._flush(rows, edge_rows)
+        for (reqset, state), n in added.items():
+            conn.execute(counts.update()
+                         .where(counts.c.reqset == reqset, counts.c.state == state)
+                         .values(n=counts.c.n + n))
+
+    def _flush(self, rows: list[dict], edge_rows: list[dict]) -> None:
+        if rows:
+            self.conn.execute(tasks.insert(), rows)
+        if edge_rows:
+            self.conn.execute(edges.insert(), edge_rows)
+        rows.clear()
+        edge_rows.clear()
+        self.store.lock.refresh()
+
+    def _reqset_ids(self, needed: set[frozenset[str]]) -> dict[frozenset[str], int]:
+        conn = self.conn
+        known = {frozenset(json.loads(raw)): rid
+                 for rid, raw in conn.execute(sa.select(reqsets.c.id, reqsets.c.labels))}
+        next_id = max(known.values(), default=-1) + 1
+        for req in sorted(needed - known.keys(), key=sorted):
+            conn.execute(reqsets.insert().values(id=next_id, labels=json.dumps(sorted(req))))
+            conn.execute(counts.insert(), [
+                {"reqset": next_id, "state": s.value, "n": 0} for s in TaskState
+            ])
+            known[req] = next_id
+            next_id += 1
+        return known
