@@ -306,17 +306,28 @@ class Graphband(t.Generic[T]):
         # Ready tasks the empty claim saw are ones we cannot take (a newer graph's).
         unclaimable = counts.n([TaskState.READY], self._reqset_ids)
         delay = POLL_MIN
-        while True:
-            if counts.n([TaskState.RUNNING]) == 0:
-                return False  # nothing is running, so nothing can change
-            if counts.n([TaskState.PENDING, TaskState.RUNNING], self._reqset_ids) == 0:
-                return False  # nothing left for us, and nothing of ours can come back
+        while self._something_can_change(counts):
             self._clock.sleep(delay)
             delay = min(2 * delay, POLL_MAX)
             counts = self._counts()
             self._observe(counts)
             if counts.n([TaskState.READY], self._reqset_ids) > unclaimable:
                 return True
+        return False
+
+    def _something_can_change(self, counts: Counts) -> bool:
+        """Could a task of ours still become claimable? Counters only, plus (rarely) the
+        labels of the live workers."""
+        mine = self._reqset_ids
+        if counts.n([TaskState.PENDING, TaskState.RUNNING], mine) == 0:
+            return False  # nothing of ours is waiting, and nothing of ours can come back
+        if counts.n([TaskState.RUNNING]) > 0:
+            return True  # a running task may complete (unblocking ours) or be retried
+        if counts.n([TaskState.PENDING], mine) == 0:
+            return False
+        # Our pending tasks may wait on ready tasks that another live worker will run.
+        others = self._store.reqsets_of_live_workers(exclude=self.identifier)
+        return counts.n([TaskState.READY], list(others)) > 0
 
     def _counts(self) -> Counts:
         counts = self._store.counts()

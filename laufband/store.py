@@ -259,6 +259,17 @@ class Store:
         usable = [(len(req), rid) for rid, raw in rows if (req := set(json.loads(raw))) <= labels]
         return [rid for _, rid in sorted(usable, key=lambda x: (-x[0], x[1]))]
 
+    def reqsets_of_live_workers(self, exclude: str) -> set[int]:
+        """Requirement sets that some live worker other than ``exclude`` can run."""
+        with self.read() as conn:
+            sets = conn.execute(sa.select(reqsets.c.id, reqsets.c.labels)).all()
+            labels = conn.execute(sa.select(workers.c.labels).where(
+                workers.c.state.in_([s.value for s in ALIVE]), workers.c.id != exclude
+            )).scalars().all()
+        live = [frozenset(json.loads(raw)) for raw in set(labels)]
+        return {rid for rid, raw in sets
+                if any(set(json.loads(raw)) <= have for have in live)}
+
     def failed_tasks(self, limit: int) -> list[str]:
         """Ids of some tasks that failed or were killed for good."""
         with self.read() as conn:

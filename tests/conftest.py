@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+WORKER = HERE / "worker.py"
+sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test runs in its own folder with no LAUFBAND_* variables leaking in."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("LAUFBAND_"):
+            monkeypatch.delenv(name)
+
+
+@dataclasses.dataclass
+class Run:
+    records: list[dict]
+    exits: list[dict]
+    returncodes: list[int]
+    stderr: list[str]
+
+    def by_task(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for rec in self.records:
+            out.setdefault(rec["id"], []).append(rec)
+        return out
+
+
+class Workers:
+    """Starts real worker processes and always reaps them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: list[subprocess.Popen] = []
+        self.outs: list[Path] = []
+
+    def start(self, graph: str, n: int = 1, *, db: str | None = None, env: dict | None = None,
+              **options: object) -> list[subprocess.Popen]:
+        db = db or f"sqlite:///{self.folder / 'graph.sqlite'}"
+        started = []
+        for _ in range(n):
+            out = self.folder / f"worker{len(self.procs)}.jsonl"
+            cmd = [sys.executable, str(WORKER), "--db", db, "--graph", graph, "--out", str(out)]
+            for key, value in options.items():
+                cmd += [f"--{key.replace('_', '-')}", str(value)]
+            # stderr goes to a file: a full pipe could stall a worker that others wait for
+            with open(out.with_suffix(".err"), "w") as err:
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                        env={**os.environ, **(env or {})}, cwd=self.folder)
+            self.procs.append(proc)
+            self.outs.append(out)
+            started.append(proc)
+        return started
+
+    def wait(self, timeout: float = 120.0) -> Run:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+                raise AssertionError(f"worker {proc.pid} did not exit within {timeout} s")
+        stderr = [out.with_suffix(".err").read_text() for out in self.outs]
+        records, exits = [], []
+        for out in self.outs:
+            if out.exists():
+                for line in out.read_text().splitlines():
+                    rec = json.loads(line)
+                    (exits if "exit" in rec else records).append(rec)
+        return Run(records, exits, [p.returncode for p in self.procs], stderr)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path):
+    w = Workers(tmp_path)
+    yield w
+    w.kill_all()
+
+
+def assert_exactly_once(run: Run, ids) -> None:
+    by_task = run.by_task()
+    missing = set(ids) - by_task.keys()
+    twice = {tid: len(recs) for tid, recs in by_task.items() if len(recs) > 1}
+    unknown = by_task.keys() - set(ids)
+    assert not missing, f"{len(missing)} tasks never ran, e.g. {sorted(missing)[:5]}"
+    assert not twice, f"tasks ran more than once: {dict(list(twice.items())[:5])}"
+    assert not unknown, f"unknown tasks ran: {sorted(unknown)[:5]}"
+
+
+def assert_dependency_order(run: Run, tasks) -> None:
+    by_task = {tid: recs[0] for tid, recs in run.by_task().items()}
+    for task in tasks:
+        for dep in task.dependencies:
+            assert by_task[dep]["end"] < by_task[task.id]["start"], (
+                f"{task.id} started before its dependency {dep} finished"
+            )
+
+
+def wait_until(condition, timeout: float = 60.0, interval: float = 0.02, what: str = ""):
+    """Poll ``condition`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def query(db_file: Path, sql: str, params=()) -> list[tuple]:
+    """Read the database directly (for checks); [] while it does not exist yet."""
+    import sqlite3
+
+    if not Path(db_file).exists():
+        return []
+    conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return []  # tables not created yet
+    finally:
+        conn.close()

@@ -1,0 +1,58 @@
+"""Graphs shared by the tests and the worker script they start (tests/worker.py)."""
+
+from __future__ import annotations
+
+import random
+
+from laufband import Task
+
+
+def flat(n: int) -> list[Task]:
+    return [Task(id=f"t{i}", data=i) for i in range(n)]
+
+
+def chain(n: int) -> list[Task]:
+    return [Task(id=f"c{i}", data=i, dependencies={f"c{i - 1}"} if i else set())
+            for i in range(n)]
+
+
+def layered(layers: int, width: int, fan_in: int = 3, seed: int = 7) -> list[Task]:
+    rng = random.Random(seed)
+    tasks = []
+    for layer in range(layers):
+        for i in range(width):
+            deps = set()
+            if layer:
+                deps = {f"L{layer - 1}_{j}" for j in rng.sample(range(width), fan_in)}
+            tasks.append(Task(id=f"L{layer}_{i}", data=(layer, i), dependencies=deps))
+    rng.shuffle(tasks)  # the user's order need not be topological
+    return tasks
+
+
+def labelled() -> list[Task]:
+    """cpu tasks, gpu tasks that depend on them, and one task nobody can run."""
+    tasks = [Task(id=f"cpu{i}", requirements={"cpu"}) for i in range(20)]
+    tasks += [Task(id=f"gpu{i}", requirements={"gpu"}, dependencies={f"cpu{i}"})
+              for i in range(20)]
+    tasks.append(Task(id="tpu", requirements={"tpu"}))
+    tasks.append(Task(id="after_tpu", dependencies={"tpu"}))
+    tasks += [Task(id=f"any{i}") for i in range(10)]
+    return tasks
+
+
+def shared() -> list[Task]:
+    return [Task(id="wide", max_parallel_workers=3)] + flat(5)
+
+
+GRAPHS = {
+    "flat": lambda n: flat(int(n)),
+    "chain": lambda n: chain(int(n)),
+    "layered": lambda spec: layered(*map(int, spec.split("x"))),
+    "labelled": lambda _: labelled(),
+    "shared": lambda _: shared(),
+}
+
+
+def build(name: str) -> list[Task]:
+    kind, _, arg = name.partition(":")
+    return GRAPHS[kind](arg)

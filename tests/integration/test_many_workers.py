@@ -1,0 +1,88 @@
+"""Real worker processes over one SQLite file: exactly once, in dependency order."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_dependency_order, assert_exactly_once, query, wait_until
+from graphs import build
+
+pytestmark = pytest.mark.processes
+
+
+def test_flat_2000_tasks_8_workers_each_exactly_once(workers):
+    workers.start("flat:2000", 8)
+    run = workers.wait()
+    assert run.returncodes == [0] * 8, run.stderr
+    assert_exactly_once(run, [t.id for t in build("flat:2000")])
+    assert len(run.exits) == 8  # every worker left its loop on its own
+    assert len({r["worker"] for r in run.records}) > 1  # the work was actually shared
+
+
+def test_layered_dag_1000_tasks_8_workers_in_dependency_order(workers):
+    tasks = build("layered:10x100")
+    workers.start("layered:10x100", 8)
+    run = workers.wait()
+    assert run.returncodes == [0] * 8, run.stderr
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    assert len(run.exits) == 8
+
+
+def test_chain_of_50_with_4_workers_completes(workers):
+    """Workers wait for each other instead of leaving while the chain is unfinished."""
+    tasks = build("chain:50")
+    workers.start("chain:50", 4)
+    run = workers.wait()
+    assert run.returncodes == [0] * 4, run.stderr
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    assert len(run.exits) == 4
+
+
+def test_labels_route_tasks_and_unrunnable_tasks_do_not_hang(workers):
+    tasks = build("labelled")
+    workers.start("labelled", 2, labels="cpu")
+    # A worker cannot know about workers that have not started yet: let the cpu workers
+    # register so the gpu workers know someone will run the cpu tasks they wait for.
+    db = workers.folder / "graph.sqlite"
+    wait_until(lambda: len(query(db, "SELECT id FROM workers")) == 2, what="cpu workers")
+    workers.start("labelled", 2, labels="gpu")
+    run = workers.wait()
+    assert run.returncodes == [0] * 4, run.stderr
+    runnable = [t.id for t in tasks if t.id not in ("tpu", "after_tpu")]
+    assert_exactly_once(run, runnable)
+    assert_dependency_order(run, [t for t in tasks if t.id in runnable])
+    for rec in run.records:
+        kind = rec["id"].rstrip("0123456789")
+        if kind in ("cpu", "gpu"):
+            assert rec["labels"] == [kind], rec
+
+
+def test_shared_task_runs_on_max_parallel_workers_at_once(workers):
+    # Each runner of "wide" waits until 3 runners arrived: it only passes if 3 workers
+    # really hold the task at the same time.
+    workers.start("shared", 3, barrier="wide", barrier_size=3)
+    run = workers.wait(timeout=90)
+    assert run.returncodes == [0] * 3, run.stderr
+    wide = run.by_task()["wide"]
+    assert len({r["pid"] for r in wide}) == 3
+    others = {k: v for k, v in run.by_task().items() if k != "wide"}
+    assert all(len(v) == 1 for v in others.values()) and len(others) == 5
+
+
+def test_failure_policy_stop_stops_every_worker(workers):
+    # t3 raises in whichever worker gets it; the other workers must stop with a clear
+    # error instead of finishing the remaining (slow) tasks.
+    workers.start("flat:400", 3, fail="t3", sleep=0.02, failure_policy="stop")
+    run = workers.wait()
+    assert all(code != 0 for code in run.returncodes), run.returncodes
+    assert sum("TaskFailedError" in err for err in run.stderr) >= 2, run.stderr
+    assert any("failed on purpose" in err for err in run.stderr)
+    assert len(run.records) < 399
+
+
+def test_failure_policy_continue_lets_others_finish(workers):
+    workers.start("flat:60", 3, fail="t3")
+    run = workers.wait()
+    assert sorted(code != 0 for code in run.returncodes) == [False, False, True]
+    assert_exactly_once(run, [f"t{i}" for i in range(60) if i != 3])

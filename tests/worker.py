@@ -1,0 +1,68 @@
+"""A worker process for the integration tests: runs one Graphband loop over a named
+graph and appends what it did to a JSON-lines file (one file per worker).
+
+    python tests/worker.py --db sqlite:///x.sqlite --graph layered:10x100 --out w1.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from graphs import build  # noqa: E402
+
+from laufband import Graphband  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--db", required=True)
+    p.add_argument("--graph", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--labels", default="")
+    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--fail", default="", help="comma-separated task ids to raise in")
+    p.add_argument("--barrier", default="", help="task id whose runners wait for each other")
+    p.add_argument("--barrier-size", type=int, default=0)
+    p.add_argument("--failure-policy", default="continue")
+    args = p.parse_args()
+
+    labels = {x for x in args.labels.split(",") if x}
+    fail = {x for x in args.fail.split(",") if x}
+    out = open(args.out, "a", buffering=1)  # noqa: SIM115 - line-buffered for the test
+    worker = Graphband(build(args.graph), db=args.db, labels=labels,
+                       failure_policy=args.failure_policy, tqdm_kwargs={"disable": True})
+    for task in worker:
+        start = time.monotonic_ns()
+        if task.id in fail:
+            raise RuntimeError(f"task {task.id} failed on purpose")
+        if args.barrier and task.id == args.barrier:
+            wait_for_peers(Path(args.out).parent / "barrier", args.barrier_size)
+        if args.sleep:
+            time.sleep(args.sleep)
+        out.write(json.dumps({"id": task.id, "start": start, "end": time.monotonic_ns(),
+                              "worker": worker.identifier, "pid": os.getpid(),
+                              "labels": sorted(labels)}) + "\n")
+    out.write(json.dumps({"exit": worker.identifier, "at": time.monotonic_ns()}) + "\n")
+    return 0
+
+
+def wait_for_peers(folder: Path, size: int, deadline: float = 60.0) -> None:
+    """Proves concurrency: every runner of the task waits until `size` have arrived."""
+    folder.mkdir(exist_ok=True)
+    (folder / str(os.getpid())).touch()
+    end = time.monotonic() + deadline
+    while len(list(folder.iterdir())) < size:
+        if time.monotonic() > end:
+            raise TimeoutError(f"only {len(list(folder.iterdir()))} of {size} runners arrived")
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
