@@ -96,7 +96,7 @@ class Graphband(t.Generic[T]):
         self._tasks_input = tasks
         self.tqdm_kwargs = dict(tqdm_kwargs or {})
         self._clock = clock or SystemClock()
-        self._by_id: dict[str, Task[T]] | None = None
+        self._by_id: dict[str, Task[T]] = {}
         self._generation = 0
         self._reqset_ids: list[int] = []
         self._known_reqsets: set[int] = set()
@@ -114,6 +114,7 @@ class Graphband(t.Generic[T]):
     # ------------------------------------------------------------------ set-up
     def _open(self, lock: Lock | None, db_lock: Lock | None) -> None:
         s = self.settings
+        spec = validate(self._tasks_input)  # before touching any file
         base = sqlite_path(s.db) or "laufband"
         lifetime = float(os.environ.get("LAUFBAND_LOCK_LIFETIME", DEFAULT_LIFETIME))
         # The user's lock is separate from the database lock, so that user critical
@@ -128,6 +129,11 @@ class Graphband(t.Generic[T]):
         self._go_online()
         self._finalizer = weakref.finalize(self, _shutdown, self._store, self._heartbeat,
                                            s.identifier)
+        # Register now, so a worker started before a rerun added tasks keeps claiming
+        # only the generation of the graph it has data for.
+        self._generation = self._store.register_graph(spec, s.identifier)
+        self._by_id = spec.by_id
+        self._refresh_reqsets()
 
     def _go_online(self) -> None:
         if self._online:
@@ -145,14 +151,6 @@ class Graphband(t.Generic[T]):
         self._online = False
         self._heartbeat.stop()
         self._store.set_worker_state(self.settings.identifier, WorkerState.OFFLINE)
-
-    def _ensure_registered(self) -> None:
-        if self._by_id is not None:
-            return
-        spec = validate(self._tasks_input)
-        self._generation = self._store.register_graph(spec, self.settings.identifier)
-        self._by_id = spec.by_id
-        self._refresh_reqsets()
 
     def _refresh_reqsets(self) -> None:
         self._reqset_ids = self._store.reqsets_for(self.settings.labels)
@@ -198,7 +196,6 @@ class Graphband(t.Generic[T]):
         """True while a task this worker could run (now or later) is not finished."""
         if self.settings.disabled:
             return False
-        self._ensure_registered()
         counts = self._counts()
         return counts.n(UNFINISHED, self._reqset_ids) > 0
 
@@ -243,7 +240,6 @@ class Graphband(t.Generic[T]):
         self._iterating = True
         self._go_online()
         try:
-            self._ensure_registered()
             self._store.set_worker_state(self.identifier, WorkerState.BUSY)
             self._bar = tqdm(total=0, **self.tqdm_kwargs)
             yield from self._work()
@@ -266,7 +262,7 @@ class Graphband(t.Generic[T]):
                 return
             claim = result.claims[0]
             try:
-                yield self._item(self._by_id[claim.id])  # type: ignore[index]
+                yield self._item(self._by_id[claim.id])
             except BaseException:
                 # break, an exception in the loop body, or the generator being
                 # collected: the task did not complete.

@@ -41,7 +41,7 @@ def labelled() -> list[Task]:
 
 
 def shared() -> list[Task]:
-    return [Task(id="wide", max_parallel_workers=3)] + flat(5)
+    return [Task(id="wide", max_parallel_workers=3), *flat(5)]
 
 
 GRAPHS = {

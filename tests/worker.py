@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from graphs import build  # noqa: E402
+from graphs import build
 
-from laufband import Graphband  # noqa: E402
+from laufband import Graphband
 
 
 def main() -> int:

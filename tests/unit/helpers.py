@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from laufband import Graphband, Laufband
+from laufband.clock import FakeClock
+
+
+def make(tasks, name="w", db="g.sqlite", cls=Graphband, clock=None, **kw):
+    """A worker with a fixed identifier, no progress output, and a heartbeat thread that
+    never fires on its own (tests drive beats by hand with a fake clock)."""
+    kw.setdefault("heartbeat_interval", 3600)
+    kw.setdefault("heartbeat_timeout", 7200)
+    return cls(tasks, db=f"sqlite:///{db}", identifier=name, tqdm_kwargs={"disable": True},
+               clock=clock or FakeClock(), **kw)
+
+
+def flat_worker(items, name="w", **kw):
+    return make(items, name=name, cls=Laufband, **kw)
+
+
+def rows(sql: str, db: str = "g.sqlite") -> list[tuple]:
+    conn = sqlite3.connect(Path(db))
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def states(db: str = "g.sqlite") -> dict[str, str]:
+    return dict(rows("SELECT id, state FROM tasks", db))
+
+
+def history(task_id: str, db: str = "g.sqlite") -> list[tuple]:
+    return rows(
+        "SELECT event, events.state, worker, attempt FROM events"
+        f" JOIN tasks ON tasks.pk = events.task WHERE tasks.id = '{task_id}' ORDER BY events.id", db)

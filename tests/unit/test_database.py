@@ -1,0 +1,108 @@
+"""Bad databases and contradicting graphs get clear errors, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+
+import pytest
+from helpers import flat_worker, make, rows, states
+
+from laufband import DatabaseError, Graphband, GraphMismatchError, SchemaVersionError, Task
+
+
+def snapshot(db="g.sqlite"):
+    return {t: rows(f"SELECT * FROM {t} ORDER BY 1", db)
+            for t in ("tasks", "edges", "counts", "graphs", "reqsets", "claims")}
+
+
+def test_missing_folder():
+    with pytest.raises(DatabaseError, match="folder .*nope.* does not exist.*mkdir -p"):
+        make([Task("a")], db="nope/g.sqlite")
+    assert not os.path.exists("nope")
+
+
+def test_read_only_database():
+    """SQLite's read-only mode: what a read-only file or mount looks like even to root
+    (for whom chmod does not stop writes)."""
+    list(make([Task("a")], name="A"))
+    with pytest.raises(DatabaseError, match="read-only"):
+        Graphband([Task("a"), Task("b")], db="sqlite:///file:g.sqlite?mode=ro&uri=true",
+                  identifier="B", tqdm_kwargs={"disable": True})
+    assert states() == {"a": "completed"}
+
+
+def test_corrupt_database():
+    with open("g.sqlite", "wb") as f:
+        f.write(b"this is not a database" * 100)
+    with pytest.raises(DatabaseError, match="not a laufband SQLite database or is corrupt"):
+        make([Task("a")])
+
+
+def test_database_of_another_schema_version():
+    list(make([Task("a")], name="A"))
+    conn = sqlite3.connect("g.sqlite")
+    conn.execute("UPDATE laufband_meta SET value = '999' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="schema version 999.*version 1"):
+        make([Task("a")], name="B")
+
+
+def test_database_of_laufband_0_2():
+    conn = sqlite3.connect("g.sqlite")
+    conn.execute("CREATE TABLE workflows (id TEXT PRIMARY KEY, total_tasks INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="0.2.x"):
+        make([Task("a")])
+
+
+def test_contradicting_graph_is_rejected_and_database_unchanged():
+    list(make([Task("a"), Task("b", dependencies={"a"}), Task("c")], name="A"))
+    before = snapshot()
+    with pytest.raises(GraphMismatchError, match="'b'"):
+        list(make([Task("a"), Task("b"), Task("c"), Task("new")], name="B"))
+    assert snapshot() == before
+
+
+def test_graph_that_drops_tasks_is_rejected():
+    list(make([Task("a"), Task("b")], name="A"))
+    before = snapshot()
+    with pytest.raises(GraphMismatchError, match="1 task.*lacks"):
+        list(make([Task("a"), Task("c")], name="B"))
+    assert snapshot() == before
+
+
+def test_older_worker_claims_only_tasks_of_its_graph():
+    old = make([Task("a"), Task("b")], name="old")
+    newer = make([Task("a"), Task("b"), Task("c"), Task("d")], name="new")
+    assert newer.has_more_jobs  # registers the larger graph (a new generation)
+    assert [t.id for t in old] == ["a", "b"]  # never c or d: it has no data for them
+    assert [t.id for t in newer] == ["c", "d"]
+    assert states() == dict.fromkeys("abcd", "completed")
+
+
+def test_fresh_database_file_is_created_in_existing_folder():
+    os.mkdir("sub")
+    assert list(flat_worker([1], db="sub/x.sqlite")) == [1]
+    assert os.path.exists("sub/x.sqlite")
+
+
+def test_schema_of_fresh_database_has_version():
+    list(make([Task("a")]))
+    assert rows("PRAGMA user_version") == [(1,)]
+    assert rows("PRAGMA journal_mode") == [("delete",)]
+
+
+def test_wal_is_explicit_opt_in():
+    list(make([Task("a")], journal_mode="wal"))
+    assert rows("PRAGMA journal_mode") == [("wal",)]
+
+
+def test_database_deleted_between_runs_starts_over():
+    list(make([Task("a")], name="A"))
+    os.remove("g.sqlite")
+    shutil.rmtree("unused", ignore_errors=True)
+    assert [t.id for t in make([Task("a")], name="B")] == ["a"]
