@@ -31,6 +31,7 @@ from laufband.errors import (
 from laufband.locking import DatabaseLock
 from laufband.schema import (
     SCHEMA_VERSION,
+    claims,
     counts,
     edges,
     graphs,
@@ -269,6 +270,20 @@ class Store:
         live = [frozenset(json.loads(raw)) for raw in set(labels)]
         return {rid for rid, raw in sets
                 if any(set(json.loads(raw)) <= have for have in live)}
+
+    def workers(self) -> list[dict[str, t.Any]]:
+        """Every worker row, newest first (for status displays)."""
+        with self.read() as conn:
+            result = conn.execute(sa.select(workers).order_by(workers.c.started_at.desc()))
+            return [dict(row._mapping) for row in result]
+
+    def running(self) -> list[dict[str, t.Any]]:
+        """Live attempts: task, attempt, worker, start time."""
+        with self.read() as conn:
+            result = conn.execute(
+                sa.select(tasks.c.id, claims.c.attempt, claims.c.worker, claims.c.started_at)
+                .join(tasks, tasks.c.pk == claims.c.task).order_by(claims.c.started_at))
+            return [dict(row._mapping) for row in result]
 
     def failed_tasks(self, limit: int) -> list[str]:
         """Ids of some tasks that failed or were killed for good."""

@@ -72,7 +72,8 @@ class Workers:
                 proc.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
                 self.kill_all()
-                raise AssertionError(f"worker {proc.pid} did not exit within {timeout} s") from None
+                msg = f"worker {proc.pid} did not exit within {timeout} s"
+                raise AssertionError(msg) from None
         stderr = [out.with_suffix(".err").read_text() for out in self.outs]
         records, exits = [], []
         for out in self.outs:

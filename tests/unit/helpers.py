@@ -12,8 +12,8 @@ def make(tasks, name="w", db="g.sqlite", cls=Graphband, clock=None, **kw):
     never fires on its own (tests drive beats by hand with a fake clock)."""
     kw.setdefault("heartbeat_interval", 3600)
     kw.setdefault("heartbeat_timeout", 7200)
-    return cls(tasks, db=f"sqlite:///{db}", identifier=name, tqdm_kwargs={"disable": True},
-               clock=clock or FakeClock(), **kw)
+    kw.setdefault("tqdm_kwargs", {"disable": True})
+    return cls(tasks, db=f"sqlite:///{db}", identifier=name, clock=clock or FakeClock(), **kw)
 
 
 def flat_worker(items, name="w", **kw):
