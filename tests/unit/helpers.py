@@ -35,4 +35,5 @@ def states(db: str = "g.sqlite") -> dict[str, str]:
 def history(task_id: str, db: str = "g.sqlite") -> list[tuple]:
     return rows(
         "SELECT event, events.state, worker, attempt FROM events"
-        f" JOIN tasks ON tasks.pk = events.task WHERE tasks.id = '{task_id}' ORDER BY events.id", db)
+        f" JOIN tasks ON tasks.pk = events.task WHERE tasks.id = '{task_id}'"
+        " ORDER BY events.id", db)
