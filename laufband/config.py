@@ -30,6 +30,7 @@ class Settings:
     disabled: bool
     labels: frozenset[str]
     journal_mode: str
+    batch_size: int | str
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -73,6 +74,7 @@ def resolve(
     disabled: bool | None,
     labels: Iterable[str] | None,
     journal_mode: str | None,
+    batch_size: int | str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if env is None else env
@@ -106,9 +108,15 @@ def resolve(
         journal_mode=_pick(
             journal_mode, env, "LAUFBAND_JOURNAL_MODE", "delete", lambda n, r: r
         ).lower(),
+        batch_size=_pick(batch_size, env, "LAUFBAND_BATCH_SIZE", "auto", _parse_batch),
     )
     _check(settings)
     return settings
+
+
+def _parse_batch(name: str, raw: str) -> int | str:
+    raw = raw.strip().lower()
+    return raw if raw == "auto" else _parse_number(name, raw, int)
 
 
 def _labels(labels: Iterable[str] | None) -> frozenset[str]:
@@ -139,6 +147,9 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name} must be an integer >= 0, got {value!r}.")
+    b = s.batch_size
+    if b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ConfigError(f"batch_size must be 'auto' or an integer >= 1, got {b!r}.")
     if s.journal_mode not in JOURNAL_MODES:
         raise ConfigError(f"journal_mode must be one of {JOURNAL_MODES}, got {s.journal_mode!r}.")
     if not isinstance(s.identifier, str) or not s.identifier.strip():

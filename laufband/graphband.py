@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
 import typing as t
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 
@@ -19,12 +22,14 @@ from flufl.lock import Lock
 from tqdm import tqdm
 
 from laufband import config
+from laufband.batching import Batcher
 from laufband.clock import Clock, SystemClock
 from laufband.errors import LaufbandError, TaskFailedError
 from laufband.heartbeat import Heartbeat
 from laufband.locking import DEFAULT_LIFETIME, DatabaseLock, FastLock, speed_up
+from laufband.signals import Preempted, stop_signals
 from laufband.states import UNFINISHED, Event, TaskState, WorkerState
-from laufband.store import Claim, Counts, Finish, Store, WorkerInfo, sqlite_path
+from laufband.store import Claim, Counts, Finish, StepResult, Store, WorkerInfo, sqlite_path
 from laufband.task import Task, validate
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,7 @@ class Graphband(t.Generic[T]):
         tqdm_kwargs: dict[str, t.Any] | None = None,
         labels: Iterable[str] | None = None,
         journal_mode: str | None = None,
+        batch_size: int | t.Literal["auto"] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.settings = config.resolve(
@@ -91,7 +97,7 @@ class Graphband(t.Generic[T]):
             failure_policy=failure_policy, heartbeat_timeout=heartbeat_timeout,
             heartbeat_interval=heartbeat_interval, max_killed_retries=max_killed_retries,
             max_failed_retries=max_failed_retries, disabled=disabled, labels=labels,
-            journal_mode=journal_mode,
+            journal_mode=journal_mode, batch_size=batch_size,
         )
         self._tasks_input = tasks
         self.tqdm_kwargs = dict(tqdm_kwargs or {})
@@ -102,6 +108,13 @@ class Graphband(t.Generic[T]):
         self._known_reqsets: set[int] = set()
         self._bar: tqdm | None = None
         self._closing = False
+        self._signal: int | None = None
+        self._in_user_code = False
+        self._current: Claim | None = None
+        self._queue: deque[Claim] = deque()
+        self._done: list[Finish] = []
+        self._batcher = Batcher(None if self.settings.batch_size == "auto"
+                                else self.settings.batch_size)
         self._iterating = False
         self._online = False
         self._context_managed = False
@@ -181,6 +194,12 @@ class Graphband(t.Generic[T]):
         return self.settings.failure_policy
 
     @property
+    def attempt(self) -> int | None:
+        """Attempt number of the task being processed (1 for its first run); key side
+        effects by (task id, attempt) to make them safe against re-execution."""
+        return self._current.attempt if self._current is not None else None
+
+    @property
     def iterator(self) -> tqdm:
         """The tqdm progress bar of the current (or last) iteration."""
         if self._bar is None:
@@ -237,12 +256,16 @@ class Graphband(t.Generic[T]):
 
     def _iterate(self) -> Iterator[t.Any]:
         self._closing = False
+        self._signal = None
         self._iterating = True
         self._go_online()
         try:
             self._store.set_worker_state(self.identifier, WorkerState.BUSY)
             self._bar = tqdm(total=0, **self.tqdm_kwargs)
-            yield from self._work()
+            with stop_signals(self._on_signal):
+                yield from self._work()
+            if self._signal is not None:
+                self._stop_for_signal(None)
         finally:
             self._iterating = False
             if self._bar is not None:
@@ -250,42 +273,102 @@ class Graphband(t.Generic[T]):
             self._end_iteration()
 
     def _work(self) -> Iterator[t.Any]:
-        finish: Finish | None = None
-        while True:
-            result = self._step(finish)
-            finish = None
-            if self._closing:
-                return
-            if not result.claims:
-                if self._wait_for_work(result.counts):
-                    continue
-                return
-            claim = result.claims[0]
+        """Claim (in batches), yield, and record completions with the next claim."""
+        self._queue.clear()
+        self._done.clear()
+        while self._queue or self._refill():
+            claim = self._queue.popleft()
+            self._current = claim
+            started = self._clock.monotonic()
             try:
+                self._in_user_code = True
                 yield self._item(self._by_id[claim.id])
             except BaseException:
-                # break, an exception in the loop body, or the generator being
-                # collected: the task did not complete.
+                # break, an exception in the loop body, the generator being collected,
+                # or a stop signal: the task did not complete.
+                self._in_user_code = False
                 self._abandon(claim)
                 raise
-            finish = Finish(claim, Event.COMPLETED)
+            self._in_user_code = False
+            self._batcher.observe_task(self._clock.monotonic() - started)
+            self._current = None
+            self._done.append(Finish(claim, Event.COMPLETED))
+            if self._closing or self._signal is not None:
+                self._hand_back()
+                return
 
-    def _step(self, finish: Finish | None) -> t.Any:
+    def _refill(self) -> bool:
+        """Record finished attempts and claim more; wait if others may unblock work.
+        False when this worker's loop is over."""
+        while True:
+            if self._closing or self._signal is not None:
+                self._hand_back()
+                return False
+            started = self._clock.monotonic()
+            result = self._step(self._take_done(), self._batcher.size())
+            self._batcher.observe_step(self._clock.monotonic() - started)
+            if result.claims:
+                self._queue.extend(result.claims)
+                return True
+            if not self._wait_for_work(result.counts):
+                return False
+
+    def _take_done(self) -> list[Finish]:
+        done, self._done = self._done, []
+        return done
+
+    def _step(self, finishes: list[Finish], limit: int) -> StepResult:
         s = self.settings
-        limit = 0 if self._closing else 1
-        result = self._store.step(s.identifier, finish, self._reqset_ids, self._generation,
+        result = self._store.step(s.identifier, finishes, self._reqset_ids, self._generation,
                                   limit, stop_on_failure=s.failure_policy == "stop")
         self._observe(result.counts)
         return result
 
+    def _hand_back(self, current: Finish | None = None) -> None:
+        """Record what finished, plus ``current``, and return unstarted claims."""
+        detail = "claimed in a batch but not started"
+        finishes = self._take_done() + ([current] if current else [])
+        finishes += [Finish(c, Event.PREEMPTED, detail) for c in self._queue]
+        self._queue.clear()
+        if finishes:
+            self._store.step(self.identifier, finishes, self._reqset_ids, self._generation, 0)
+
     def _abandon(self, claim: Claim) -> None:
-        finish = Finish(claim, Event.FAILED,
+        if self._current is None:
+            return  # already handed back (stop signal)
+        self._current = None
+        failed = Finish(claim, Event.FAILED,
                         "the loop body raised, or the loop was left with break",
                         self.settings.max_failed_retries)
         try:
-            self._store.step(self.identifier, finish, self._reqset_ids, self._generation, 0)
+            self._hand_back(failed)
         except LaufbandError as exc:
             log.error("could not record the failure of task %r: %s", claim.id, exc)
+
+    def _on_signal(self, signum: int) -> None:
+        """A stop signal: hand everything back now and leave (see signals.py)."""
+        name = signal.Signals(signum).name
+        self._signal = signum
+        if not self._in_user_code:
+            # Inside our own store call or waiting: the loop hands back at its next
+            # check (within one poll interval), never inside a half-done transaction.
+            log.warning("laufband: %s received; stopping after the current database step",
+                        name)
+            return
+        claim, self._current = self._current, None
+        self._in_user_code = False
+        if claim is not None:
+            self._hand_back(Finish(claim, Event.PREEMPTED, f"{name} received"))
+        self._stop_for_signal(claim)
+
+    def _stop_for_signal(self, claim: Claim | None) -> t.NoReturn:
+        assert self._signal is not None
+        name = signal.Signals(self._signal).name
+        self._go_offline()
+        what = f"task {claim.id!r} was handed back to other workers; " if claim else ""
+        print(f"laufband: {name} received: {what}worker {self.identifier} stops "
+              f"(exit code {128 + self._signal}).", file=sys.stderr)
+        raise Preempted(self._signal)
 
     def _end_iteration(self) -> None:
         if self._context_managed:
@@ -302,14 +385,14 @@ class Graphband(t.Generic[T]):
         # Ready tasks the empty claim saw are ones we cannot take (a newer graph's).
         unclaimable = counts.n([TaskState.READY], self._reqset_ids)
         delay = POLL_MIN
-        while self._something_can_change(counts):
+        while self._signal is None and self._something_can_change(counts):
             self._clock.sleep(delay)
             delay = min(2 * delay, POLL_MAX)
             counts = self._counts()
             self._observe(counts)
             if counts.n([TaskState.READY], self._reqset_ids) > unclaimable:
                 return True
-        return False
+        return self._signal is not None  # let _refill hand back and stop
 
     def _something_can_change(self, counts: Counts) -> bool:
         """Could a task of ours still become claimable? Counters only, plus (rarely) the

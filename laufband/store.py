@@ -362,16 +362,23 @@ class Store:
         ).scalar()
 
     # ----------------------------------------------------------- claim / finish
-    def step(self, worker: str, finish: Finish | None, reqset_ids: Sequence[int],
+    def step(self, worker: str, finishes: Sequence[Finish], reqset_ids: Sequence[int],
              generation: int, limit: int, stop_on_failure: bool = False) -> StepResult:
-        """End an attempt and claim up to ``limit`` tasks, in one transaction.
+        """End attempts and claim up to ``limit`` tasks, in one transaction.
 
-        With ``stop_on_failure`` nothing is claimed once any task failed for good.
+        More than one task is claimed only up to this worker's fair share of the ready
+        tasks (ready / live workers). With ``stop_on_failure`` nothing is claimed once
+        any task failed for good.
         """
         with self._unit() as unit:
-            fenced = finish is not None and not unit.end_attempt(worker, finish)
+            fenced = False
+            for finish in finishes:
+                fenced |= not unit.end_attempt(worker, finish)
             if stop_on_failure and unit.counts.n([S.FAILED, S.KILLED]):
                 limit = 0
+            if limit > 1:
+                live = max(1, unit.scalar(_SQL["live_workers"], {}))
+                limit = min(limit, max(1, unit.counts.n([S.READY], reqset_ids) // live))
             claimed = unit.claim(worker, reqset_ids, generation, limit)
         return StepResult(claimed, unit.counts, fenced)
 
@@ -419,6 +426,7 @@ _SQL = {
     "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL WHERE id = :worker",
     "find_dead": "SELECT id FROM workers WHERE state IN ('idle', 'busy')"
                  " AND heartbeat + heartbeat_timeout < :now AND id != :me",
+    "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
     "mark_dead": "UPDATE workers SET state = 'dead', stopped_at = :now WHERE id = :worker",
 }
 

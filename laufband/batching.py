@@ -1,0 +1,48 @@
+"""How many tasks to claim per transaction.
+
+Every claim+finish is one write transaction (a few ms on a rollback journal, more on
+NFS). For tasks much shorter than that, the transaction is the bottleneck, so the
+worker claims several tasks at once and records their completions together with the
+next claim. ``auto`` grows the batch only while tasks are short compared with the
+transaction, and keeps one batch under ``MAX_DEFERRAL`` seconds of work so dependents
+and progress are not held back for long. The claim itself caps the batch at this
+worker's fair share of the ready tasks (store.py), so no worker starves the others.
+"""
+
+from __future__ import annotations
+
+import math
+
+MAX_BATCH = 64
+#: Keep the user time of one batch (and so the delay of its recorded completions) short.
+MAX_DEFERRAL = 0.25
+#: Aim for the transaction to cost at most ~1/TARGET_RATIO of the time spent on tasks.
+TARGET_RATIO = 4.0
+_SMOOTHING = 0.3
+
+
+class Batcher:
+    def __init__(self, fixed: int | None) -> None:
+        self.fixed = fixed
+        self._step_seconds: float | None = None
+        self._task_seconds: float | None = None
+
+    def size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        step, task = self._step_seconds, self._task_seconds
+        if step is None or task is None:
+            return 1
+        task = max(task, 1e-6)
+        wanted = math.ceil(TARGET_RATIO * step / task)
+        return max(1, min(wanted, MAX_BATCH, int(MAX_DEFERRAL / task)))
+
+    def observe_step(self, seconds: float) -> None:
+        self._step_seconds = _smooth(self._step_seconds, seconds)
+
+    def observe_task(self, seconds: float) -> None:
+        self._task_seconds = _smooth(self._task_seconds, seconds)
+
+
+def _smooth(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _SMOOTHING) * old + _SMOOTHING * new
