@@ -1,0 +1,68 @@
+"""Batched claiming: adaptive size, fair share, and hand-back of unstarted claims."""
+
+from __future__ import annotations
+
+from helpers import flat_worker, rows, states
+
+from laufband.batching import MAX_BATCH, Batcher
+
+
+def test_auto_batch_starts_at_one_and_grows_only_for_short_tasks():
+    b = Batcher(None)
+    assert b.size() == 1
+    b.observe_step(0.002)
+    b.observe_task(0.0001)  # tasks 20x shorter than a transaction
+    assert b.size() == MAX_BATCH
+    slow = Batcher(None)
+    slow.observe_step(0.002)
+    slow.observe_task(0.5)  # long tasks: one claim per transaction
+    assert slow.size() == 1
+
+
+def test_batch_keeps_deferred_work_short():
+    b = Batcher(None)
+    b.observe_step(1.0)  # very slow transactions (say, a bad NFS)
+    b.observe_task(0.05)
+    assert b.size() == 5  # 5 x 50 ms = MAX_DEFERRAL, not 4 * 1.0 / 0.05 = 80
+
+
+def test_fixed_batch_size():
+    assert Batcher(10).size() == 10
+
+
+def test_claim_takes_at_most_a_fair_share_of_ready_tasks():
+    others = [flat_worker(range(40), name=f"idle{i}") for i in range(3)]  # 4 live workers
+    worker = flat_worker(range(40), name="greedy", batch_size=64)
+    it = iter(worker)
+    next(it)
+    claimed = rows("SELECT count(*) FROM claims WHERE worker = 'greedy'")[0][0]
+    assert claimed == 10  # 40 ready / 4 live workers
+    assert len(others) == 3
+
+
+def test_close_mid_batch_records_completed_and_returns_unstarted():
+    worker = flat_worker(range(20), batch_size=8)
+    seen = []
+    for item in worker:
+        seen.append(item)
+        if item == 2:
+            worker.close()
+    assert seen == [0, 1, 2]
+    s = states()
+    assert [s[str(i)] for i in range(3)] == ["completed"] * 3
+    assert all(s[str(i)] == "ready" for i in range(3, 20))
+    assert rows("SELECT count(*) FROM claims") == [(0,)]
+    assert rows("SELECT count(*) FROM events WHERE event = 'preempted'") == [(5,)]
+
+
+def test_exception_mid_batch_fails_only_the_current_task():
+    worker = flat_worker(range(20), batch_size=8)
+    try:
+        for item in worker:
+            if item == 3:
+                raise KeyError(item)
+    except KeyError:
+        pass
+    s = states()
+    assert [s[str(i)] for i in range(5)] == ["completed"] * 3 + ["failed", "ready"]
+    assert rows("SELECT count(*) FROM claims") == [(0,)]
