@@ -55,6 +55,8 @@ def _pid_gone(hostname: str, pid: int) -> bool:
 
 def _shutdown(store: Store, heartbeat: Heartbeat, worker: str) -> None:
     """Mark the worker offline when its object is collected or the interpreter exits."""
+    if not heartbeat.running:
+        return  # not online (the heartbeat runs exactly while the worker is online)
     heartbeat.stop()
     try:
         store.set_worker_state(worker, WorkerState.OFFLINE)
@@ -138,7 +140,7 @@ class Graphband(t.Generic[T]):
             f"{base}.lock", lifetime=lifetime)
         self._store = Store(s.db, DatabaseLock(self.db_lock), self._clock, s.journal_mode)
         self._heartbeat = Heartbeat(self._store, s.identifier, s.heartbeat_interval,
-                                    s.max_killed_retries, self.lock)
+                                    s.heartbeat_timeout, s.max_killed_retries, self.lock)
         self._go_online()
         self._finalizer = weakref.finalize(self, _shutdown, self._store, self._heartbeat,
                                            s.identifier)
@@ -163,7 +165,13 @@ class Graphband(t.Generic[T]):
             return
         self._online = False
         self._heartbeat.stop()
-        self._store.set_worker_state(self.settings.identifier, WorkerState.OFFLINE)
+        try:
+            self._store.set_worker_state(self.settings.identifier, WorkerState.OFFLINE)
+        except LaufbandError as exc:
+            # Often on the way out of an error (the database went bad): report it, but
+            # let the error that ended the loop be the one the user sees. A worker not
+            # marked offline is declared dead after its heartbeat timeout.
+            log.error("could not mark worker %s offline: %s", self.identifier, exc)
 
     def _refresh_reqsets(self) -> None:
         self._reqset_ids = self._store.reqsets_for(self.settings.labels)
@@ -281,7 +289,11 @@ class Graphband(t.Generic[T]):
             self._current = claim
             started = self._clock.monotonic()
             try:
-                self._in_user_code = True
+                self._in_user_code = True  # from here a stop signal hands `claim` back
+                if self._signal is not None:
+                    # It arrived during the store call that claimed `claim` (which only
+                    # set the flag): do not start the task, hand it back now.
+                    self._on_signal(self._signal)
                 yield self._item(self._by_id[claim.id])
             except BaseException:
                 # break, an exception in the loop body, the generator being collected,
@@ -355,8 +367,9 @@ class Graphband(t.Generic[T]):
             log.warning("laufband: %s received; stopping after the current database step",
                         name)
             return
-        claim, self._current = self._current, None
+        # Clear the flag first: a second signal during the hand-back only sets _signal.
         self._in_user_code = False
+        claim, self._current = self._current, None
         if claim is not None:
             self._hand_back(Finish(claim, Event.PREEMPTED, f"{name} received"))
         self._stop_for_signal(claim)

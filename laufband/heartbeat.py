@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from flufl.lock import Lock, LockState
 
@@ -18,11 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, store: Store, worker: str, interval: float, max_killed_retries: int,
-                 user_lock: Lock | None) -> None:
+    def __init__(self, store: Store, worker: str, interval: float, timeout: float,
+                 max_killed_retries: int, user_lock: Lock | None) -> None:
         self._store = store
         self._worker = worker
         self._interval = interval
+        # A gap between our own beats beyond this means we were stalled (see
+        # Store.heartbeat): halfway between the normal gap and the timeout.
+        self._stalled_after = interval + (timeout - interval) / 2
         self._max_killed_retries = max_killed_retries
         self._user_lock = user_lock
         self._stop = threading.Event()
@@ -36,6 +40,10 @@ class Heartbeat:
             target=self._run, name=f"laufband-heartbeat-{self._worker}", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     def stop(self) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
@@ -43,13 +51,22 @@ class Heartbeat:
             thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.beat()
+        # Wake at least every refresh interval of the database lock, to keep a long
+        # legitimate hold of it by this process alive; beat every heartbeat interval.
+        lock = self._store.lock
+        next_beat = time.monotonic() + self._interval
+        while not self._stop.wait(
+                max(0.0, min(lock.refresh_interval, next_beat - time.monotonic()))):
+            lock.refresh()
+            if time.monotonic() >= next_beat:
+                self.beat()
+                next_beat = time.monotonic() + self._interval
 
     def beat(self) -> None:
         """One heartbeat: refresh ours, reap dead workers, keep our user lock alive."""
         try:
-            if not self._store.heartbeat(self._worker, self._max_killed_retries):
+            if not self._store.heartbeat(self._worker, self._max_killed_retries,
+                                         self._stalled_after):
                 log.warning(
                     "worker %s had been declared dead (paused longer than its heartbeat "
                     "timeout?); its running task was handed to another worker and its late "
@@ -58,7 +75,10 @@ class Heartbeat:
             # Keep beating: a transient NFS hiccup must not silence a live worker.
             log.error("heartbeat of worker %s failed: %s", self._worker, exc)
         lock = self._user_lock
-        if lock is not None and lock.state == LockState.ours:
-            # A user critical section may outlast the lock lifetime; while we are alive
-            # it stays ours, and if we die it expires.
-            lock.refresh(unconditionally=True)
+        try:
+            if lock is not None and lock.state == LockState.ours:
+                # A user critical section may outlast the lock lifetime; while we are
+                # alive it stays ours, and if we die it expires.
+                lock.refresh(unconditionally=True)
+        except OSError as exc:  # keep the thread alive; the user's code will see it
+            log.error("could not refresh the lock %s: %s", lock.lockfile, exc)

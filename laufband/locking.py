@@ -9,6 +9,7 @@ and no throughput.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -35,7 +36,9 @@ _BACKOFF_CAP = 0.02
 
 
 def _fast_sleep(lock: Lock) -> None:
-    tries = getattr(lock, "_laufband_tries", 0)
+    # The exponent is capped: 2**tries overflows a float after ~1000 tries (about ten
+    # seconds of waiting, e.g. for a dead holder's lock to expire).
+    tries = min(getattr(lock, "_laufband_tries", 0), 16)
     lock._laufband_tries = tries + 1
     time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries)))
 
@@ -82,6 +85,12 @@ class DatabaseLock:
     """Serialises database writes across processes (file lock) and threads (RLock).
 
     Re-entrant within a thread: only the outermost ``with`` touches the file.
+
+    The file lock's lifetime is short, so that the lock of a killed holder is broken
+    soon. While this process is alive and holds it, the lifetime is refreshed every
+    ``refresh_interval`` (a third of it) by the heartbeat thread, or by a thread of
+    ours waiting for it: a slow legitimate transaction is never broken, and a dead or
+    stopped (SIGSTOP) process, whose threads all stand still, refreshes nothing.
     """
 
     def __init__(self, lock: Lock, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -89,9 +98,11 @@ class DatabaseLock:
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._timeout = timeout
+        self.refresh_interval = max(0.1, lock.lifetime.total_seconds() / 3)
 
     def __enter__(self) -> DatabaseLock:
-        self._thread_lock.acquire()
+        while not self._thread_lock.acquire(timeout=self.refresh_interval):
+            self.refresh()  # another thread of ours holds it: keep it alive for it
         if self._depth == 0:
             try:
                 self._acquire_file()
@@ -118,19 +129,41 @@ class DatabaseLock:
                 f"{self._timeout:.0f} s. Another worker holds it; if no worker is running, "
                 "delete the lock file."
             ) from None
-        except PermissionError as exc:
-            folder = os.path.dirname(os.path.abspath(self.file_lock.lockfile))
-            raise DatabaseError(
-                f"Cannot create the lock file {self.file_lock.lockfile}: the folder {folder} "
-                "is not writable. laufband needs write access next to the database."
-            ) from exc
+        except OSError as exc:
+            # Not writable (permissions, a read-only mount), disk or quota full, ...:
+            # flufl writes a claim file next to the lock file before anything else.
+            raise self._explain(exc, "create the lock file") from None
 
     def _release_file(self) -> None:
         # unconditionally: if our lock was broken (we were paused past its lifetime) the
         # database's own fencing rejects our stale writes; releasing must not crash.
-        self.file_lock.unlock(unconditionally=True)
+        try:
+            self.file_lock.unlock(unconditionally=True)
+        except OSError as exc:
+            raise self._explain(exc, "release the lock file") from None
+
+    def _explain(self, exc: OSError, action: str) -> DatabaseError:
+        folder = os.path.dirname(os.path.abspath(self.file_lock.lockfile))
+        hint = {
+            errno.ENOSPC: "the disk is full; free space and rerun",
+            errno.EDQUOT: "the disk quota is exhausted; free space and rerun",
+            errno.EROFS: f"{folder} is on a read-only file system",
+            errno.EACCES: f"the folder {folder} is not writable for this user",
+            errno.EPERM: f"the folder {folder} is not writable for this user",
+        }.get(exc.errno or 0, "check the file system; on NFS, check the mount")
+        return DatabaseError(
+            f"Cannot {action} {self.file_lock.lockfile} ({exc.strerror or exc}): {hint}. "
+            "Workers need write access and some free space next to the database.")
 
     def refresh(self) -> None:
-        """Extend the lifetime while we legitimately hold the lock (long operations)."""
-        if self._depth and self.file_lock.state == LockState.ours:
-            self.file_lock.refresh(unconditionally=True)
+        """Extend the lifetime while we hold the lock (from any thread of ours).
+
+        Only a lock file that still names us is touched: a lock another worker broke
+        and took is not ours to extend. Errors are left to the next acquisition."""
+        if not self._depth:
+            return
+        try:
+            if self.file_lock.state in (LockState.ours, LockState.ours_expired):
+                self.file_lock.refresh(unconditionally=True)
+        except OSError:
+            pass

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import typing as t
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -48,6 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Rows per INSERT batch / ids per IN (...) list (well below SQLite's variable limit).
 CHUNK = 5000
+#: How long SQLite waits for its own file lock. Our file lock serialises workers, so
+#: SQLite's lock is only ever contended by a holder whose file lock was broken while it
+#: lived on (paused inside a transaction) or by another program.
+BUSY_TIMEOUT_MS = 60_000
 
 S = TaskState
 
@@ -105,11 +111,24 @@ class WorkerInfo:
     heartbeat_timeout: float
 
 
+def _read_only_reason(path: str) -> str:
+    """Why ``path`` cannot be written, for error messages."""
+    try:
+        if os.statvfs(path or ".").f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except OSError:
+        pass
+    return "is read-only for this worker (file permissions, or mode=ro in the URL)"
+
+
 def sqlite_path(url: str) -> str | None:
     """The file behind a sqlite URL, or None for other databases and :memory:."""
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
+    if parsed.database.startswith("file:") and parsed.query.get("uri") == "true":
+        # A URI filename, e.g. sqlite:///file:x.sqlite?mode=ro&uri=true
+        return urllib.parse.urlparse(parsed.database).path or None
     return parsed.database
 
 
@@ -138,8 +157,14 @@ class Store:
             )
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise DatabaseError(
-                f"The database {path} is read-only for this user. Workers must write to it: "
-                "fix its permissions (chmod u+w) or use a copy."
+                f"The database {path} {_read_only_reason(path)}. Workers must write to it: "
+                "fix that, or use a copy."
+            )
+        if not os.access(folder, os.W_OK):
+            raise DatabaseError(
+                f"The folder {folder} of the database {path} {_read_only_reason(folder)}. "
+                "Workers create their lock file and SQLite its journal next to the "
+                "database: make the folder writable or point db= elsewhere."
             )
 
     def _make_engine(self, journal_mode: str) -> Engine:
@@ -153,7 +178,7 @@ class Store:
             # to take the write lock up front (see SQLAlchemy's pysqlite notes).
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA busy_timeout = 60000")
+            cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             cur.execute(f"PRAGMA journal_mode = {journal_mode}")
             cur.close()
 
@@ -182,14 +207,29 @@ class Store:
     def _translate_errors(self) -> Iterator[None]:
         try:
             yield
-        except sa_exc.DBAPIError as exc:
-            raise self._explain(exc) from exc
+        except (sa_exc.DBAPIError, sqlite3.Error) as exc:
+            # sqlite3.Error: the hot path runs on the raw driver connection (_Unit).
+            # "from None": the user gets our explanation, which quotes the driver's
+            # message, instead of a traceback through SQLAlchemy (the original stays
+            # reachable as __context__ for debugging).
+            raise self._explain(exc) from None
 
-    def _explain(self, exc: sa_exc.DBAPIError) -> DatabaseError:
-        text = str(exc.orig)
-        where = sqlite_path(self.url) or self.url
+    def _explain(self, exc: sa_exc.DBAPIError | sqlite3.Error) -> DatabaseError:
+        orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        text = str(orig)
+        path = sqlite_path(self.url)
+        where = path or self.url
+        if path is not None and (getattr(orig, "sqlite_errorname", "") == "SQLITE_READONLY_DBMOVED"
+                                 or not os.path.exists(path)):
+            # SQLite refuses to write to a file that was unlinked or renamed under it
+            # (it reports "readonly database", which would send users to chmod).
+            return DatabaseError(
+                f"The database {where} was deleted or moved away while this worker was "
+                "using it. Stop all workers; restore the file, or move it aside and start "
+                f"again (its finished tasks will run again). ({text})")
         hints = {
-            "readonly database": "is read-only: fix its permissions (chmod u+w) or use a copy",
+            "readonly database": f"{_read_only_reason(path or '')}: make it writable or use "
+            "a copy",
             "file is not a database": "is not a laufband SQLite database or is corrupt: "
             "move it aside and start again, or point db= elsewhere",
             "malformed": "is corrupt: move it aside and start again (finished work in it "
@@ -201,6 +241,10 @@ class Store:
             "file system; on NFS, check the mount",
             "no such table": "lacks laufband's tables: was it deleted or replaced while "
             "workers ran? Move it aside and start again",
+            "database is locked": "stayed locked by another process for longer than "
+            f"{BUSY_TIMEOUT_MS // 1000} s: most likely a worker paused (SIGSTOP, swapping, "
+            "an NFS hang) in the middle of a write, or another program holding a "
+            "transaction open. Resume or kill that process, then rerun",
         }
         for needle, hint in hints.items():
             if needle in text:
@@ -331,15 +375,27 @@ class Store:
                 .values(state=state.value, stopped_at=stopped)
             )
 
-    def heartbeat(self, worker: str, max_killed_retries: int) -> bool:
-        """Refresh our heartbeat and reap dead workers. False if we had been declared dead."""
+    def heartbeat(self, worker: str, max_killed_retries: int, stalled_after: float) -> bool:
+        """Refresh our heartbeat and reap dead workers. False if we had been declared dead.
+
+        If our own previous beat is older than ``stalled_after`` seconds, we were
+        stalled ourselves (waiting for a lock whose holder died, a file system hang, a
+        suspended job), and so, likely, were the others: this beat judges nobody, and
+        the next one, an interval later, does, once the live ones have beaten again.
+        Both stamps come from our own clock, so clock skew plays no part here.
+        """
         with self._unit() as unit:
+            last = unit.scalar(_SQL["last_beat"], {"worker": worker})
             state = unit.scalar(_SQL["beat"], {"now": unit.now, "worker": worker})
             if state == WorkerState.DEAD:
                 unit.run(_SQL["revive"], {"worker": worker})
-            for (dead,) in unit.all(_SQL["find_dead"], {"now": unit.now, "me": worker}):
-                log.warning("worker %s missed its heartbeat; declaring it dead", dead)
-                unit.declare_dead(dead, max_killed_retries)
+            if last is not None and unit.now - last > stalled_after:
+                log.info("worker %s could not beat for %.0f s; not judging others this time",
+                         worker, unit.now - last)
+            else:
+                for (dead,) in unit.all(_SQL["find_dead"], {"now": unit.now, "me": worker}):
+                    log.warning("worker %s missed its heartbeat; declaring it dead", dead)
+                    unit.declare_dead(dead, max_killed_retries)
         return state != WorkerState.DEAD
 
     # ------------------------------------------------------------------- graph
@@ -422,6 +478,7 @@ _SQL = {
                  " VALUES (:task, :attempt, :worker, :now)",
     "claims_of": "SELECT claims.task, claims.attempt, tasks.id FROM claims"
                  " JOIN tasks ON tasks.pk = claims.task WHERE claims.worker = :worker",
+    "last_beat": "SELECT heartbeat FROM workers WHERE id = :worker",
     "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
     "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL WHERE id = :worker",
     "find_dead": "SELECT id FROM workers WHERE state IN ('idle', 'busy')"

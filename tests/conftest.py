@@ -12,7 +12,10 @@ import pytest
 
 HERE = Path(__file__).parent
 WORKER = HERE / "worker.py"
+FAULT_WORKER = HERE / "fault_worker.py"  # side effects keyed by attempt, fault hooks
 sys.path.insert(0, str(HERE))
+
+from graphs import build  # noqa: E402 - tests/ is on the path only from here on
 
 
 @pytest.fixture(autouse=True)
@@ -47,12 +50,12 @@ class Workers:
         self.outs: list[Path] = []
 
     def start(self, graph: str, n: int = 1, *, db: str | None = None, env: dict | None = None,
-              **options: object) -> list[subprocess.Popen]:
+              script: Path = WORKER, **options: object) -> list[subprocess.Popen]:
         db = db or f"sqlite:///{self.folder / 'graph.sqlite'}"
         started = []
         for _ in range(n):
             out = self.folder / f"worker{len(self.procs)}.jsonl"
-            cmd = [sys.executable, str(WORKER), "--db", db, "--graph", graph, "--out", str(out)]
+            cmd = [sys.executable, str(script), "--db", db, "--graph", graph, "--out", str(out)]
             for key, value in options.items():
                 cmd += [f"--{key.replace('_', '-')}", str(value)]
             # stderr goes to a file: a full pipe could stall a worker that others wait for
@@ -63,6 +66,9 @@ class Workers:
             self.outs.append(out)
             started.append(proc)
         return started
+
+    def stderr_of(self, proc: subprocess.Popen) -> str:
+        return self.outs[self.procs.index(proc)].with_suffix(".err").read_text()
 
     def wait(self, timeout: float = 120.0) -> Run:
         deadline = time.monotonic() + timeout
@@ -115,6 +121,73 @@ def assert_dependency_order(run: Run, tasks) -> None:
             assert by_task[dep]["end"] < by_task[task.id]["start"], (
                 f"{task.id} started before its dependency {dep} finished"
             )
+
+
+#: Small heartbeats (the issue: 1-2 s); detection of a dead worker takes 3-4 s.
+FAST = {"LAUFBAND_HEARTBEAT_INTERVAL": "1", "LAUFBAND_HEARTBEAT_TIMEOUT": "3"}
+
+
+class Faults:
+    """Fault workers over one database, plus what they left behind."""
+
+    def __init__(self, workers, graph: str, **env: str) -> None:
+        self.workers = workers
+        self.graph = graph
+        self.db = workers.folder / "graph.sqlite"
+        self.effects = workers.folder / "effects"
+        self.env = {**FAST, **env}
+
+    def start(self, n: int = 1, **options: object):
+        return self.workers.start(self.graph, n, script=FAULT_WORKER, env=self.env,
+                                  effects=self.effects, **options)
+
+    def started(self, task: str) -> list[str]:
+        """Markers ``task@attempt@pid`` of bodies of ``task`` that began."""
+        folder = self.effects / "started"
+        return sorted(p.name for p in folder.glob(f"{task}@*")) if folder.exists() else []
+
+    def release(self) -> None:
+        (self.effects / "release").touch()
+
+    def events(self, task: str) -> list[tuple[str, int, str]]:
+        return query(self.db, "SELECT event, attempt, worker FROM events JOIN tasks"
+                     " ON tasks.pk = events.task WHERE tasks.id = ? ORDER BY events.id",
+                     (task,))
+
+    def worker_state(self, identifier: str) -> str | None:
+        rows = query(self.db, "SELECT state FROM workers WHERE id = ?", (identifier,))
+        return rows[0][0] if rows else None
+
+    def state_counts(self) -> dict[str, int]:
+        return dict(query(self.db, "SELECT state, count(*) FROM tasks GROUP BY state"))
+
+    def assert_consistent(self) -> None:
+        """Every task completed once, by its latest attempt, whose side effect exists
+        exactly once; the database is intact and its bookkeeping matches the rows."""
+        ids = {t.id for t in build(self.graph)}
+        assert query(self.db, "PRAGMA integrity_check") == [("ok",)]
+        assert not Path(f"{self.db}-journal").exists()
+        states = dict(query(self.db, "SELECT id, state FROM tasks"))
+        assert states == dict.fromkeys(ids, "completed")
+        assert query(self.db, "SELECT count(*) FROM claims") == [(0,)]
+        latest = dict(query(self.db, "SELECT id, attempts FROM tasks"))
+        completions = query(self.db, "SELECT tasks.id, events.attempt FROM events JOIN tasks"
+                            " ON tasks.pk = events.task WHERE event = 'completed'")
+        assert sorted(tid for tid, _ in completions) == sorted(ids), "one completion each"
+        stale = {tid: (a, latest[tid]) for tid, a in completions if a != latest[tid]}
+        assert not stale, f"completions of attempts that were not the latest: {stale}"
+        # The counts table (what progress and waiting read) matches the task rows.
+        counted = {s: n for s, n in query(self.db, "SELECT state, sum(n) FROM counts"
+                                          " GROUP BY state") if n}
+        assert counted == self.state_counts()
+        done = {p.name for p in (self.effects / "done").iterdir()}
+        doubles = sorted(name for name in done if ".DOUBLE." in name)
+        assert not doubles, f"side effects committed twice for one attempt: {doubles}"
+        missing = {f"{tid}@{a}" for tid, a in completions} - done
+        assert not missing, f"completed attempts without their side effect: {missing}"
+        for name in done:  # no side effect of an attempt that was never claimed
+            tid, attempt = name.split("@")
+            assert int(attempt) <= latest[tid], name
 
 
 def wait_until(condition, timeout: float = 60.0, interval: float = 0.02, what: str = ""):

@@ -106,3 +106,22 @@ def test_database_deleted_between_runs_starts_over():
     os.remove("g.sqlite")
     shutil.rmtree("unused", ignore_errors=True)
     assert [t.id for t in make([Task("a")], name="B")] == ["a"]
+
+
+def test_database_locked_by_a_process_paused_in_a_transaction(monkeypatch):
+    """SQLite's own lock cannot be broken: a holder paused inside a transaction blocks
+    writers until SQLite's busy timeout, then they stop with an explanation."""
+    from laufband import store
+
+    worker = make([Task("a")], name="A")
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 100)
+    worker._store.engine.dispose()  # new connections get the short timeout
+    paused = sqlite3.connect("g.sqlite", isolation_level=None)
+    paused.execute("BEGIN IMMEDIATE")  # the "paused" holder of SQLite's write lock
+    try:
+        with pytest.raises(DatabaseError, match="stayed locked by another process.*paused"):
+            list(worker)
+    finally:
+        paused.execute("ROLLBACK")
+        paused.close()
+    assert [t.id for t in make([Task("a")], name="B")] == ["a"]

@@ -35,7 +35,9 @@ def test_killed_task_is_retried_and_late_completion_is_fenced():
     a, b = two_workers(clock, max_killed_retries=1)
     it_a = iter(a)
     assert next(it_a).id == "a"  # A pauses here (think SIGSTOP)
-    clock.advance(31)
+    clock.advance(20)
+    b._heartbeat.beat()  # B beats on as a live worker does
+    clock.advance(11)
     b._heartbeat.beat()  # B declares A dead: "a" goes back to ready (1 retry)
     assert states()["a"] == "ready"
     assert [t.id for t in b] == ["a", "b"]  # B redoes it, then its dependent
@@ -61,8 +63,60 @@ def test_dead_worker_id_can_be_reused_at_once():
 def test_worker_that_was_declared_dead_revives_on_its_next_beat():
     clock = FakeClock()
     a, b = two_workers(clock)
-    clock.advance(31)
+    clock.advance(20)
+    b._heartbeat.beat()
+    clock.advance(11)
     b._heartbeat.beat()
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "dead"
     a._heartbeat.beat()
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
+
+
+def test_worker_that_was_stalled_itself_judges_nobody_on_that_beat():
+    """Everyone stalled (a dead lock holder, a file system hang): the first beat after
+    it must not declare the others dead; they get one interval to beat again."""
+    clock = FakeClock()
+    a, b = two_workers(clock)
+    it = iter(a)
+    assert next(it).id == "a"
+    clock.advance(100)  # nobody could beat for 100 s (timeout 30 s)
+    b._heartbeat.beat()
+    assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
+    a._heartbeat.beat()
+    clock.advance(10)
+    b._heartbeat.beat()
+    assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
+    assert states()["a"] == "running"
+    assert [t.id for t in it] == ["b"]
+
+
+def test_stall_delays_detection_of_a_dead_worker_by_one_beat():
+    clock = FakeClock()
+    a, b = two_workers(clock)
+    paused = iter(a)
+    assert next(paused).id == "a"
+    clock.advance(100)
+    b._heartbeat.beat()  # B was stalled: judges nobody
+    assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
+    clock.advance(10)
+    b._heartbeat.beat()  # A did not beat in the meantime: dead
+    assert dict(rows("SELECT id, state FROM workers"))["A"] == "dead"
+    assert states()["a"] == "killed"
+
+
+def test_clock_skew_of_a_few_seconds_is_tolerated():
+    """Stamps are compared across hosts: A's clock runs 5 s behind B's. With a timeout
+    large compared with the skew (30 s here, 60 s by default), A stays alive."""
+    a_clock, b_clock = FakeClock(1_000_000.0 - 5), FakeClock(1_000_000.0)
+    tasks = [Task("a"), Task("b", dependencies={"a"})]
+    a = make(tasks, name="A", clock=a_clock, heartbeat_interval=10, heartbeat_timeout=30)
+    b = make(tasks, name="B", clock=b_clock, heartbeat_interval=10, heartbeat_timeout=30)
+    it = iter(a)
+    assert next(it).id == "a"
+    for _ in range(6):  # a minute of regular beats
+        for clock in (a_clock, b_clock):
+            clock.advance(10)
+        a._heartbeat.beat()
+        b._heartbeat.beat()
+    assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
+    assert states()["a"] == "running"

@@ -1,0 +1,250 @@
+"""Fault injection with real processes and real signals: SIGKILL at random instants,
+SIGSTOP past the heartbeat timeout, stop signals mid-task and mid-store-call, and a
+worker killed inside a write transaction while it holds the database lock.
+
+Workers are tests/fault_worker.py: every task body leaves one side-effect file per
+(task, attempt), created with O_EXCL, so a double commit of one attempt is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Faults, query, wait_until
+from graphs import build
+
+pytestmark = pytest.mark.processes
+
+
+def identifier_of(proc) -> str:
+    return f"{socket.gethostname()}:{proc.pid}"
+
+
+def test_torture_sigkill_random_workers_every_300ms(workers):
+    """8 workers over a 500-task DAG; a driver SIGKILLs a random worker every ~0.3 s
+    and starts a replacement. Everything completes once per attempt, nothing twice."""
+    # Batches of 4: a killed worker holds several claims, all of which must come back.
+    faults = Faults(workers, "layered:5x100", LAUFBAND_MAX_KILLED_RETRIES="1000",
+                    LAUFBAND_LOCK_LIFETIME="1", LAUFBAND_BATCH_SIZE="4")
+    live = faults.start(8, sleep=0.04)
+    rng = random.Random(4)
+    kills = 0
+    wait_until(lambda: faults.state_counts().get("completed", 0) > 0, what="first completion")
+    while kills < 25 and faults.state_counts().get("completed", 0) < 500:
+        time.sleep(rng.uniform(0.2, 0.4))  # the pace of the fault injection, not a sync
+        running = [p for p in live if p.poll() is None]
+        if not running:
+            break
+        victim = rng.choice(running)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        live.remove(victim)
+        live += faults.start(1, sleep=0.04)
+        kills += 1
+    run = workers.wait(timeout=150)
+    assert kills >= 10, f"the workflow finished after only {kills} kills: too few to test"
+    # The victims died by SIGKILL; every other worker finished its loop normally.
+    assert run.returncodes.count(-signal.SIGKILL) == kills
+    assert set(run.returncodes) == {0, -signal.SIGKILL}, run.stderr
+    faults.assert_consistent()
+    batches = query(faults.db, "SELECT count(*) FROM (SELECT 1 FROM events WHERE event ="
+                    " 'killed' GROUP BY worker, at HAVING count(*) > 1)")
+    assert batches[0][0] >= 1, "no dead worker held several claims: batches untested"
+    # Dependency order: every completing attempt was claimed after its dependencies
+    # completed (one host, one clock: the stored stamps are comparable).
+    claimed_at = dict(query(faults.db, "SELECT tasks.id, events.at FROM events JOIN tasks ON"
+                            " tasks.pk = events.task WHERE event = 'claimed'"
+                            " AND events.attempt = tasks.attempts"))
+    completed_at = dict(query(faults.db, "SELECT tasks.id, events.at FROM events JOIN tasks"
+                              " ON tasks.pk = events.task WHERE event = 'completed'"))
+    for task in build(faults.graph):
+        for dep in task.dependencies:
+            assert completed_at[dep] <= claimed_at[task.id], (task.id, dep)
+    # One attempt at a time (max_parallel_workers=1): two bodies of a task overlapped
+    # only if the earlier attempt's worker had been declared dead (killed) meanwhile.
+    killed = set(query(faults.db, "SELECT tasks.id, events.attempt FROM events JOIN tasks"
+                       " ON tasks.pk = events.task WHERE event = 'killed'"))
+    for tid, recs in run.by_task().items():
+        recs.sort(key=lambda r: r["attempt"])
+        for i, first in enumerate(recs):
+            for later in recs[i + 1:]:
+                if later["start"] < first["end"]:
+                    assert (tid, first["attempt"]) in killed, (first, later)
+
+
+def test_paused_worker_is_declared_dead_and_its_late_completion_fenced(workers):
+    faults = Faults(workers, "flat:3", LAUFBAND_MAX_KILLED_RETRIES="1")
+    [a] = faults.start(hold="t0")
+    wait_until(lambda: faults.started("t0"), what="A inside t0")
+    a_id = identifier_of(a)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        faults.start()  # B: declares A dead after its heartbeat timeout, redoes t0
+        wait_until(lambda: ("completed", 2) in [e[:2] for e in faults.events("t0")],
+                   timeout=30, what="t0 redone as attempt 2")
+        assert faults.worker_state(a_id) == "dead"
+        faults.release()
+    finally:
+        a.send_signal(signal.SIGCONT)
+    run = workers.wait(timeout=60)
+    assert run.returncodes == [0, 0], run.stderr
+    # A finished the body of attempt 1 (its side effect exists) but its completion
+    # was rejected and recorded as fenced; the task completed once, by attempt 2.
+    b_id = next(e[2] for e in faults.events("t0") if e[:2] == ("claimed", 2))
+    assert faults.events("t0") == [("claimed", 1, a_id), ("killed", 1, a_id),
+                                   ("claimed", 2, b_id), ("completed", 2, b_id),
+                                   ("fenced", 1, a_id)]
+    assert "t0@1" in {p.name for p in (faults.effects / "done").iterdir()}
+    assert "attempt 1: completed by" in run.stderr[0] and "no longer current" in run.stderr[0]
+    faults.assert_consistent()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT],
+                         ids=lambda s: s.name)
+def test_stop_signal_mid_task_hands_it_back_at_once(workers, sig):
+    # A heartbeat timeout of 60 s: a redo within seconds can only be the hand-back.
+    # Batches of 3: A holds t0 and has claimed t1 and t2 with it; B gets t3.
+    faults = Faults(workers, "flat:4", LAUFBAND_HEARTBEAT_TIMEOUT="60",
+                    LAUFBAND_BATCH_SIZE="3")
+    [a] = faults.start(hold="t0")
+    wait_until(lambda: faults.started("t0"), what="A inside t0")
+    [b] = faults.start()
+    wait_until(lambda: ("completed", 1) in [e[:2] for e in faults.events("t3")],
+               what="B done with t3 and waiting for A's tasks")
+    sent = time.monotonic()
+    a.send_signal(sig)
+    wait_until(lambda: ("claimed", 2) in [e[:2] for e in faults.events("t0")], timeout=10,
+               interval=0.01, what="t0 claimed again")
+    redo = time.monotonic() - sent
+    run = workers.wait(timeout=30)
+    # Documented exit code 128 + signal number; a clear message.
+    assert run.returncodes == [128 + sig, 0], run.stderr
+    assert f"{sig.name} received: task 't0' was handed back" in run.stderr[0]
+    assert "Traceback" not in run.stderr[0]
+    a_id = identifier_of(a)
+    for task in ("t0", "t1", "t2"):  # the running task and the rest of A's batch
+        assert faults.events(task)[:2] == [("claimed", 1, a_id), ("preempted", 1, a_id)]
+    for task in ("t1", "t2"):  # never started by A; run once, as attempt 2, by B
+        assert faults.started(task) == [f"{task}@2@{b.pid}"]
+    assert faults.worker_state(a_id) == "offline"
+    # Preemption used no retry budget (both are 0 here) and nothing was killed.
+    assert query(faults.db, "SELECT sum(failures), sum(kills) FROM tasks") == [(0, 0)]
+    assert redo < 5, f"redo took {redo:.1f} s"
+    assert b.returncode == 0
+    faults.assert_consistent()
+
+
+def test_stop_signal_during_a_store_call_starts_no_task(workers):
+    """A signal that arrives while the worker is in its own claim step (not in user
+    code) must not let it start the task it just claimed: hand it back and stop."""
+    faults = Faults(workers, "flat:3", LAUFBAND_HEARTBEAT_TIMEOUT="60")
+    [a] = faults.start(stall_after_step=1)
+    wait_until(lambda: list(faults.effects.glob("stepped.*")), what="A inside its claim")
+    a.send_signal(signal.SIGTERM)
+    a.wait(timeout=30)
+    assert a.returncode == 128 + signal.SIGTERM, workers.stderr_of(a)
+    assert not faults.started("t0"), "A ran a task after SIGTERM"
+    a_id = identifier_of(a)
+    assert faults.events("t0") == [("claimed", 1, a_id), ("preempted", 1, a_id)]
+    assert faults.worker_state(a_id) == "offline"
+    faults.start()
+    run = workers.wait(timeout=30)
+    assert run.returncodes == [143, 0], run.stderr
+    faults.assert_consistent()
+
+
+def test_stop_signal_while_waiting_exits_promptly(workers):
+    faults = Faults(workers, "flat:2", LAUFBAND_HEARTBEAT_TIMEOUT="60")
+    faults.start(hold="t0")
+    wait_until(lambda: faults.started("t0"), what="A inside t0")
+    [b] = faults.start()
+    wait_until(lambda: ("completed", 1) in [e[:2] for e in faults.events("t1")],
+               what="B waiting for t0")
+    b.send_signal(signal.SIGTERM)
+    b.wait(timeout=10)
+    assert b.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM received: worker" in workers.stderr_of(b)
+    assert faults.worker_state(identifier_of(b)) == "offline"
+    faults.release()
+    assert workers.wait(timeout=30).returncodes == [0, 143]
+    faults.assert_consistent()
+
+
+def test_sigkill_inside_a_write_transaction_holding_the_lock(workers):
+    """A dies in the middle of a write (after its statements, before COMMIT) holding
+    the database lock: the journal undoes its writes and the others break the lock
+    after its lifetime and finish the workflow."""
+    faults = Faults(workers, "layered:3x20", LAUFBAND_MAX_KILLED_RETRIES="1",
+                    LAUFBAND_LOCK_LIFETIME="1")
+    others = faults.start(2, sleep=0.1)
+    wait_until(lambda: query(faults.db, "SELECT count(*) FROM claims") != [(0,)],
+               what="the others at work")
+    # A's 3rd loop transaction: registration, first claim, then a step that records
+    # the completion of A's first task and claims more. It hangs before its COMMIT.
+    [a] = faults.start(hang_in_write=3, sleep=0.1)
+    wait_until(lambda: list(faults.effects.glob("hanging.*")), what="A inside its write")
+    a_id = identifier_of(a)
+    [first] = _records(workers, a)
+    assert Path(f"{faults.db}-journal").exists()  # the transaction is really open
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    killed_at = time.monotonic()
+    wait_until(lambda: faults.state_counts().get("completed", 0) == 60, timeout=60,
+               what="the others finish the workflow")
+    run = workers.wait(timeout=30)
+    assert run.returncodes == [0, 0, -signal.SIGKILL], run.stderr
+    elapsed = time.monotonic() - killed_at
+    assert elapsed < 30, elapsed
+    assert any("breaking" in err for err in run.stderr[:2]), "the dead lock was broken"
+    # A's completion of its first task was rolled back with the rest of the
+    # transaction: the task was redone by the others as attempt 2.
+    events = faults.events(first["id"])
+    assert events[0] == ("claimed", 1, a_id)
+    assert ("completed", 1, a_id) not in events
+    assert ("completed", 2) in [e[:2] for e in events]
+    assert all(p.returncode == 0 for p in others)
+    # The others waited for the lock longer (1 + 5 s) than their heartbeat timeout
+    # (3 s), unable to beat: that must not make them declare each other dead.
+    assert query(faults.db, "SELECT DISTINCT worker FROM events WHERE event IN"
+                 " ('killed', 'fenced')") == [(a_id,)]
+    assert [state for (state,) in query(faults.db, "SELECT state FROM workers")
+            ].count("dead") == 1
+    faults.assert_consistent()
+
+
+def _records(workers, proc) -> list[dict]:
+    out = workers.outs[workers.procs.index(proc)]
+    return [json.loads(line) for line in out.read_text().splitlines()
+            if "exit" not in json.loads(line)]
+
+
+@pytest.mark.parametrize("interval", [10, 1], ids=["heartbeat-idle", "heartbeat-blocked"])
+def test_live_worker_keeps_a_long_held_lock(workers, interval):
+    """A legitimate hold longer than the lock lifetime (a slow file system, a huge
+    transaction) is kept alive by the holder's heartbeat thread: nobody breaks it.
+    With a 10 s interval the thread refreshes between beats; with 1 s it soon blocks in
+    a beat, waiting for the lock, and refreshes while it waits.
+    (Breaking a dead holder's lock: test_sigkill_inside_a_write_transaction...)"""
+    lifetime = 1.0
+    faults = Faults(workers, "flat:5", LAUFBAND_LOCK_LIFETIME=str(lifetime),
+                    LAUFBAND_HEARTBEAT_INTERVAL=str(interval),
+                    LAUFBAND_HEARTBEAT_TIMEOUT=str(3 * interval))
+    [a] = faults.start(hang_in_write=2)
+    wait_until(lambda: list(faults.effects.glob("hanging.*")), what="A inside its write")
+    lockfile = Path(f"{faults.db}.lock")
+    holder = lockfile.read_text()
+    [b] = faults.start()
+    # Past lifetime + slop (1 + 5 s), B would break a lock that was not refreshed.
+    deadline = time.monotonic() + lifetime + 5 + 2
+    while time.monotonic() < deadline:
+        assert lockfile.read_text() == holder, "a live holder's lock was broken"
+        assert a.poll() is None and b.poll() is None, workers.stderr_of(b)  # B waits
+        time.sleep(0.1)
+    assert "breaking" not in workers.stderr_of(b)
+    assert query(faults.db, "SELECT count(*) FROM workers") == [(1,)]  # B never got in
