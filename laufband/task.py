@@ -13,19 +13,22 @@ T = t.TypeVar("T")
 
 
 def _string_set(value: object, field: str, task_id: object) -> frozenset[str]:
-    # A bare string is iterable too: {"g","p","u"} is never what the user meant.
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+    if type(value) is frozenset:
+        items = value  # the common case (and the default): no copy
+    elif isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        # A bare string is iterable too: {"g","p","u"} is never what the user meant.
         raise GraphError(
             f"Task {task_id!r}: {field} must be an iterable of strings (e.g. {{'a', 'b'}}), "
             f"got {type(value).__name__} {value!r}."
         )
-    items = frozenset(value)
-    bad = [item for item in items if not isinstance(item, str) or not item]
-    if bad:
-        raise GraphError(
-            f"Task {task_id!r}: every entry of {field} must be a non-empty string, "
-            f"got {bad[0]!r}."
-        )
+    else:
+        items = frozenset(value)
+    for item in items:
+        if type(item) is not str or not item:
+            raise GraphError(
+                f"Task {task_id!r}: every entry of {field} must be a non-empty string, "
+                f"got {item!r}."
+            )
     return items
 
 
@@ -75,12 +78,9 @@ class Task(t.Generic[T]):
 
 def spec_hash(task: Task) -> str:
     """What two workers must agree on for the same task id (data and info are local)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(task.id.encode())
-    h.update(b"\0" + "\x1f".join(sorted(task.dependencies)).encode())
-    h.update(b"\0" + "\x1f".join(sorted(task.requirements)).encode())
-    h.update(b"\0%d" % task.max_parallel_workers)
-    return h.hexdigest()
+    text = "\0".join((task.id, "\x1f".join(sorted(task.dependencies)),
+                      "\x1f".join(sorted(task.requirements)), str(task.max_parallel_workers)))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclasses.dataclass
@@ -131,13 +131,12 @@ def _topological_order(by_id: dict[str, Task]) -> list[Task]:
         for dep in task.dependencies:
             dependents.setdefault(dep, []).append(task.id)
     order = [task for tid, task in by_id.items() if waiting[tid] == 0]
-    i = 0
-    while i < len(order):
-        for child in dependents.get(order[i].id, ()):
-            waiting[child] -= 1
-            if waiting[child] == 0:
+    for task in order:  # the list grows while we walk it
+        for child in dependents.get(task.id, ()):
+            left = waiting[child] - 1
+            waiting[child] = left
+            if not left:
                 order.append(by_id[child])
-        i += 1
     if len(order) < len(by_id):
         raise GraphError(_describe_cycle(by_id, waiting))
     return order
