@@ -36,9 +36,9 @@ def main() -> None:
     worker = Graphband(tasks, db=f"sqlite:///{OUT / 'dag.sqlite'}")
     for task in worker:
         time.sleep(0.05)  # the real work goes here
-        with worker.lock:  # a critical section shared by all workers
-            with open(OUT / "dag.log", "a") as log:
-                log.write(f"{task.id} by {worker.identifier}\n")
+        # worker.lock: a critical section shared by all workers
+        with worker.lock, open(OUT / "dag.log", "a") as log:
+            log.write(f"{task.id} by {worker.identifier}\n")
 
 
 if __name__ == "__main__":
