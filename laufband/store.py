@@ -476,7 +476,8 @@ _SQL = {
     "add_claim": "INSERT INTO claims (task, attempt, worker, started_at)"
                  " VALUES (:task, :attempt, :worker, :now)",
     "claims_of": "SELECT claims.task, claims.attempt, tasks.id FROM claims"
-                 " JOIN tasks ON tasks.pk = claims.task WHERE claims.worker = :worker",
+                 " JOIN tasks ON tasks.pk = claims.task WHERE claims.worker = :worker"
+                 " ORDER BY claims.task",
     "last_beat": "SELECT heartbeat FROM workers WHERE id = :worker",
     "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
     "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL WHERE id = :worker",
@@ -642,11 +643,25 @@ class _Unit:
                         detail=f"dependency {claim.id!r} did not complete")
 
     def declare_dead(self, worker: str, max_killed_retries: int) -> None:
+        """Mark ``worker`` dead and end its attempts.
+
+        A worker runs one task at a time; more claims mean a batch, whose other tasks
+        were finished-but-unrecorded or not started. We cannot tell which one was
+        running, so one attempt (the first of the batch) is charged to the kill budget,
+        as without batching, and the others go back to ready free of charge. One dead
+        worker thus never kills more tasks for good than an unbatched one would.
+        """
         self.run(_SQL["mark_dead"], {"worker": worker, "now": self.now})
-        for pk, attempt, task_id in self.all(_SQL["claims_of"], {"worker": worker}):
-            self.end_attempt(worker, Finish(Claim(pk, task_id, attempt), Event.KILLED,
-                                            f"worker {worker} missed its heartbeat",
-                                            max_killed_retries))
+        held = self.all(_SQL["claims_of"], {"worker": worker})
+        for i, (pk, attempt, task_id) in enumerate(held):
+            claim = Claim(pk, task_id, attempt)
+            if i == 0:
+                finish = Finish(claim, Event.KILLED, f"worker {worker} missed its heartbeat",
+                                max_killed_retries)
+            else:
+                finish = Finish(claim, Event.PREEMPTED, f"worker {worker} missed its "
+                                "heartbeat; claimed in the same batch (no retry used)")
+            self.end_attempt(worker, finish)
 
 
 class _Registration:

@@ -120,3 +120,23 @@ def test_clock_skew_of_a_few_seconds_is_tolerated():
         b._heartbeat.beat()
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
     assert states()["a"] == "running"
+
+
+def test_dead_worker_with_a_batch_is_charged_one_kill():
+    clock = FakeClock()
+    tasks = [Task(f"t{i}") for i in range(8)]
+    opts = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30}
+    a = make(tasks, name="A", batch_size=4, **opts)
+    b = make(tasks, name="B", **opts)
+    it = iter(a)
+    assert next(it).id == "t0"  # A holds a batch of 4 claims (fair share: 8 / 2)
+    assert rows("SELECT count(*) FROM claims WHERE worker = 'A'") == [(4,)]
+    clock.advance(20)
+    b._heartbeat.beat()
+    clock.advance(11)
+    b._heartbeat.beat()  # A is dead (max_killed_retries=0)
+    s = states()
+    assert s["t0"] == "killed"  # the first of the batch is charged
+    assert [s[f"t{i}"] for i in range(1, 4)] == ["ready"] * 3  # the rest go back free
+    assert [e for e, *_ in history("t1")] == ["claimed", "preempted"]
+    assert sorted(t.id for t in b) == [f"t{i}" for i in range(1, 8)]
