@@ -137,14 +137,14 @@ def scenarios(quick: bool, repeat: int) -> list[Scenario]:
 
 
 def breakdown_scenarios(quick: bool) -> list[Scenario]:
-    n = "flat:300" if quick else "flat:2000"
+    n, w = ("flat:300", 4) if quick else ("flat:2000", 8)
     return [
         Scenario("1 worker, batch 1", n, 1, batch="1", delay_us=0, instrument=True,
                  kind="breakdown"),
-        Scenario("8 workers, batch 1", n, 8, batch="1", delay_us=0, instrument=True,
+        Scenario(f"{w} workers, batch 1", n, w, batch="1", delay_us=0, instrument=True,
                  kind="breakdown"),
         Scenario("1 worker, auto", n, 1, delay_us=0, instrument=True, kind="breakdown"),
-        Scenario("8 workers, auto", n, 8, delay_us=0, instrument=True, kind="breakdown"),
+        Scenario(f"{w} workers, auto", n, w, delay_us=0, instrument=True, kind="breakdown"),
     ]
 
 
@@ -413,7 +413,7 @@ def run_once(ctx: Context, sc: Scenario, impl: str, keep: bool = False) -> Resul
 def _correctness(problems: list[str]) -> bool:
     """Problems that are correctness violations (as opposed to 0.2.1 being slow/crashing)."""
     return any(("twice" in p or "before its dependency" in p or "attempt" in p
-                or "unknown" in p) for p in problems)
+                or "not in the graph" in p) for p in problems)
 
 
 def analyse(res: Result, sc: Scenario, infos: list[dict], t0: int, impl: str) -> None:
@@ -426,10 +426,10 @@ def analyse(res: Result, sc: Scenario, infos: list[dict], t0: int, impl: str) ->
         end = max(info["loop_end_ns"] for info in infos)
         if impl == "upstream" and res.timed_out and rows and len(
                 {row[0] for row in rows}) == sc.tasks:
-            # 0.2.1's `while has_more_jobs` loop did not end although every task ran:
-            # count its throughput up to the end of the last task, in its favour
+            # 0.2.1's loop (its pass over the graph, or `while has_more_jobs`) had not
+            # ended although every task ran: count up to the last task's end, in its favour
             end = max(row[2] for row in rows)
-            res.problems.append("all tasks ran, but has_more_jobs stayed True until the "
+            res.problems.append("all tasks ran, but its workers were still looping at the "
                                 "deadline (throughput counted to the last task's end)")
         res.wall_s = (end - t0) / 1e9
         res.rss_mb = max(info["maxrss_mb"] for info in infos)
@@ -459,24 +459,22 @@ def analyse(res: Result, sc: Scenario, infos: list[dict], t0: int, impl: str) ->
             res.problems.append(f"{len(bad)} task(s) ran with attempt != 1, e.g. {bad[:3]}")
     complete = not sc.max_tasks and not res.timed_out and not res.crashed
     by_id = {row[0]: row for row in rows}
-    n_nodes = 0
+    known = 0  # distinct ids that ran and are in the graph
     for tid, deps in graphs.build(sc.graph):
-        n_nodes += 1
         if tid not in by_id:
             continue
+        known += 1
         for dep in deps:
             if dep not in by_id or by_id[dep][2] >= by_id[tid][1]:
                 res.problems.append(f"task {tid} started before its dependency {dep} ended")
                 break
-    unknown = len(runs.keys() - {tid for tid, _ in graphs.build(sc.graph)}) if len(
-        runs) > n_nodes else 0
-    if unknown:
-        res.problems.append(f"{unknown} unknown task id(s) ran")
+    if len(by_id) > known:
+        res.problems.append(f"{len(by_id) - known} task id(s) not in the graph ran")
     expected = sc.tasks
-    if complete and len(runs) != expected:
-        res.problems.append(f"{expected - len(runs)} of {expected} tasks never ran")
-    if sc.max_tasks and len(runs) < expected and not res.timed_out:
-        res.problems.append(f"only {len(runs)} of {expected} tasks ran")
+    if complete and known != expected:
+        res.problems.append(f"{expected - known} of {expected} tasks never ran")
+    if sc.max_tasks and known < expected and not res.timed_out:
+        res.problems.append(f"only {known} of {expected} tasks ran")
     if res.timed_out and (len(runs) < expected or impl == "current"):
         res.problems.append(f"timeout: {len(runs)} of {expected} tasks done by the deadline")
     # --- scenario-specific measures
@@ -629,6 +627,7 @@ def machine() -> dict:
     diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD", "--", "laufband"],
                           capture_output=True).stdout
     return {
+        "laufband_tree": git("rev-parse", "--short", "HEAD:laufband"),
         "diff_sha256": hashlib.sha256(diff).hexdigest()[:12] if diff else "",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": git("rev-parse", "--short", "HEAD"),
@@ -765,8 +764,9 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     info["others_cores"] = whole_run.others()
     after = machine()
-    if (after["commit"], after["diff_sha256"]) != (info["commit"], info["diff_sha256"]):
-        print(f"\nWARNING: laufband changed during the run (now commit {after['commit']}, "
+    if ((after["laufband_tree"], after["diff_sha256"])
+            != (info["laufband_tree"], info["diff_sha256"])):
+        print(f"\nWARNING: laufband/ changed during the run (now commit {after['commit']}, "
               f"diff {after['diff_sha256'] or 'none'}): the numbers mix two versions.")
     print(f"\nOther processes on this machine used {info['others_cores']:.2f} cores on average "
           "during the measurements.")
@@ -791,7 +791,8 @@ def header(info: dict, args: argparse.Namespace) -> str:
     dirty = (f" + uncommitted changes in {', '.join(info['dirty'])} (`git diff HEAD -- "
              f"laufband` sha256 {info['diff_sha256']})" if info["dirty"] else "")
     return (f"# laufband benchmark{' (quick)' if args.quick else ''}\n\n"
-            f"- commit {info['commit']}{dirty}, {info['date']}\n"
+            f"- commit {info['commit']} (laufband/ tree {info['laufband_tree']}){dirty}, "
+            f"{info['date']}\n"
             f"- {info['cores']} cores ({info['cpu']}), {info['memory_gb']} GB RAM, "
             f"kernel {info['kernel']}\n"
             f"- disk under test: {info['filesystem']} (directory {args.workdir})\n"
