@@ -332,7 +332,8 @@ class Graphband(t.Generic[T]):
     def _step(self, finishes: list[Finish], limit: int) -> StepResult:
         s = self.settings
         result = self._store.step(s.identifier, finishes, self._reqset_ids, self._generation,
-                                  limit, stop_on_failure=s.failure_policy == "stop")
+                                  limit, stop_on_failure=s.failure_policy == "stop",
+                                  free=self._batcher.free())
         self._observe(result.counts)
         return result
 

@@ -418,11 +418,13 @@ class Store:
 
     # ----------------------------------------------------------- claim / finish
     def step(self, worker: str, finishes: Sequence[Finish], reqset_ids: Sequence[int],
-             generation: int, limit: int, stop_on_failure: bool = False) -> StepResult:
+             generation: int, limit: int, stop_on_failure: bool = False,
+             free: int = 1) -> StepResult:
         """End attempts and claim up to ``limit`` tasks, in one transaction.
 
         More than one task is claimed only up to this worker's fair share of the ready
-        tasks (ready / live workers). With ``stop_on_failure`` nothing is claimed once
+        tasks (ready / live workers), or ``free`` tasks (those that run within one
+        transaction's time) if that is more. With ``stop_on_failure`` nothing is claimed once
         any task failed for good.
         """
         with self._unit() as unit:
@@ -433,7 +435,8 @@ class Store:
                 limit = 0
             if limit > 1:
                 live = max(1, unit.scalar(_SQL["live_workers"], {}))
-                limit = min(limit, max(1, unit.counts.n([S.READY], reqset_ids) // live))
+                share = unit.counts.n([S.READY], reqset_ids) // live
+                limit = min(limit, max(1, share, free))
             claimed = unit.claim(worker, reqset_ids, generation, limit)
         return StepResult(claimed, unit.counts, fenced)
 

@@ -66,3 +66,25 @@ def test_exception_mid_batch_fails_only_the_current_task():
     s = states()
     assert [s[str(i)] for i in range(5)] == ["completed"] * 3 + ["failed", "ready"]
     assert rows("SELECT count(*) FROM claims") == [(0,)]
+
+
+def test_free_batch_is_what_runs_within_one_transaction():
+    b = Batcher(None)
+    assert b.free() == 1  # nothing observed yet
+    b.observe_step(0.003)
+    b.observe_task(0.0005)
+    assert b.free() == 6
+    b.observe_task(10.0)
+    assert Batcher(None).free() == 1 and b.free() == 1
+
+
+def test_fair_share_never_drops_below_the_free_batch():
+    others = [flat_worker(range(40), name=f"idle{i}") for i in range(7)]  # 8 live workers
+    worker = flat_worker(range(40), name="fast", batch_size=64)
+    worker._batcher.observe_step(0.004)
+    worker._batcher.observe_task(0.0002)  # 20 tasks fit in one transaction's time
+    it = iter(worker)
+    next(it)
+    claimed = rows("SELECT count(*) FROM claims WHERE worker = 'fast'")[0][0]
+    assert claimed == 20  # not 40 // 8 = 5
+    assert len(others) == 7
