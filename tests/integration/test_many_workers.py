@@ -9,34 +9,31 @@ from graphs import build
 pytestmark = pytest.mark.processes
 
 
-def test_flat_2000_tasks_8_workers_each_exactly_once(workers):
-    workers.start("flat:2000", 8)
+def complete_graph(workers, graph: str, n: int):
+    """Run ``n`` workers over ``graph``: all exit 0 on their own, every task ran exactly
+    once, each after its dependencies finished."""
+    tasks = build(graph)
+    workers.start(graph, n)
     run = workers.wait()
-    assert run.returncodes == [0] * 8, run.stderr
-    assert_exactly_once(run, [t.id for t in build("flat:2000")])
-    assert len(run.exits) == 8  # every worker left its loop on its own
+    assert run.returncodes == [0] * n, run.stderr
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    assert len(run.exits) == n  # every worker left its loop on its own
+    return run
+
+
+def test_flat_2000_tasks_8_workers_each_exactly_once(workers):
+    run = complete_graph(workers, "flat:2000", 8)
     assert len({r["worker"] for r in run.records}) > 1  # the work was actually shared
 
 
 def test_layered_dag_1000_tasks_8_workers_in_dependency_order(workers):
-    tasks = build("layered:10x100")
-    workers.start("layered:10x100", 8)
-    run = workers.wait()
-    assert run.returncodes == [0] * 8, run.stderr
-    assert_exactly_once(run, [t.id for t in tasks])
-    assert_dependency_order(run, tasks)
-    assert len(run.exits) == 8
+    complete_graph(workers, "layered:10x100", 8)
 
 
 def test_chain_of_50_with_4_workers_completes(workers):
     """Workers wait for each other instead of leaving while the chain is unfinished."""
-    tasks = build("chain:50")
-    workers.start("chain:50", 4)
-    run = workers.wait()
-    assert run.returncodes == [0] * 4, run.stderr
-    assert_exactly_once(run, [t.id for t in tasks])
-    assert_dependency_order(run, tasks)
-    assert len(run.exits) == 4
+    complete_graph(workers, "chain:50", 4)
 
 
 def test_labels_route_tasks_and_unrunnable_tasks_do_not_hang(workers):
