@@ -15,6 +15,15 @@ def two_workers(clock, **kw):
     return a, b
 
 
+def outlive(clock, live):
+    """Let 31 s pass (past the 30 s timeout) while ``live`` beats as a live worker does,
+    so its last beat declares the silent ones dead."""
+    clock.advance(20)
+    live._heartbeat.beat()
+    clock.advance(11)
+    live._heartbeat.beat()
+
+
 def test_silent_worker_is_declared_dead_and_its_task_killed():
     clock = FakeClock()
     a, b = two_workers(clock)
@@ -35,10 +44,7 @@ def test_killed_task_is_retried_and_late_completion_is_fenced():
     a, b = two_workers(clock, max_killed_retries=1)
     it_a = iter(a)
     assert next(it_a).id == "a"  # A pauses here (think SIGSTOP)
-    clock.advance(20)
-    b._heartbeat.beat()  # B beats on as a live worker does
-    clock.advance(11)
-    b._heartbeat.beat()  # B declares A dead: "a" goes back to ready (1 retry)
+    outlive(clock, b)  # B declares A dead: "a" goes back to ready (1 retry)
     assert states()["a"] == "ready"
     assert [t.id for t in b] == ["a", "b"]  # B redoes it, then its dependent
     # A wakes up and reports completion of its stale attempt: rejected, recorded.
@@ -63,10 +69,7 @@ def test_dead_worker_id_can_be_reused_at_once():
 def test_worker_that_was_declared_dead_revives_on_its_next_beat():
     clock = FakeClock()
     a, b = two_workers(clock)
-    clock.advance(20)
-    b._heartbeat.beat()
-    clock.advance(11)
-    b._heartbeat.beat()
+    outlive(clock, b)
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "dead"
     a._heartbeat.beat()
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
@@ -131,10 +134,7 @@ def test_dead_worker_with_a_batch_is_charged_one_kill():
     it = iter(a)
     assert next(it).id == "t0"  # A holds a batch of 4 claims (fair share: 8 / 2)
     assert rows("SELECT count(*) FROM claims WHERE worker = 'A'") == [(4,)]
-    clock.advance(20)
-    b._heartbeat.beat()
-    clock.advance(11)
-    b._heartbeat.beat()  # A is dead (max_killed_retries=0)
+    outlive(clock, b)  # A is dead (max_killed_retries=0)
     s = states()
     assert s["t0"] == "killed"  # the first of the batch is charged
     assert [s[f"t{i}"] for i in range(1, 4)] == ["ready"] * 3  # the rest go back free
