@@ -20,6 +20,7 @@ MAX_DEFERRAL = 0.25
 #: Aim for the transaction to cost at most ~1/TARGET_RATIO of the time spent on tasks.
 TARGET_RATIO = 4.0
 _SMOOTHING = 0.3
+MAX_PREFETCH_SKIP = 16
 
 
 class Batcher:
@@ -27,6 +28,8 @@ class Batcher:
         self.fixed = fixed
         self._step_seconds: float | None = None
         self._task_seconds: float | None = None
+        self._prefetch_misses = 0
+        self._skip_prefetch = 0
 
     def size(self) -> int:
         if self.fixed is not None:
@@ -47,6 +50,27 @@ class Batcher:
         if step is None or task is None:
             return 1
         return max(1, min(MAX_BATCH, int(step / max(task, 1e-6))))
+
+    def prefetch(self) -> bool:
+        """Step in the background while the last claimed task runs (prefetch.py)?
+        With ``auto`` only (a fixed size claims exactly that many at a time), and only
+        for tasks short enough that the task claimed ahead is not held back from other
+        workers for long."""
+        task = self._task_seconds
+        if self.fixed is not None or task is None or task > MAX_DEFERRAL:
+            return False
+        if self._skip_prefetch:
+            self._skip_prefetch -= 1
+            return False
+        return True
+
+    def observe_prefetch(self, claimed: bool) -> None:
+        """A step ahead that claimed nothing (a chain: the next task waits for the
+        current one) cost a transaction for nothing: after a miss, skip the next 1, 2,
+        4, ... up to MAX_PREFETCH_SKIP chances to prefetch."""
+        self._prefetch_misses = 0 if claimed else self._prefetch_misses + 1
+        if self._prefetch_misses:
+            self._skip_prefetch = min(2 ** (self._prefetch_misses - 1), MAX_PREFETCH_SKIP)
 
     def observe_step(self, seconds: float) -> None:
         self._step_seconds = _smooth(self._step_seconds, seconds)

@@ -27,6 +27,7 @@ from laufband.clock import Clock, SystemClock
 from laufband.errors import LaufbandError, TaskFailedError
 from laufband.heartbeat import Heartbeat
 from laufband.locking import DEFAULT_LIFETIME, DatabaseLock, FastLock, speed_up
+from laufband.prefetch import Prefetch
 from laufband.signals import Preempted, stop_signals
 from laufband.states import UNFINISHED, Event, TaskState, WorkerState
 from laufband.store import Claim, Counts, Finish, StepResult, Store, WorkerInfo, sqlite_path
@@ -38,6 +39,11 @@ T = t.TypeVar("T")
 
 #: Waiting for other workers polls the (tiny) counts table with this backoff, seconds.
 POLL_MIN, POLL_MAX = 0.01, 0.25
+#: On SQLite, a waiting worker looks at the database file this often (a stat, no lock).
+WATCH_INTERVAL = 0.005
+#: ... and reads the counters at most this often while they keep changing (every commit
+#: changes the file: waiters reading at each one would crowd out the committing workers).
+READ_GAP_MAX = 0.05
 
 
 def _pid_gone(hostname: str, pid: int) -> bool:
@@ -117,7 +123,10 @@ class Graphband(t.Generic[T]):
         self._done: list[Finish] = []
         self._batcher = Batcher(None if self.settings.batch_size == "auto"
                                 else self.settings.batch_size)
+        self._prefetch = Prefetch("laufband-step")
         self._iterating = False
+        self._announce_busy = False
+        self._left = False  # the store marked this worker idle/offline as its loop ended
         self._online = False
         self._context_managed = False
         if self.settings.disabled:
@@ -160,11 +169,14 @@ class Graphband(t.Generic[T]):
         self._heartbeat.start()
         self._online = True
 
-    def _go_offline(self) -> None:
+    def _go_offline(self, marked: bool = False) -> None:
         if not self._online:
             return
         self._online = False
+        self._prefetch.shutdown()
         self._heartbeat.stop()
+        if marked:
+            return  # the database says so already
         try:
             self._store.set_worker_state(self.settings.identifier, WorkerState.OFFLINE)
         except LaufbandError as exc:
@@ -265,10 +277,11 @@ class Graphband(t.Generic[T]):
     def _iterate(self) -> Iterator[t.Any]:
         self._closing = False
         self._signal = None
+        self._left = False
         self._iterating = True
         self._go_online()
         try:
-            self._store.set_worker_state(self.identifier, WorkerState.BUSY)
+            self._announce_busy = True  # with the first step
             self._bar = tqdm(total=0, **self.tqdm_kwargs)
             with stop_signals(self._on_signal):
                 yield from self._work()
@@ -286,6 +299,8 @@ class Graphband(t.Generic[T]):
         self._done.clear()
         while self._queue or self._refill():
             claim = self._queue.popleft()
+            if not self._queue:
+                self._step_ahead()
             self._current = claim
             started = self._clock.monotonic()
             try:
@@ -312,35 +327,55 @@ class Graphband(t.Generic[T]):
     def _refill(self) -> bool:
         """Record finished attempts and claim more; wait if others may unblock work.
         False when this worker's loop is over."""
+        ahead = self._prefetch.result()  # a failed background step raises here
+        if ahead is not None:
+            self._batcher.observe_prefetch(bool(ahead.claims))
+            self._counted(ahead)
+            if ahead.claims:
+                self._queue.extend(ahead.claims)
+                return True
         while True:
             if self._closing or self._signal is not None:
                 self._hand_back()
                 return False
-            started = self._clock.monotonic()
-            result = self._step(self._take_done(), self._batcher.size())
-            self._batcher.observe_step(self._clock.monotonic() - started)
+            result = self._step(self._take_done(), leave=self._leave_as())
+            counts = self._counted(result)
             if result.claims:
                 self._queue.extend(result.claims)
                 return True
-            if not self._wait_for_work(result.counts):
+            if result.left or not self._wait_for_work(counts):
                 return False
+
+    def _step_ahead(self) -> None:
+        """Start the next step in the background while the last claimed task runs
+        (prefetch.py), if tasks are short enough for that to pay."""
+        if self._closing or self._signal is not None or not self._batcher.prefetch():
+            return
+        self._prefetch.start(self._step, self._take_done())
 
     def _take_done(self) -> list[Finish]:
         done, self._done = self._done, []
         return done
 
-    def _step(self, finishes: list[Finish], limit: int) -> StepResult:
-        s = self.settings
+    def _step(self, finishes: list[Finish], leave: WorkerState | None = None) -> StepResult:
+        """Record ``finishes`` and claim a batch (also run on the prefetch thread: the
+        caller checks the result with ``_counted``)."""
+        s, batcher = self.settings, self._batcher
+        started = self._clock.monotonic()
+        busy, self._announce_busy = self._announce_busy, False
         result = self._store.step(s.identifier, finishes, self._reqset_ids, self._generation,
-                                  limit, stop_on_failure=s.failure_policy == "stop",
-                                  free=self._batcher.free())
-        self._observe(result.counts)
+                                  batcher.size(), stop_on_failure=s.failure_policy == "stop",
+                                  free=batcher.free(), busy=busy, leave=leave)
+        batcher.observe_step(self._clock.monotonic() - started)
         return result
 
     def _hand_back(self, current: Finish | None = None) -> None:
         """Record what finished, plus ``current``, and return unstarted claims."""
         detail = "claimed in a batch but not started"
-        finishes = self._take_done() + ([current] if current else [])
+        ahead, unrecorded = self._prefetch.settle()
+        if ahead is not None:
+            self._queue.extend(ahead.claims)
+        finishes = unrecorded + self._take_done() + ([current] if current else [])
         finishes += [Finish(c, Event.PREEMPTED, detail) for c in self._queue]
         self._queue.clear()
         if finishes:
@@ -385,51 +420,67 @@ class Graphband(t.Generic[T]):
         raise Preempted(self._signal)
 
     def _end_iteration(self) -> None:
+        # `left`: the transaction that ended the loop marked us idle/offline already.
+        left, self._left = self._left, False
         if self._context_managed:
+            if left:
+                return
             try:
                 self._store.set_worker_state(self.identifier, WorkerState.IDLE)
             except LaufbandError as exc:
                 log.error("could not mark worker %s idle: %s", self.identifier, exc)
         else:
-            self._go_offline()
+            self._go_offline(marked=left)
 
     # ---------------------------------------------------------------- waiting
     def _wait_for_work(self, counts: Counts) -> bool:
-        """Wait until a task may be claimable (True) or nothing can change (False)."""
+        """Wait until a task may be claimable (True) or nothing can change (False; the
+        worker left in the transaction that found so)."""
         # Ready tasks the empty claim saw are ones we cannot take (a newer graph's).
         unclaimable = counts.n([TaskState.READY], self._reqset_ids)
         delay = POLL_MIN
-        while self._signal is None and self._something_can_change(counts):
-            self._clock.sleep(delay)
-            delay = min(2 * delay, POLL_MAX)
-            counts = self._counts()
-            self._observe(counts)
+        mark = self._store.change_mark()
+        read_at = self._clock.monotonic()
+        while self._signal is None:
+            if mark is None:
+                self._clock.sleep(delay)
+            else:
+                # Watch the file (a stat: no lock, no write) and read the counters under
+                # the lock once it changed and `delay` passed, or after POLL_MAX anyway.
+                self._clock.sleep(WATCH_INTERVAL)
+                seen = self._store.change_mark()
+                since = self._clock.monotonic() - read_at
+                if since < POLL_MAX and (seen == mark or since < delay):
+                    continue
+                mark, read_at = seen, self._clock.monotonic()
+            delay = min(2 * delay, READ_GAP_MAX if mark is not None else POLL_MAX)
+            result = self._store.poll(self.identifier, self._reqset_ids, unclaimable,
+                                      self._leave_as())
+            counts = self._counted(result)
+            if result.left:
+                return False
             if counts.n([TaskState.READY], self._reqset_ids) > unclaimable:
                 return True
-        return self._signal is not None  # let _refill hand back and stop
+        return True  # a stop signal: let _refill hand back and stop
 
-    def _something_can_change(self, counts: Counts) -> bool:
-        """Could a task of ours still become claimable? Counters only, plus (rarely) the
-        labels of the live workers."""
-        mine = self._reqset_ids
-        if counts.n([TaskState.PENDING, TaskState.RUNNING], mine) == 0:
-            return False  # nothing of ours is waiting, and nothing of ours can come back
-        if counts.n([TaskState.RUNNING]) > 0:
-            return True  # a running task may complete (unblocking ours) or be retried
-        if counts.n([TaskState.PENDING], mine) == 0:
-            return False
-        # Our pending tasks may wait on ready tasks that another live worker will run.
-        others = self._store.reqsets_of_live_workers(exclude=self.identifier)
-        return counts.n([TaskState.READY], list(others)) > 0
+    def _leave_as(self) -> WorkerState:
+        """The state this worker takes when its loop ends."""
+        return WorkerState.IDLE if self._context_managed else WorkerState.OFFLINE
+
+    def _counted(self, result: StepResult) -> Counts:
+        """Take note of a store call's counters (progress, failure policy, new
+        requirement sets) and of whether it marked this worker as gone."""
+        self._left |= result.left
+        self._observe(result.counts)
+        return result.counts
 
     def _counts(self) -> Counts:
-        counts = self._store.counts()
-        if not self._known_reqsets.issuperset(counts.rows):
-            self._refresh_reqsets()  # another worker added tasks with new requirements
-        return counts
+        return self._counted(StepResult([], self._store.counts()))
 
     def _observe(self, counts: Counts) -> None:
         """Update the progress bar and enforce the failure policy."""
+        if not self._known_reqsets.issuperset(counts.rows):
+            self._refresh_reqsets()  # another worker added tasks with new requirements
         bar = self._bar
         if bar is not None:
             bar.total = counts.total

@@ -93,12 +93,26 @@ class Counts:
     def by_state(self) -> dict[str, int]:
         return {state.value: self.n([state]) for state in TaskState}
 
+    def can_change(self, mine: Sequence[int], live_reqsets: Callable[[], set[int]]) -> bool:
+        """Could a task of requirement sets ``mine`` still become claimable? From the
+        counters, plus (rarely, lazily) the requirement sets live workers can run."""
+        if self.n([S.PENDING, S.RUNNING], mine) == 0:
+            return False  # nothing of ours is waiting, and nothing of ours can come back
+        if self.n([S.RUNNING]) > 0:
+            return True  # a running task may complete (unblocking ours) or be retried
+        if self.n([S.PENDING], mine) == 0:
+            return False
+        # Our pending tasks may wait on ready tasks that another live worker will run.
+        return self.n([S.READY], list(live_reqsets())) > 0
+
 
 @dataclasses.dataclass
 class StepResult:
     claims: list[Claim]
     counts: Counts
     fenced: bool = False
+    #: The worker left (was marked ``leave``): nothing it could run can become claimable.
+    left: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +153,9 @@ class Store:
         self.url = url
         self.clock = clock
         self.lock = lock
+        path = sqlite_path(url)
+        # The files a commit writes: the database (rollback journal) or its -wal file.
+        self._files = (path, f"{path}-wal") if path else ()
         self._check_path()
         self.engine = self._make_engine(journal_mode)
         self._open()
@@ -292,6 +309,23 @@ class Store:
             unit.flush()
 
     # ----------------------------------------------------------------- reading
+    def change_mark(self) -> tuple[int, ...] | None:
+        """A cheap fingerprint of the database files (size, mtime), taken without any
+        lock: when it changes, somebody committed. None where it cannot tell (not
+        SQLite). A hint for waiting workers only: a commit within the file system's
+        timestamp granularity, or hidden by NFS attribute caching, may not show."""
+        if not self._files:
+            return None
+        mark: list[int] = []
+        for path in self._files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                mark += (-1, -1)
+            else:
+                mark += (st.st_size, st.st_mtime_ns)
+        return tuple(mark)
+
     def counts(self) -> Counts:
         with self.read() as conn:
             return _Unit(conn, 0.0).counts
@@ -306,13 +340,7 @@ class Store:
     def reqsets_of_live_workers(self, exclude: str) -> set[int]:
         """Requirement sets that some live worker other than ``exclude`` can run."""
         with self.read() as conn:
-            sets = conn.execute(sa.select(reqsets.c.id, reqsets.c.labels)).all()
-            labels = conn.execute(sa.select(workers.c.labels).where(
-                workers.c.state.in_([s.value for s in ALIVE]), workers.c.id != exclude
-            )).scalars().all()
-        live = [frozenset(json.loads(raw)) for raw in set(labels)]
-        return {rid for rid, raw in sets
-                if any(set(json.loads(raw)) <= have for have in live)}
+            return _Unit(conn, 0.0).reqsets_of_live_workers(exclude)
 
     def workers(self) -> list[dict[str, t.Any]]:
         """Every worker row, newest first (for status displays)."""
@@ -419,15 +447,22 @@ class Store:
     # ----------------------------------------------------------- claim / finish
     def step(self, worker: str, finishes: Sequence[Finish], reqset_ids: Sequence[int],
              generation: int, limit: int, stop_on_failure: bool = False,
-             free: int = 1) -> StepResult:
+             free: int = 1, busy: bool = False,
+             leave: WorkerState | None = None) -> StepResult:
         """End attempts and claim up to ``limit`` tasks, in one transaction.
 
         More than one task is claimed only up to this worker's fair share of the ready
         tasks (ready / live workers), or ``free`` tasks (those that run within one
         transaction's time) if that is more. With ``stop_on_failure`` nothing is claimed once
-        any task failed for good.
+        any task failed for good. ``busy`` marks the worker busy (its loop started), and
+        ``leave`` sets the worker's state to it if nothing was claimed and nothing it could
+        run can become claimable (its loop ends), in the same transaction: at the start
+        and at the end of a run every worker needs the lock at once, and one transaction
+        each instead of two shortens both.
         """
         with self._unit() as unit:
+            if busy:
+                unit.run(_SQL["busy"], {"worker": worker})
             fenced = False
             for finish in finishes:
                 fenced |= not unit.end_attempt(worker, finish)
@@ -438,7 +473,17 @@ class Store:
                 share = unit.counts.n([S.READY], reqset_ids) // live
                 limit = min(limit, max(1, share, free))
             claimed = unit.claim(worker, reqset_ids, generation, limit)
-        return StepResult(claimed, unit.counts, fenced)
+            left = not claimed and unit.leave_if_done(worker, reqset_ids, leave)
+        return StepResult(claimed, unit.counts, fenced, left)
+
+    def poll(self, worker: str, reqset_ids: Sequence[int], unclaimable: int = 0,
+             leave: WorkerState | None = None) -> StepResult:
+        """The counters, for a waiting worker; with ``leave`` as in ``step``, unless more
+        than ``unclaimable`` tasks of ``reqset_ids`` are ready (a task came back)."""
+        with self._unit() as unit:
+            left = (unit.counts.n([S.READY], reqset_ids) <= unclaimable
+                    and unit.leave_if_done(worker, reqset_ids, leave))
+        return StepResult([], unit.counts, left=left)
 
 
 # The hot path's SQL. Plain statements with named parameters: on SQLite they run on the
@@ -483,6 +528,12 @@ _SQL = {
                  " ORDER BY claims.task",
     "last_beat": "SELECT heartbeat FROM workers WHERE id = :worker",
     "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
+    "busy": "UPDATE workers SET state = 'busy' WHERE id = :worker AND state = 'idle'",
+    "leave": "UPDATE workers SET state = :state, stopped_at = :stopped WHERE id = :worker"
+             " AND state != 'dead'",
+    "reqsets": "SELECT id, labels FROM reqsets",
+    "live_labels": "SELECT DISTINCT labels FROM workers WHERE state IN ('idle', 'busy')"
+                   " AND id != :me",
     "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL WHERE id = :worker",
     "find_dead": "SELECT id FROM workers WHERE state IN ('idle', 'busy')"
                  " AND heartbeat + heartbeat_timeout < :now AND id != :me",
@@ -571,6 +622,24 @@ class _Unit:
         if reqset is None:
             raise AssertionError(f"task pk {pk} was not in state {old!r}")
         self.record([(pk, reqset)], old, new, event, worker, attempt, detail)
+
+    # -- workers
+    def reqsets_of_live_workers(self, exclude: str) -> set[int]:
+        live = [frozenset(json.loads(raw))
+                for (raw,) in self.all(_SQL["live_labels"], {"me": exclude})]
+        return {rid for rid, raw in self.all(_SQL["reqsets"])
+                if any(set(json.loads(raw)) <= have for have in live)}
+
+    def leave_if_done(self, worker: str, reqset_ids: Sequence[int],
+                      leave: WorkerState | None) -> bool:
+        """Set the worker's state to ``leave`` if nothing it could run can become
+        claimable any more; True if it did."""
+        if leave is None or self.counts.can_change(
+                reqset_ids, lambda: self.reqsets_of_live_workers(worker)):
+            return False
+        stopped = self.now if leave == WorkerState.OFFLINE else None
+        self.run(_SQL["leave"], {"state": leave.value, "stopped": stopped, "worker": worker})
+        return True
 
     # -- claiming
     def claim(self, worker: str, reqset_ids: Sequence[int], generation: int,
