@@ -1,0 +1,118 @@
+"""Stepping ahead: the next claim+finish runs in the background while a short task runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from helpers import flat_worker, history, rows, states
+
+from laufband.batching import MAX_PREFETCH_SKIP, Batcher
+from laufband.clock import FakeClock
+from laufband.errors import DatabaseError
+
+
+def claims_of(worker: str = "w") -> int:
+    return rows(f"SELECT count(*) FROM claims WHERE worker = '{worker}'")[0][0]
+
+
+def wait_for_claims(n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while claims_of() != n:
+        assert time.monotonic() < deadline, f"{claims_of()} claims, expected {n}"
+        time.sleep(0.005)
+
+
+def test_next_task_is_claimed_while_a_short_task_runs():
+    clock = FakeClock()
+    worker = flat_worker(range(4), clock=clock)
+    for item in worker:
+        clock.advance(0.05)  # a 50 ms task
+        if item == 0:
+            assert claims_of() == 1  # nothing observed yet: no step ahead
+        if item == 1:
+            wait_for_claims(2)  # this task and the one claimed ahead
+    assert set(states().values()) == {"completed"}
+    assert claims_of() == 0
+
+
+def test_long_tasks_are_not_claimed_ahead():
+    clock = FakeClock()
+    worker = flat_worker(range(3), clock=clock)
+    for _ in worker:
+        clock.advance(1.0)
+        assert claims_of() == 1
+
+
+def test_fixed_batch_size_never_claims_ahead():
+    clock = FakeClock()
+    worker = flat_worker(range(3), clock=clock, batch_size=1)
+    for _ in worker:
+        clock.advance(0.05)
+        assert claims_of() == 1
+
+
+def test_close_returns_the_task_claimed_ahead():
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    for item in worker:
+        clock.advance(0.05)
+        if item == 2:
+            wait_for_claims(2)
+            worker.close()
+    s = states()
+    assert [s[str(i)] for i in range(5)] == ["completed"] * 3 + ["ready"] * 2
+    assert claims_of() == 0
+    assert history("3")[-1][:2] == ("preempted", "ready")
+    assert rows("SELECT state FROM workers") == [("offline",)]
+
+
+def test_break_fails_the_current_task_and_returns_the_one_claimed_ahead():
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    for item in worker:
+        clock.advance(0.05)
+        if item == 2:
+            wait_for_claims(2)
+            break
+    s = states()
+    assert [s[str(i)] for i in range(5)] == ["completed"] * 2 + ["failed", "ready", "ready"]
+    assert claims_of() == 0
+
+
+def test_a_failing_background_step_raises_in_the_loop():
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    real_step = worker._store.step
+
+    def step(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            raise DatabaseError("disk I/O error (injected)")
+        return real_step(*args, **kwargs)
+
+    worker._store.step = step
+    ran = []
+    with pytest.raises(DatabaseError, match="injected"):
+        for item in worker:
+            clock.advance(0.05)
+            ran.append(item)
+    assert ran == [0, 1]  # the error surfaced when the loop needed the next task
+    assert rows("SELECT state FROM workers") == [("offline",)]
+
+
+def test_steps_ahead_that_claim_nothing_back_off():
+    b = Batcher(None)
+    b.observe_step(0.002)
+    b.observe_task(0.05)
+    assert b.prefetch()
+    pattern = []
+    for _ in range(6):  # six misses in a row: skip 1, 2, 4, 8, 16, 16 chances
+        b.observe_prefetch(False)
+        skipped = 0
+        while not b.prefetch():
+            skipped += 1
+        pattern.append(skipped)
+    assert pattern == [1, 2, 4, 8, MAX_PREFETCH_SKIP, MAX_PREFETCH_SKIP]
+    b.observe_prefetch(True)
+    assert b.prefetch()
