@@ -158,6 +158,9 @@ class Graphband(t.Generic[T]):
         self._generation = self._store.register_graph(spec, s.identifier)
         self._by_id = spec.by_id
         self._refresh_reqsets()
+        # tqdm makes its (multiprocessing) write lock at the first bar: ~10 ms of imports
+        # and a semaphore, which would otherwise delay the first claim of every worker.
+        tqdm.get_lock()
 
     def _go_online(self) -> None:
         if self._online:
