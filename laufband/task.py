@@ -11,10 +11,17 @@ from laufband.errors import GraphError
 
 T = t.TypeVar("T")
 
+# One shared empty set for every task without dependencies/requirements. CPython has no
+# empty-frozenset singleton, and an empty frozenset costs ~200 bytes: with a million
+# tasks the two per-task empties were a large share of the graph's memory.
+_EMPTY: frozenset[str] = frozenset()
+
 
 def _string_set(value: object, field: str, task_id: object) -> frozenset[str]:
     if type(value) is frozenset:
-        items = value  # the common case (and the default): no copy
+        if not value:
+            return _EMPTY  # also replaces a caller's own frozenset() with the shared one
+        items = value  # no copy
     elif isinstance(value, str | bytes) or not isinstance(value, Iterable):
         # A bare string is iterable too: {"g","p","u"} is never what the user meant.
         raise GraphError(
@@ -23,6 +30,8 @@ def _string_set(value: object, field: str, task_id: object) -> frozenset[str]:
         )
     else:
         items = frozenset(value)
+        if not items:
+            return _EMPTY
     for item in items:
         if type(item) is not str or not item:
             raise GraphError(
@@ -32,7 +41,11 @@ def _string_set(value: object, field: str, task_id: object) -> frozenset[str]:
     return items
 
 
-@dataclasses.dataclass(frozen=True)
+# slots=True: no per-instance __dict__ (a large part of a Task's size). It builds a new
+# class, so methods here must not use zero-argument super() (the cell would hold the old
+# class); Tasks cannot be weakly referenced (add weakref_slot=True if that is ever
+# needed). See also _frozen_setattr below.
+@dataclasses.dataclass(frozen=True, slots=True)
 class Task(t.Generic[T]):
     """One unit of work.
 
@@ -46,8 +59,8 @@ class Task(t.Generic[T]):
 
     id: str
     data: T | None = None
-    dependencies: frozenset[str] = dataclasses.field(default_factory=frozenset)
-    requirements: frozenset[str] = dataclasses.field(default_factory=frozenset)
+    dependencies: frozenset[str] = _EMPTY
+    requirements: frozenset[str] = _EMPTY
     info: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     max_parallel_workers: int = 1
     fingerprint: str | None = None
@@ -74,6 +87,32 @@ class Task(t.Generic[T]):
             )
         if self.id in deps:
             raise GraphError(f"Task {self.id!r} depends on itself.")
+
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Task))
+_FIELD_SET = frozenset(_FIELDS)
+
+
+# The __setattr__/__delattr__ that dataclass(frozen=True, slots=True) generates check
+# `type(self) is cls` and call `super(cls, self)` with cls = the class *before* slots
+# were added (CPython gh-105936/gh-116669; seen in 3.11.7, 3.12.1, 3.13.0). So assigning any
+# non-field attribute raises TypeError instead of FrozenInstanceError, and that breaks
+# `Task[int](...)`: typing sets `__orig_class__` on the instance and only tolerates
+# AttributeError. These replacements keep the semantics of the non-slotted version.
+def _frozen_setattr(self: Task, name: str, value: object) -> None:
+    if type(self) is Task or name in _FIELD_SET:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+    super(Task, self).__setattr__(name, value)
+
+
+def _frozen_delattr(self: Task, name: str) -> None:
+    if type(self) is Task or name in _FIELD_SET:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+    super(Task, self).__delattr__(name)
+
+
+Task.__setattr__ = _frozen_setattr  # type: ignore[method-assign, assignment]
+Task.__delattr__ = _frozen_delattr  # type: ignore[method-assign, assignment]
 
 
 def spec_hash(task: Task) -> str:
