@@ -31,7 +31,7 @@ from laufband.prefetch import Prefetch
 from laufband.signals import Preempted, stop_signals
 from laufband.states import UNFINISHED, Event, TaskState, WorkerState
 from laufband.store import Claim, Counts, Finish, StepResult, Store, WorkerInfo, sqlite_path
-from laufband.task import Task, validate
+from laufband.task import Task, read_graph, validate
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,11 @@ class Graphband(t.Generic[T]):
     # ------------------------------------------------------------------ set-up
     def _open(self, lock: Lock | None, db_lock: Lock | None) -> None:
         s = self.settings
-        spec = validate(self._tasks_input)  # before touching any file
-        base = sqlite_path(s.db) or "laufband"
+        spec = read_graph(self._tasks_input)
+        path = sqlite_path(s.db)
+        if path is None or not os.path.exists(path):
+            _ = spec.order  # a new workflow: check the graph before creating any file
+        base = path or "laufband"
         lifetime = float(os.environ.get("LAUFBAND_LOCK_LIFETIME", DEFAULT_LIFETIME))
         # The user's lock is separate from the database lock, so that user critical
         # sections never block claims; the heartbeat keeps it alive while held.
@@ -148,6 +151,11 @@ class Graphband(t.Generic[T]):
         self.db_lock = speed_up(db_lock) if db_lock is not None else FastLock(
             f"{base}.lock", lifetime=lifetime)
         self._store = Store(s.db, DatabaseLock(self.db_lock), self._clock, s.journal_mode)
+        if self._store.generation_of(spec.digest) is None:
+            # Not registered yet (a new or a changed graph): check it before going online.
+            # If it is, a worker that checked it registered it: joining a big graph skips
+            # the ordering (measured: about half of reading 1M tasks).
+            _ = spec.order
         self._heartbeat = Heartbeat(self._store, s.identifier, s.heartbeat_interval,
                                     s.heartbeat_timeout, s.max_killed_retries, self.lock)
         self._go_online()

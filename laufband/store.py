@@ -426,10 +426,14 @@ class Store:
         return state != WorkerState.DEAD
 
     # ------------------------------------------------------------------- graph
+    def generation_of(self, digest: str) -> int | None:
+        """The generation of the registered graph with this digest, if any."""
+        with self.read() as conn:
+            return self._generation_of(conn, digest)
+
     def register_graph(self, spec: GraphSpec, worker: str) -> int:
         """Store the graph (idempotently); return the generation this worker may claim."""
-        with self.read() as conn:
-            generation = self._generation_of(conn, spec.digest)
+        generation = self.generation_of(spec.digest)
         if generation is not None:
             return generation
         with self.transaction() as conn:
@@ -757,20 +761,20 @@ class _Registration:
         if stored:
             self._check_against_stored(stored)
         generation = (conn.execute(sa.select(sa.func.max(graphs.c.generation))).scalar() or 0) + 1
-        new = [(task, h) for task, h in zip(self.spec.order, self.spec.hashes, strict=True)
+        hashes = self.spec.hashes
+        new = [(task, hashes[task.id]) for task in self.spec.order
                if task.id not in self.existing]
         self._insert(new, generation)
         conn.execute(graphs.insert().values(
-            generation=generation, digest=self.spec.digest, n_tasks=len(self.spec.order),
+            generation=generation, digest=self.spec.digest, n_tasks=len(self.spec.by_id),
             registered_at=self.store.clock.now(), worker=self.worker))
         return generation
 
     def _check_against_stored(self, stored: int) -> None:
-        order, hashes = self.spec.order, self.spec.hashes
+        ids, hashes = list(self.spec.hashes), self.spec.hashes
         mismatched: list[str] = []
-        for start in range(0, len(order), CHUNK):
-            chunk = {task.id: h for task, h in
-                     zip(order[start:start + CHUNK], hashes[start:start + CHUNK], strict=True)}
+        for start in range(0, len(ids), CHUNK):
+            chunk = {tid: hashes[tid] for tid in ids[start:start + CHUNK]}
             rows = self.conn.execute(
                 sa.select(tasks.c.id, tasks.c.pk, tasks.c.spec_hash, tasks.c.state)
                 .where(tasks.c.id.in_(list(chunk)))

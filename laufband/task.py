@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import typing as t
 from collections.abc import Iterable
@@ -124,19 +125,30 @@ def spec_hash(task: Task) -> str:
 
 @dataclasses.dataclass
 class GraphSpec:
-    """A validated graph: tasks in a topological order, with their hashes."""
+    """A graph read from the user's tasks: indexed by id and hashed. ``order`` checks
+    the dependencies and orders them (the expensive part, done on first use)."""
 
-    order: list[Task]
-    hashes: list[str]
+    by_id: dict[str, Task]
+    hashes: dict[str, str]
     digest: str
 
-    @property
-    def by_id(self) -> dict[str, Task]:
-        return {task.id: task for task in self.order}
+    @functools.cached_property
+    def order(self) -> list[Task]:
+        """The tasks in a topological order; GraphError for an unknown dependency or a
+        cycle. Only a worker that registers the graph (or runs it locally) needs this:
+        the others find its digest registered by a worker that checked it."""
+        for task in self.by_id.values():
+            for dep in task.dependencies:
+                if dep not in self.by_id:
+                    raise GraphError(
+                        f"Task {task.id!r} depends on {dep!r}, which is not in the graph. "
+                        "Yield every task the graph needs from the same iterable."
+                    )
+        return _topological_order(self.by_id)
 
 
-def validate(tasks: Iterable[Task]) -> GraphSpec:
-    """Read all tasks, check the graph and order it, or raise GraphError naming the task."""
+def read_graph(tasks: Iterable[Task]) -> GraphSpec:
+    """Read all tasks (type and unique ids checked) and hash them; no graph checks yet."""
     by_id: dict[str, Task] = {}
     for task in tasks:
         if not isinstance(task, Task):
@@ -149,17 +161,17 @@ def validate(tasks: Iterable[Task]) -> GraphSpec:
                 f"Duplicate task id {task.id!r}: every task needs a unique id."
             )
         by_id[task.id] = task
-    for task in by_id.values():
-        for dep in task.dependencies:
-            if dep not in by_id:
-                raise GraphError(
-                    f"Task {task.id!r} depends on {dep!r}, which is not in the graph. "
-                    "Yield every task the graph needs from the same iterable."
-                )
-    order = _topological_order(by_id)
-    hashes = [spec_hash(task) for task in order]
-    total = sum(int(h, 16) for h in hashes) % (1 << 128)
-    return GraphSpec(order=order, hashes=hashes, digest=f"{total:032x}:{len(order)}")
+    hashes = {tid: spec_hash(task) for tid, task in by_id.items()}
+    # Order-independent, so that workers reading the tasks in different orders agree.
+    total = sum(int(h, 16) for h in hashes.values()) % (1 << 128)
+    return GraphSpec(by_id=by_id, hashes=hashes, digest=f"{total:032x}:{len(by_id)}")
+
+
+def validate(tasks: Iterable[Task]) -> GraphSpec:
+    """Read all tasks, check the graph and order it, or raise GraphError naming the task."""
+    spec = read_graph(tasks)
+    _ = spec.order
+    return spec
 
 
 def _topological_order(by_id: dict[str, Task]) -> list[Task]:

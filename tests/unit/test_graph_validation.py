@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import networkx as nx
 import pytest
 
 from laufband import Graphband, GraphError, Task
+from laufband import task as task_module
 from laufband.task import validate
 
 
@@ -93,3 +96,40 @@ def test_rejected_graph_writes_nothing(tasks, tmp_path):
     with pytest.raises(GraphError):
         quiet(tasks, db=f"sqlite:///{tmp_path}/g.sqlite")
     assert list(tmp_path.iterdir()) == []  # rejected before any file was touched
+
+
+def test_bad_graph_for_a_new_database_creates_no_files(tmp_path):
+    cycle = [Task("a", dependencies={"b"}), Task("b", dependencies={"a"})]
+    with pytest.raises(GraphError, match="cycle"):
+        quiet(cycle, db=f"sqlite:///{tmp_path}/new.sqlite")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_graph_against_an_existing_database_is_refused_before_going_online(tmp_path):
+    db = f"sqlite:///{tmp_path}/g.sqlite"
+    list(quiet([Task("a")], db=db))
+    unknown = [Task("a"), Task("b", dependencies={"zzz"})]
+    with pytest.raises(GraphError, match="'zzz', which is not in the graph"):
+        quiet(unknown, db=db, identifier="second")
+    conn = sqlite3.connect(tmp_path / "g.sqlite")
+    try:
+        assert conn.execute("SELECT id FROM workers").fetchall() != []
+        assert conn.execute("SELECT count(*) FROM workers WHERE id = 'second'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_a_joining_worker_does_not_order_a_registered_graph(tmp_path, monkeypatch):
+    calls = []
+    real = task_module._topological_order
+    monkeypatch.setattr(task_module, "_topological_order",
+                        lambda by_id: calls.append(len(by_id)) or real(by_id))
+    db = f"sqlite:///{tmp_path}/g.sqlite"
+    graph = [Task("a"), Task("b", dependencies={"a"}), Task("c", dependencies={"b"})]
+    first = quiet(graph, db=db, identifier="first")
+    assert calls == [3]  # the registering worker checked and ordered it
+    second = quiet(list(reversed(graph)), db=db, identifier="second")
+    assert calls == [3]  # same digest: already checked by the first
+    assert [t.id for t in second] == ["a", "b", "c"]
+    assert first.identifier == "first"
