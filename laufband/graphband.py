@@ -486,12 +486,17 @@ class Graphband(t.Generic[T]):
         return result.counts
 
     def _counts(self) -> Counts:
-        return self._counted(StepResult([], self._store.counts()))
+        counts = self._store.counts()
+        self._see_reqsets(counts)
+        return counts
+
+    def _see_reqsets(self, counts: Counts) -> None:
+        if not self._known_reqsets.issuperset(counts.rows):
+            self._refresh_reqsets()  # another worker added tasks with new requirements
 
     def _observe(self, counts: Counts) -> None:
         """Update the progress bar and enforce the failure policy."""
-        if not self._known_reqsets.issuperset(counts.rows):
-            self._refresh_reqsets()  # another worker added tasks with new requirements
+        self._see_reqsets(counts)
         bar = self._bar
         if bar is not None:
             bar.total = counts.total

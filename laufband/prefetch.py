@@ -35,10 +35,6 @@ class Prefetch:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: _Pending | None = None
 
-    @property
-    def pending(self) -> bool:
-        return self._pending is not None
-
     def start(self, step: Callable[[list[Finish]], StepResult],
               finishes: list[Finish]) -> None:
         assert self._pending is None, "one step in flight at a time"

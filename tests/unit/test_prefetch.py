@@ -56,14 +56,20 @@ def test_fixed_batch_size_never_claims_ahead():
         assert claims_of() == 1
 
 
-def test_close_returns_the_task_claimed_ahead():
+def stop_at_2_with_a_claim_ahead(stop) -> None:
+    """Run 50 ms tasks over range(5); at item 2, once a task is claimed ahead, stop."""
     clock = FakeClock()
     worker = flat_worker(range(5), clock=clock)
     for item in worker:
         clock.advance(0.05)
         if item == 2:
             wait_for_claims(2)
-            worker.close()
+            if stop(worker):
+                break
+
+
+def test_close_returns_the_task_claimed_ahead():
+    stop_at_2_with_a_claim_ahead(lambda worker: worker.close())
     s = states()
     assert [s[str(i)] for i in range(5)] == ["completed"] * 3 + ["ready"] * 2
     assert claims_of() == 0
@@ -72,13 +78,7 @@ def test_close_returns_the_task_claimed_ahead():
 
 
 def test_break_fails_the_current_task_and_returns_the_one_claimed_ahead():
-    clock = FakeClock()
-    worker = flat_worker(range(5), clock=clock)
-    for item in worker:
-        clock.advance(0.05)
-        if item == 2:
-            wait_for_claims(2)
-            break
+    stop_at_2_with_a_claim_ahead(lambda worker: True)
     s = states()
     assert [s[str(i)] for i in range(5)] == ["completed"] * 2 + ["failed", "ready", "ready"]
     assert claims_of() == 0
