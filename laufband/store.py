@@ -522,9 +522,10 @@ _SQL = {
                   " AND generation <= :generation AND NOT EXISTS (SELECT 1 FROM claims"
                   " WHERE claims.task = tasks.pk AND claims.worker = :worker)"
                   " ORDER BY pk LIMIT :limit",
+    # {pks}: ":p0, :p1, ..." for the batch (one statement claims the whole batch).
     "claim": "UPDATE tasks SET attempts = attempts + 1, running = running + 1,"
              " state = CASE WHEN running + 1 >= max_parallel THEN 'running' ELSE 'ready' END,"
-             " updated_at = :now WHERE pk = :pk RETURNING id, attempts, state, reqset",
+             " updated_at = :now WHERE pk IN ({pks}) RETURNING pk, id, attempts, state, reqset",
     "add_claim": "INSERT INTO claims (task, attempt, worker, started_at)"
                  " VALUES (:task, :attempt, :worker, :now)",
     "claims_of": "SELECT claims.task, claims.attempt, tasks.id FROM claims"
@@ -657,14 +658,19 @@ class _Unit:
             pks += [pk for (pk,) in self.all(_SQL["find_ready"], {
                 "reqset": reqset, "generation": generation, "worker": worker,
                 "limit": limit - len(pks)})]
+        if not pks:
+            return []
+        params: dict[str, t.Any] = {f"p{i}": pk for i, pk in enumerate(pks)}
+        params["now"] = self.now
+        sql = _SQL["claim"].format(pks=", ".join(f":p{i}" for i in range(len(pks))))
+        by_pk = {row[0]: row[1:] for row in self.all(sql, params)}
         result = []
-        for pk in pks:
-            row = self.all(_SQL["claim"], {"pk": pk, "now": self.now})[0]
-            task_id, attempt, state, reqset = row
-            self.run(_SQL["add_claim"], {"task": pk, "attempt": attempt, "worker": worker,
-                                         "now": self.now})
+        for pk in pks:  # in the order found: most specific requirements first, then pk
+            task_id, attempt, state, reqset = by_pk[pk]
             self.record([(pk, reqset)], S.READY, state, Event.CLAIMED, worker, attempt)
             result.append(Claim(pk, task_id, attempt))
+        self.run(_SQL["add_claim"], [{"task": c.pk, "attempt": c.attempt, "worker": worker,
+                                      "now": self.now} for c in result])
         return result
 
     # -- ending attempts
