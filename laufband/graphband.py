@@ -184,6 +184,7 @@ class Graphband(t.Generic[T]):
         if not self._online:
             return
         self._online = False
+        self._salvage()  # close() or __exit__ while a loop is suspended mid-iteration
         self._prefetch.shutdown()
         self._heartbeat.stop()
         if marked:
@@ -338,7 +339,11 @@ class Graphband(t.Generic[T]):
     def _refill(self) -> bool:
         """Record finished attempts and claim more; wait if others may unblock work.
         False when this worker's loop is over."""
-        ahead = self._prefetch.result()  # a failed background step raises here
+        settled = self._prefetch.settle()
+        if settled.error is not None:
+            self._done[:0] = settled.unrecorded  # for the hand-back on the way out
+            raise settled.error
+        ahead = settled.result
         if ahead is not None:
             self._batcher.observe_prefetch(bool(ahead.claims))
             self._counted(ahead)
@@ -362,7 +367,9 @@ class Graphband(t.Generic[T]):
         (prefetch.py), if tasks are short enough for that to pay."""
         if self._closing or self._signal is not None or not self._batcher.prefetch():
             return
-        self._prefetch.start(self._step, self._take_done())
+        finishes = self._take_done()
+        if not self._prefetch.start(self._step, finishes):
+            self._done[:0] = finishes  # no thread to run it: the loop steps itself
 
     def _take_done(self) -> list[Finish]:
         done, self._done = self._done, []
@@ -383,10 +390,13 @@ class Graphband(t.Generic[T]):
     def _hand_back(self, current: Finish | None = None) -> None:
         """Record what finished, plus ``current``, and return unstarted claims."""
         detail = "claimed in a batch but not started"
-        ahead, unrecorded = self._prefetch.settle()
-        if ahead is not None:
-            self._queue.extend(ahead.claims)
-        finishes = unrecorded + self._take_done() + ([current] if current else [])
+        settled = self._prefetch.settle()
+        if settled.error is not None:
+            log.error("laufband: a background claim+finish step failed (%s); recording "
+                      "its finishes again", settled.error)
+        if settled.result is not None:
+            self._queue.extend(settled.result.claims)
+        finishes = settled.unrecorded + self._take_done() + ([current] if current else [])
         finishes += [Finish(c, Event.PREEMPTED, detail) for c in self._queue]
         self._queue.clear()
         if finishes:
@@ -408,6 +418,13 @@ class Graphband(t.Generic[T]):
         """A stop signal: hand everything back now and leave (see signals.py)."""
         name = signal.Signals(signum).name
         self._signal = signum
+        if self._in_user_code and self._store.lock.held_here():
+            # The loop body is inside a laufband read (has_more_jobs) or holds
+            # worker.db_lock: handing back now could wait for a step that waits for
+            # this very lock. The loop hands back when the current task returns.
+            log.warning("laufband: %s received while the loop body holds the database "
+                        "lock; stopping when the current task returns", name)
+            return
         if not self._in_user_code:
             # Inside our own store call or waiting: the loop hands back at its next
             # check (within one poll interval), never inside a half-done transaction.
@@ -430,7 +447,17 @@ class Graphband(t.Generic[T]):
               f"(exit code {128 + self._signal}).", file=sys.stderr)
         raise Preempted(self._signal)
 
+    def _salvage(self) -> None:
+        """Record what finished and return unstarted claims, if any are left (the loop
+        ended with an error, or is suspended): never leave them with an offline worker."""
+        try:
+            self._hand_back()
+        except LaufbandError as exc:
+            log.error("could not return the tasks worker %s holds: %s (they go back when "
+                      "it is marked offline)", self.identifier, exc)
+
     def _end_iteration(self) -> None:
+        self._salvage()  # after an error in a store call; a no-op after a normal end
         # `left`: the transaction that ended the loop marked us idle/offline already.
         left, self._left = self._left, False
         if self._context_managed:

@@ -106,6 +106,11 @@ class DatabaseLock:
         self.refresh_interval = max(0.1, lock.lifetime.total_seconds() / 3)
         self._acquired_at = 0.0
         self._hold: float | None = None
+        self._owner: int | None = None
+
+    def held_here(self) -> bool:
+        """Does the calling thread hold the lock?"""
+        return self._owner == threading.get_ident()
 
     def __enter__(self) -> DatabaseLock:
         while not self._thread_lock.acquire(timeout=self.refresh_interval):
@@ -117,6 +122,7 @@ class DatabaseLock:
                 self._thread_lock.release()
                 raise
             self._acquired_at = time.monotonic()
+            self._owner = threading.get_ident()
         self._depth += 1
         return self
 
@@ -124,6 +130,7 @@ class DatabaseLock:
         self._depth -= 1
         try:
             if self._depth == 0:
+                self._owner = None
                 self._observe_hold(time.monotonic() - self._acquired_at)
                 self._release_file()
         finally:

@@ -12,9 +12,10 @@ task claimed ahead waits, unavailable to other workers, until the current one en
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from laufband.store import Finish, StepResult
 
@@ -27,6 +28,16 @@ class _Pending:
     finishes: list[Finish]
 
 
+@dataclass
+class Settled:
+    """What a step in flight came to: its result, or the error it raised and the
+    finishes it was to record (the failed transaction recorded none of them)."""
+
+    result: StepResult | None = None
+    unrecorded: list[Finish] = field(default_factory=list)
+    error: BaseException | None = None
+
+
 class Prefetch:
     """At most one step in flight, on one background thread."""
 
@@ -34,35 +45,48 @@ class Prefetch:
         self._name = name
         self._executor: ThreadPoolExecutor | None = None
         self._pending: _Pending | None = None
+        self._thread_ids: set[int] = set()
 
     def start(self, step: Callable[[list[Finish]], StepResult],
-              finishes: list[Finish]) -> None:
+              finishes: list[Finish]) -> bool:
+        """Run ``step(finishes)`` in the background; False if that cannot be done (the
+        interpreter is shutting down its thread pools): the caller steps itself."""
         assert self._pending is None, "one step in flight at a time"
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name)
-        self._pending = _Pending(self._executor.submit(step, finishes), finishes)
+        try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+            future = self._executor.submit(self._run, step, finishes)
+        except RuntimeError:
+            return False
+        self._pending = _Pending(future, finishes)
+        return True
 
-    def result(self) -> StepResult | None:
-        """Wait for the step in flight and return its result (None if there is none);
-        its error, if it failed, is raised here, in the caller's thread."""
-        pending, self._pending = self._pending, None
-        return None if pending is None else pending.future.result()
+    def _run(self, step: Callable[[list[Finish]], StepResult],
+             finishes: list[Finish]) -> StepResult:
+        self._thread_ids.add(threading.get_ident())
+        return step(finishes)
 
-    def settle(self) -> tuple[StepResult | None, list[Finish]]:
-        """Wait for the step in flight without raising: its result, or, if it failed
-        (and so recorded nothing), the finishes it was to record, so that the caller can
-        record them again."""
+    def settle(self) -> Settled:
+        """Wait for the step in flight (if any) and say how it ended."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return None, []
+            return Settled()
+        if threading.get_ident() in self._thread_ids:
+            # Called on our own thread (a generator collected there): waiting for the
+            # future would wait for ourselves. The worker's going offline returns the
+            # claims it still holds.
+            log.error("laufband: a worker loop was closed on its own step thread; its "
+                      "step in flight is not waited for")
+            return Settled()
         try:
-            return pending.future.result(), []
+            return Settled(result=pending.future.result())
         except Exception as exc:
-            log.error("a background claim+finish step failed: %s", exc)
-            return None, pending.finishes
+            return Settled(unrecorded=pending.finishes, error=exc)
 
     def shutdown(self) -> None:
-        self.settle()
+        """Stop the thread (after the step in flight, whose outcome the caller settled
+        before: see Graphband._go_offline)."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True)
+            # Not from the executor's own thread: it cannot join itself.
+            executor.shutdown(wait=threading.get_ident() not in self._thread_ids)

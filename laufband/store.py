@@ -394,13 +394,18 @@ class Store:
                 conn.execute(workers.update().where(workers.c.id == info.id).values(**values))
 
     def set_worker_state(self, worker: str, state: WorkerState) -> None:
-        stopped = self.clock.now() if state == WorkerState.OFFLINE else None
-        with self.transaction() as conn:
-            conn.execute(
-                workers.update()
-                .where(workers.c.id == worker, workers.c.state != WorkerState.DEAD.value)
-                .values(state=state.value, stopped_at=stopped)
-            )
+        """Set a worker's state (not if it was declared dead). Going offline returns the
+        tasks it still holds to ready, no retry used: normally there are none, but a loop
+        that ended with an error may have left some, and nobody else would return them
+        (only live workers are checked for missed heartbeats)."""
+        offline = state == WorkerState.OFFLINE
+        with self._unit() as unit:
+            unit.run(_SQL["leave"], {"state": state.value, "worker": worker,
+                                     "stopped": unit.now if offline else None})
+            if offline:
+                for claim in unit.claims_of(worker):
+                    unit.end_attempt(worker, Finish(claim, Event.PREEMPTED,
+                                                    f"worker {worker} went offline holding it"))
 
     def heartbeat(self, worker: str, max_killed_retries: int, stalled_after: float) -> bool:
         """Refresh our heartbeat and reap dead workers. False if we had been declared dead.
@@ -724,6 +729,10 @@ class _Unit:
             self.record(blocked, S.PENDING, S.BLOCKED, Event.BLOCKED, worker,
                         detail=f"dependency {claim.id!r} did not complete")
 
+    def claims_of(self, worker: str) -> list[Claim]:
+        return [Claim(pk, task_id, attempt)
+                for pk, attempt, task_id in self.all(_SQL["claims_of"], {"worker": worker})]
+
     def declare_dead(self, worker: str, max_killed_retries: int) -> None:
         """Mark ``worker`` dead and end its attempts.
 
@@ -734,9 +743,7 @@ class _Unit:
         worker thus never kills more tasks for good than an unbatched one would.
         """
         self.run(_SQL["mark_dead"], {"worker": worker, "now": self.now})
-        held = self.all(_SQL["claims_of"], {"worker": worker})
-        for i, (pk, attempt, task_id) in enumerate(held):
-            claim = Claim(pk, task_id, attempt)
+        for i, claim in enumerate(self.claims_of(worker)):
             if i == 0:
                 finish = Finish(claim, Event.KILLED, f"worker {worker} missed its heartbeat",
                                 max_killed_retries)

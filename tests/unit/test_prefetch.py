@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures.thread
+import signal
 import threading
 import time
 
@@ -11,6 +13,7 @@ from helpers import flat_worker, history, rows, states
 from laufband.batching import MAX_PREFETCH_SKIP, Batcher
 from laufband.clock import FakeClock
 from laufband.errors import DatabaseError
+from laufband.signals import Preempted
 
 
 def claims_of(worker: str = "w") -> int:
@@ -102,6 +105,52 @@ def test_a_failing_background_step_raises_in_the_loop():
             ran.append(item)
     assert ran == [0, 1]  # the error surfaced when the loop needed the next task
     assert rows("SELECT state FROM workers") == [("offline",)]
+    # The completions the failed step carried were recorded on the way out, and the
+    # task it was to claim ahead (it claimed nothing) is still ready: nothing is stuck.
+    assert [states()[str(i)] for i in range(5)] == ["completed"] * 2 + ["ready"] * 3
+    assert claims_of() == 0
+
+
+def test_without_a_thread_pool_the_loop_steps_itself(monkeypatch):
+    # At interpreter shutdown (a loop running in a non-main thread) the pool refuses work.
+    monkeypatch.setattr(concurrent.futures.thread, "_shutdown", True)
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    for _ in worker:
+        clock.advance(0.05)
+    assert set(states().values()) == {"completed"}
+
+
+def test_leaving_a_with_block_returns_what_a_suspended_loop_holds():
+    clock = FakeClock()
+    with flat_worker(range(5), clock=clock) as worker:
+        it = iter(worker)
+        assert next(it) == 0
+        clock.advance(0.05)
+        assert next(it) == 1  # 0 done (recorded with this claim); 2 is claimed ahead
+        wait_for_claims(2)
+    # Offline: the step in flight was settled, its claim and the one of the suspended
+    # loop went back to ready; nothing stays with the offline worker.
+    assert rows("SELECT state FROM workers") == [("offline",)]
+    assert claims_of() == 0
+    assert [states()[str(i)] for i in range(5)] == ["completed"] + ["ready"] * 4
+    it.close()  # the late end of task 1 is rejected (fenced), not recorded
+    assert states()["1"] == "ready"
+
+
+def test_stop_signal_while_the_body_holds_the_database_lock_is_deferred():
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    it = iter(worker)
+    assert next(it) == 0
+    clock.advance(0.05)
+    with worker._store.lock:  # as during has_more_jobs: the step ahead must wait for it
+        assert next(it) == 1
+        worker._on_signal(signal.SIGTERM)  # must neither block nor raise here
+    with pytest.raises(Preempted):
+        next(it)  # task 1 returned: recorded, the claim ahead handed back, then stop
+    assert [states()[str(i)] for i in range(5)] == ["completed"] * 2 + ["ready"] * 3
+    assert claims_of() == 0
 
 
 def test_steps_ahead_that_claim_nothing_back_off():
