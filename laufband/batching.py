@@ -24,6 +24,10 @@ MAX_PREFETCH_SKIP = 16
 
 
 class Batcher:
+    """Observes steps (on the prefetch thread, too) and tasks (on the loop's thread).
+    Each observation is one float assignment, and a stale read only sizes one batch
+    slightly differently, so no lock is needed."""
+
     def __init__(self, fixed: int | None) -> None:
         self.fixed = fixed
         self._step_seconds: float | None = None

@@ -139,6 +139,9 @@ class DatabaseLock:
     def _observe_hold(self, seconds: float) -> None:
         """Retry the lock about as often as it changes hands (see the module doc). Our
         own holds stand in for everyone's: all workers run the same transactions."""
+        # Clamped first: one long hold (registering a big graph) must not slow the
+        # retries of the next few dozen short transactions.
+        seconds = min(seconds, BACKOFF_CAP_MAX)
         hold = seconds if self._hold is None else 0.8 * self._hold + 0.2 * seconds
         self._hold = hold
         self.file_lock._laufband_cap = min(BACKOFF_CAP_MAX, max(BACKOFF_CAP_MIN, hold))
