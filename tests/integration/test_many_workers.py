@@ -9,11 +9,11 @@ from graphs import build
 pytestmark = pytest.mark.processes
 
 
-def complete_graph(workers, graph: str, n: int):
+def complete_graph(workers, graph: str, n: int, env: dict | None = None, **options):
     """Run ``n`` workers over ``graph``: all exit 0 on their own, every task ran exactly
     once, each after its dependencies finished."""
     tasks = build(graph)
-    workers.start(graph, n)
+    workers.start(graph, n, env=env, **options)
     run = workers.wait()
     assert run.returncodes == [0] * n, run.stderr
     assert_exactly_once(run, [t.id for t in tasks])
@@ -29,6 +29,14 @@ def test_flat_2000_tasks_8_workers_each_exactly_once(workers):
 
 def test_layered_dag_1000_tasks_8_workers_in_dependency_order(workers):
     complete_graph(workers, "layered:10x100", 8)
+
+
+def test_layered_dag_with_short_tasks_in_wal_mode(workers):
+    """WAL: commits change the -wal file, not the database, which waiting workers watch
+    too; 5 ms tasks make the workers step ahead (claim while a task runs)."""
+    complete_graph(workers, "layered:6x20", 4, env={"LAUFBAND_JOURNAL_MODE": "wal"},
+                   sleep=0.005)
+    assert query(workers.folder / "graph.sqlite", "PRAGMA journal_mode") == [("wal",)]
 
 
 def test_chain_of_50_with_4_workers_completes(workers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import time
 
 import pytest
 from helpers import flat_worker, make, rows, states
@@ -125,3 +126,22 @@ def test_database_locked_by_a_process_paused_in_a_transaction(monkeypatch):
         paused.execute("ROLLBACK")
         paused.close()
     assert [t.id for t in make([Task("a")], name="B")] == ["a"]
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_change_mark_follows_commits(mode):
+    """Waiting workers watch this instead of reading under the lock: a commit must
+    change it (the database file in rollback mode, the -wal file in WAL mode), and
+    nothing else may (the watch would turn into a read at every poll)."""
+    worker = make([Task("a"), Task("b")], journal_mode=mode)
+    store = worker._store
+    first = store.change_mark()
+    assert first is not None and store.change_mark() == first
+    deadline = time.monotonic() + 5
+    while store.change_mark() == first:  # commits within one tick of the file clock
+        assert time.monotonic() < deadline, "a commit did not change the mark"
+        worker._clock.advance(1)  # a new heartbeat stamp: the commit writes a page
+        worker._heartbeat.beat()
+    quiet = store.change_mark()
+    store.counts()  # a read
+    assert store.change_mark() == quiet
