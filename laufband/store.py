@@ -472,9 +472,11 @@ class Store:
         with self._unit() as unit:
             if busy:
                 unit.run(_SQL["busy"], {"worker": worker})
-            fenced = False
+            completed = [f.claim for f in finishes if f.outcome == Event.COMPLETED]
+            fenced = not unit.end_completed(worker, completed)
             for finish in finishes:
-                fenced |= not unit.end_attempt(worker, finish)
+                if finish.outcome != Event.COMPLETED:
+                    fenced |= not unit.end_attempt(worker, finish)
             if stop_on_failure and unit.counts.n([S.FAILED, S.KILLED]):
                 limit = 0
             if limit > 1:
@@ -511,11 +513,19 @@ _SQL = {
                   " AND worker = :worker",
     "end_attempt": "UPDATE tasks SET running = running - 1 WHERE pk = :pk"
                    " RETURNING state, running, failures, kills",
+    # {pks}: ":p0, :p1, ..." (see _in_list). Each statement handles a whole batch.
+    "drop_claims": "DELETE FROM claims WHERE worker = :worker AND (task, attempt) IN"
+                   " (VALUES {pairs}) RETURNING task",
+    "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk IN ({pks})"
+                    " RETURNING pk, state",
+    "complete": "UPDATE tasks SET state = 'completed', updated_at = :now WHERE pk IN ({pks})"
+                " AND state IN ('running', 'ready') RETURNING pk, reqset",
+    # Decrement every dependent once per completed dependency; those at zero become ready.
     "release_dependents":
-        "UPDATE tasks SET waiting_on = waiting_on - 1,"
-        " state = CASE WHEN waiting_on = 1 AND state = 'pending' THEN 'ready' ELSE state END"
-        " WHERE pk IN (SELECT task FROM edges WHERE dep = :pk)"
-        " RETURNING pk, reqset, state",
+        "UPDATE tasks SET waiting_on = waiting_on - d.n,"
+        " state = CASE WHEN waiting_on = d.n AND state = 'pending' THEN 'ready' ELSE state END"
+        " FROM (SELECT task, count(*) AS n FROM edges WHERE dep IN ({pks}) GROUP BY task) AS d"
+        " WHERE tasks.pk = d.task RETURNING tasks.pk, tasks.reqset, tasks.state",
     "block_descendants":
         "WITH RECURSIVE down(pk) AS ("
         " SELECT task FROM edges WHERE dep = :pk"
@@ -555,6 +565,12 @@ _SQL = {
     "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
     "mark_dead": "UPDATE workers SET state = 'dead', stopped_at = :now WHERE id = :worker",
 }
+
+
+def _in_list(values: Sequence[t.Any]) -> tuple[str, dict[str, t.Any]]:
+    """Placeholders ``:p0, :p1, ...`` and their parameters, for ``IN ({pks})``."""
+    return (", ".join(f":p{i}" for i in range(len(values))),
+            {f"p{i}": v for i, v in enumerate(values)})
 
 
 class _Unit:
@@ -665,10 +681,9 @@ class _Unit:
                 "limit": limit - len(pks)})]
         if not pks:
             return []
-        params: dict[str, t.Any] = {f"p{i}": pk for i, pk in enumerate(pks)}
-        params["now"] = self.now
-        sql = _SQL["claim"].format(pks=", ".join(f":p{i}" for i in range(len(pks))))
-        by_pk = {row[0]: row[1:] for row in self.all(sql, params)}
+        marks, params = _in_list(pks)
+        sql = _SQL["claim"].format(pks=marks)
+        by_pk = {row[0]: row[1:] for row in self.all(sql, {**params, "now": self.now})}
         result = []
         for pk in pks:  # in the order found: most specific requirements first, then pk
             task_id, attempt, state, reqset = by_pk[pk]
@@ -684,11 +699,7 @@ class _Unit:
         claim = finish.claim
         if not self.run(_SQL["drop_claim"], {"pk": claim.pk, "attempt": claim.attempt,
                                              "worker": worker}):
-            log.warning("task %r attempt %d: %s by %s was rejected; this attempt is no longer "
-                        "current (its worker was declared dead and the task moved on)",
-                        claim.id, claim.attempt, finish.outcome.value, worker)
-            self.note([claim.pk], Event.FENCED, None, worker, claim.attempt,
-                      f"late {finish.outcome.value} rejected")
+            self._fence(worker, claim, finish.outcome)
             return False
         state, running, failures, kills = self.all(_SQL["end_attempt"], {"pk": claim.pk})[0]
         outcome = finish.outcome
@@ -700,7 +711,7 @@ class _Unit:
             # A sibling attempt of a shared task completed it already.
             self.note([claim.pk], Event.RELEASED, None, worker, claim.attempt, finish.detail)
         elif outcome == Event.COMPLETED:
-            self.complete(claim, state, worker)
+            self._complete(worker, [(claim, state)])
         elif outcome == Event.PREEMPTED or running > 0:
             # Preemption costs no retry; a shared task whose other attempts still run
             # just frees a slot.
@@ -714,14 +725,58 @@ class _Unit:
                 self.block_descendants(claim, worker)
         return True
 
-    def complete(self, claim: Claim, state: str, worker: str) -> None:
-        self.move(claim.pk, state, S.COMPLETED, Event.COMPLETED, worker, claim.attempt)
-        # One statement decrements every dependent; those reaching zero become ready.
-        rows = self.all(_SQL["release_dependents"], {"pk": claim.pk})
+    def _fence(self, worker: str, claim: Claim, outcome: Event) -> None:
+        log.warning("task %r attempt %d: %s by %s was rejected; this attempt is no longer "
+                    "current (its worker was declared dead and the task moved on)",
+                    claim.id, claim.attempt, outcome.value, worker)
+        self.note([claim.pk], Event.FENCED, None, worker, claim.attempt,
+                  f"late {outcome.value} rejected")
+
+    def end_completed(self, worker: str, claims: Sequence[Claim]) -> bool:
+        """End attempts that completed, a whole batch in four statements. False if any
+        was no longer current (fenced)."""
+        if not claims:
+            return True
+        pairs = {f"t{i}": c.pk for i, c in enumerate(claims)}
+        pairs.update({f"a{i}": c.attempt for i, c in enumerate(claims)})
+        values = ", ".join(f"(:t{i}, :a{i})" for i in range(len(claims)))
+        current = {pk for (pk,) in self.all(_SQL["drop_claims"].format(pairs=values),
+                                            {**pairs, "worker": worker})}
+        for claim in claims:
+            if claim.pk not in current:
+                self._fence(worker, claim, Event.COMPLETED)
+        live = [c for c in claims if c.pk in current]
+        if live:
+            marks, params = _in_list([c.pk for c in live])
+            state_of = dict(self.all(_SQL["end_attempts"].format(pks=marks), params))
+            self._complete(worker, [(c, state_of[c.pk]) for c in live])
+        return len(live) == len(claims)
+
+    def _complete(self, worker: str, ended: Sequence[tuple[Claim, str]]) -> None:
+        """Mark completed the tasks whose attempts ``ended`` (claim, task state after
+        the attempt ended), and release their dependents."""
+        done = []
+        for claim, state in ended:
+            if state == S.COMPLETED:  # a sibling attempt of a shared task completed it
+                self.note([claim.pk], Event.RELEASED, None, worker, claim.attempt)
+            else:
+                done.append((claim, state))
+        if not done:
+            return
+        marks, params = _in_list([c.pk for c, _ in done])
+        reqset_of = dict(self.all(_SQL["complete"].format(pks=marks),
+                                  {**params, "now": self.now}))
+        if len(reqset_of) != len(done):
+            raise AssertionError(f"tasks {[c.id for c, _ in done]} were not all running")
+        for claim, state in done:
+            self.record([(claim.pk, reqset_of[claim.pk])], state, S.COMPLETED,
+                        Event.COMPLETED, worker, claim.attempt)
+        rows = self.all(_SQL["release_dependents"].format(pks=marks), params)
         ready = [(pk, reqset) for pk, reqset, state in rows if state == S.READY]
         if ready:
-            self.record(ready, S.PENDING, S.READY, Event.READY, worker,
-                        detail=f"dependency {claim.id!r} completed")
+            detail = (f"dependency {done[0][0].id!r} completed" if len(done) == 1 else
+                      f"its last dependencies completed (in a batch of {len(done)})")
+            self.record(ready, S.PENDING, S.READY, Event.READY, worker, detail=detail)
 
     def block_descendants(self, claim: Claim, worker: str) -> None:
         blocked = self.all(_SQL["block_descendants"], {"pk": claim.pk, "now": self.now})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from helpers import flat_worker, rows, states
+from helpers import flat_worker, history, make, rows, states
+from test_heartbeat import outlive
 
+from laufband import Task
 from laufband.batching import MAX_BATCH, Batcher
+from laufband.clock import FakeClock
 
 
 def test_auto_batch_starts_at_one_and_grows_only_for_short_tasks():
@@ -88,3 +91,34 @@ def test_fair_share_never_drops_below_the_free_batch():
     claimed = rows("SELECT count(*) FROM claims WHERE worker = 'fast'")[0][0]
     assert claimed == 20  # not 40 // 8 = 5
     assert len(others) == 7
+
+
+def test_dependent_of_two_tasks_completed_in_one_step_is_released_once():
+    tasks = [Task("a"), Task("b"), Task("c", dependencies={"a", "b"})]
+    worker = make(tasks, batch_size=2)
+    it = iter(worker)
+    assert {next(it).id, next(it).id} == {"a", "b"}  # one claim of two
+    assert states()["c"] == "pending"
+    assert next(it).id == "c"  # both completions recorded in one step released it
+    assert rows("SELECT waiting_on FROM tasks WHERE id = 'c'") == [(0,)]
+    assert [e for e, *_ in history("c")].count("ready") == 1
+    assert list(it) == []
+
+
+def test_completions_of_a_batch_taken_away_are_all_fenced():
+    clock = FakeClock()
+    tasks = [Task(str(i)) for i in range(3)]
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "max_killed_retries": 1}
+    a = make(tasks, name="A", batch_size=3, **kw)
+    it = iter(a)
+    assert next(it).id == "0"  # A holds the batch 0, 1, 2 (alone: all of it) and pauses
+    assert rows("SELECT count(*) FROM claims WHERE worker = 'A'") == [(3,)]
+    b = make(tasks, name="B", **kw)
+    outlive(clock, b)  # B declares A dead: the batch goes back to ready
+    assert sorted(t.id for t in b) == ["0", "1", "2"]  # B redoes all three
+    assert [t.id for t in it] == ["1", "2"]  # A wakes up and runs the rest of its batch
+    # A's three late completions, recorded in one step, are all rejected.
+    assert rows("SELECT count(*) FROM events WHERE event = 'fenced' AND worker = 'A'") == [(3,)]
+    assert set(states().values()) == {"completed"}
+    assert rows("SELECT count(*) FROM events WHERE event = 'completed' AND worker = 'A'") == [(0,)]
