@@ -49,16 +49,38 @@ def _fast_sleep(lock: Lock) -> None:
 
 
 class FastLock(Lock):
-    """A flufl Lock with a bounded, jittered backoff and a configurable breaking slop."""
+    """A flufl Lock with a bounded, jittered backoff and a configurable breaking slop.
+
+    Threads of one process also take turns on it: a flufl Lock is one claim per
+    object, so a second thread's lock() would raise AlreadyLockedError instead of
+    waiting. That matters for ``worker.db_lock``, which user code may hold in the loop
+    body while the worker's own threads (heartbeat, step ahead) need it."""
 
     def __init__(self, lockfile: str, lifetime: float = DEFAULT_LIFETIME,
                  slop: float = DEFAULT_SLOP) -> None:
         super().__init__(lockfile, lifetime=timedelta(seconds=lifetime))
         self._slop = timedelta(seconds=slop)
+        self._threads = threading.RLock()
 
     def lock(self, timeout=None) -> None:
-        self._laufband_tries = 0
-        super().lock(timeout)
+        self._threads.acquire()
+        try:
+            self._laufband_tries = 0
+            super().lock(timeout)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def unlock(self, *, unconditionally: bool = False) -> None:
+        try:
+            super().unlock(unconditionally=unconditionally)
+        finally:
+            if self._threads._is_owned():  # type: ignore[attr-defined]
+                self._threads.release()
+
+    def owned_here(self) -> bool:
+        """Does the calling thread hold this lock (through lock())?"""
+        return self._threads._is_owned()  # type: ignore[attr-defined]
 
     def _sleep(self) -> None:
         _fast_sleep(self)
@@ -109,8 +131,10 @@ class DatabaseLock:
         self._owner: int | None = None
 
     def held_here(self) -> bool:
-        """Does the calling thread hold the lock?"""
-        return self._owner == threading.get_ident()
+        """Does the calling thread hold the lock (here, or as ``worker.db_lock``)?"""
+        lock = self.file_lock
+        return self._owner == threading.get_ident() or (
+            isinstance(lock, FastLock) and lock.owned_here())
 
     def __enter__(self) -> DatabaseLock:
         while not self._thread_lock.acquire(timeout=self.refresh_interval):

@@ -168,3 +168,30 @@ def test_steps_ahead_that_claim_nothing_back_off():
     assert pattern == [1, 2, 4, 8, MAX_PREFETCH_SKIP, MAX_PREFETCH_SKIP]
     b.observe_prefetch(True)
     assert b.prefetch()
+
+
+def test_loop_body_may_hold_db_lock_while_the_worker_steps_ahead():
+    """worker.db_lock is the database's own lock: the step thread waits for the loop
+    body to let go of it (a flufl Lock alone would raise AlreadyLockedError there)."""
+    clock = FakeClock()
+    worker = flat_worker(range(8), clock=clock)
+    for _ in worker:
+        clock.advance(0.05)
+        with worker.db_lock:  # a critical section that also excludes claims
+            time.sleep(0.005)  # long enough for the step ahead to find the lock taken
+    assert set(states().values()) == {"completed"}
+
+
+def test_stop_signal_while_the_body_holds_db_lock_is_deferred():
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    it = iter(worker)
+    assert next(it) == 0
+    clock.advance(0.05)
+    assert next(it) == 1
+    with worker.db_lock:
+        worker._on_signal(signal.SIGTERM)  # handing back here would wait for ourselves
+    with pytest.raises(Preempted):
+        next(it)
+    assert claims_of() == 0
+    assert [states()[str(i)] for i in range(2)] == ["completed"] * 2
