@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from flufl.lock import Lock, LockState, TimeOutError
@@ -48,39 +49,50 @@ def _fast_sleep(lock: Lock) -> None:
     time.sleep(random.uniform(0, min(cap, _BACKOFF_BASE * 2**tries)))
 
 
-class FastLock(Lock):
-    """A flufl Lock with a bounded, jittered backoff and a configurable breaking slop.
+class _ThreadTurns:
+    """Makes the threads of one process take turns on a flufl Lock: a flufl Lock is
+    one claim per object, so a second thread's lock() would raise AlreadyLockedError
+    instead of waiting. That matters for ``worker.db_lock``, which user code may hold
+    in the loop body while the worker's own threads (heartbeat, step ahead) need it."""
 
-    Threads of one process also take turns on it: a flufl Lock is one claim per
-    object, so a second thread's lock() would raise AlreadyLockedError instead of
-    waiting. That matters for ``worker.db_lock``, which user code may hold in the loop
-    body while the worker's own threads (heartbeat, step ahead) need it."""
+    def __init__(self) -> None:
+        self._rlock = threading.RLock()
+
+    def lock(self, acquire: Callable[[], None]) -> None:
+        self._rlock.acquire()
+        try:
+            acquire()
+        except BaseException:
+            self._rlock.release()
+            raise
+
+    def unlock(self, release: Callable[[], None]) -> None:
+        try:
+            release()
+        finally:
+            if self.owned_here():
+                self._rlock.release()
+
+    def owned_here(self) -> bool:
+        return self._rlock._is_owned()  # type: ignore[attr-defined]
+
+
+class FastLock(Lock):
+    """A flufl Lock with a bounded, jittered backoff, a configurable breaking slop,
+    and threads that take turns (``_ThreadTurns``)."""
 
     def __init__(self, lockfile: str, lifetime: float = DEFAULT_LIFETIME,
                  slop: float = DEFAULT_SLOP) -> None:
         super().__init__(lockfile, lifetime=timedelta(seconds=lifetime))
         self._slop = timedelta(seconds=slop)
-        self._threads = threading.RLock()
+        self.turns = _ThreadTurns()
 
     def lock(self, timeout=None) -> None:
-        self._threads.acquire()
-        try:
-            self._laufband_tries = 0
-            super().lock(timeout)
-        except BaseException:
-            self._threads.release()
-            raise
+        self._laufband_tries = 0
+        self.turns.lock(lambda: super(FastLock, self).lock(timeout))
 
     def unlock(self, *, unconditionally: bool = False) -> None:
-        try:
-            super().unlock(unconditionally=unconditionally)
-        finally:
-            if self._threads._is_owned():  # type: ignore[attr-defined]
-                self._threads.release()
-
-    def owned_here(self) -> bool:
-        """Does the calling thread hold this lock (through lock())?"""
-        return self._threads._is_owned()  # type: ignore[attr-defined]
+        self.turns.unlock(lambda: super(FastLock, self).unlock(unconditionally=unconditionally))
 
     def _sleep(self) -> None:
         _fast_sleep(self)
@@ -95,16 +107,22 @@ class FastLock(Lock):
 
 
 def speed_up(lock: Lock) -> Lock:
-    """Give a user-supplied flufl Lock our backoff (only its instance is changed)."""
+    """Give a user-supplied flufl Lock our backoff and thread turns (only its instance
+    is changed)."""
     if not isinstance(lock, FastLock):
         lock._sleep = lambda: _fast_sleep(lock)  # type: ignore[method-assign]
-        original = lock.lock
+        original_lock, original_unlock = lock.lock, lock.unlock
+        lock.turns = _ThreadTurns()  # type: ignore[attr-defined]
 
         def fast_lock(timeout=None):
             lock._laufband_tries = 0
-            original(timeout)
+            lock.turns.lock(lambda: original_lock(timeout))
+
+        def unlock(*, unconditionally: bool = False):
+            lock.turns.unlock(lambda: original_unlock(unconditionally=unconditionally))
 
         lock.lock = fast_lock  # type: ignore[method-assign]
+        lock.unlock = unlock  # type: ignore[method-assign]
     return lock
 
 
@@ -132,9 +150,9 @@ class DatabaseLock:
 
     def held_here(self) -> bool:
         """Does the calling thread hold the lock (here, or as ``worker.db_lock``)?"""
-        lock = self.file_lock
+        turns = getattr(self.file_lock, "turns", None)
         return self._owner == threading.get_ident() or (
-            isinstance(lock, FastLock) and lock.owned_here())
+            turns is not None and turns.owned_here())
 
     def __enter__(self) -> DatabaseLock:
         while not self._thread_lock.acquire(timeout=self.refresh_interval):

@@ -195,3 +195,15 @@ def test_stop_signal_while_the_body_holds_db_lock_is_deferred():
         next(it)
     assert claims_of() == 0
     assert [states()[str(i)] for i in range(2)] == ["completed"] * 2
+
+
+def test_a_users_own_db_lock_is_shared_by_threads_too():
+    from flufl.lock import Lock
+
+    clock = FakeClock()
+    worker = flat_worker(range(8), clock=clock, db_lock=Lock("mine.lock"))
+    for _ in worker:
+        clock.advance(0.05)
+        with worker.db_lock:
+            time.sleep(0.005)
+    assert set(states().values()) == {"completed"}
