@@ -457,10 +457,10 @@ class Graphband(t.Generic[T]):
                       "it is marked offline)", self.identifier, exc)
 
     def _end_iteration(self) -> None:
-        self._salvage()  # after an error in a store call; a no-op after a normal end
         # `left`: the transaction that ended the loop marked us idle/offline already.
         left, self._left = self._left, False
         if self._context_managed:
+            self._salvage()  # after an error in a store call (_go_offline does it too)
             if left:
                 return
             try:

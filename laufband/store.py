@@ -398,11 +398,9 @@ class Store:
         tasks it still holds to ready, no retry used: normally there are none, but a loop
         that ended with an error may have left some, and nobody else would return them
         (only live workers are checked for missed heartbeats)."""
-        offline = state == WorkerState.OFFLINE
         with self._unit() as unit:
-            unit.run(_SQL["leave"], {"state": state.value, "worker": worker,
-                                     "stopped": unit.now if offline else None})
-            if offline:
+            unit.set_state(worker, state)
+            if state == WorkerState.OFFLINE:
                 for claim in unit.claims_of(worker):
                     unit.end_attempt(worker, Finish(claim, Event.PREEMPTED,
                                                     f"worker {worker} went offline holding it"))
@@ -472,6 +470,7 @@ class Store:
         with self._unit() as unit:
             if busy:
                 unit.run(_SQL["busy"], {"worker": worker})
+            # Completions as one batch (end_completed); the rest one by one.
             completed = [f.claim for f in finishes if f.outcome == Event.COMPLETED]
             fenced = not unit.end_completed(worker, completed)
             for finish in finishes:
@@ -666,9 +665,13 @@ class _Unit:
         if leave is None or self.counts.can_change(
                 reqset_ids, lambda: self.reqsets_of_live_workers(worker)):
             return False
-        stopped = self.now if leave == WorkerState.OFFLINE else None
-        self.run(_SQL["leave"], {"state": leave.value, "stopped": stopped, "worker": worker})
+        self.set_state(worker, leave)
         return True
+
+    def set_state(self, worker: str, state: WorkerState) -> None:
+        """Set a worker's state, unless it was declared dead; offline stamps the stop."""
+        stopped = self.now if state == WorkerState.OFFLINE else None
+        self.run(_SQL["leave"], {"state": state.value, "stopped": stopped, "worker": worker})
 
     # -- claiming
     def claim(self, worker: str, reqset_ids: Sequence[int], generation: int,
@@ -699,6 +702,8 @@ class _Unit:
     # -- ending attempts
     def end_attempt(self, worker: str, finish: Finish) -> bool:
         """Apply how an attempt ended. False if the attempt was no longer current."""
+        if finish.outcome == Event.COMPLETED:
+            return self.end_completed(worker, [finish.claim])  # the one completion path
         claim = finish.claim
         if not self.run(_SQL["drop_claim"], {"pk": claim.pk, "attempt": claim.attempt,
                                              "worker": worker}):
@@ -713,8 +718,6 @@ class _Unit:
         if state == S.COMPLETED:
             # A sibling attempt of a shared task completed it already.
             self.note([claim.pk], Event.RELEASED, None, worker, claim.attempt, finish.detail)
-        elif outcome == Event.COMPLETED:
-            self._complete(worker, [(claim, state)])
         elif outcome == Event.PREEMPTED or running > 0:
             # Preemption costs no retry; a shared task whose other attempts still run
             # just frees a slot.
