@@ -368,14 +368,18 @@ class Graphband(t.Generic[T]):
         if self._closing or self._signal is not None or not self._batcher.prefetch():
             return
         finishes = self._take_done()
-        if not self._prefetch.start(self._step, finishes):
+        if not self._prefetch.start(self._step_ahead_of_task, finishes):
             self._done[:0] = finishes  # no thread to run it: the loop steps itself
 
     def _take_done(self) -> list[Finish]:
         done, self._done = self._done, []
         return done
 
-    def _step(self, finishes: list[Finish], leave: WorkerState | None = None) -> StepResult:
+    def _step_ahead_of_task(self, finishes: list[Finish]) -> StepResult:
+        return self._step(finishes, ahead=True)
+
+    def _step(self, finishes: list[Finish], leave: WorkerState | None = None,
+              ahead: bool = False) -> StepResult:
         """Record ``finishes`` and claim a batch (also run on the prefetch thread: the
         caller checks the result with ``_counted``)."""
         s, batcher = self.settings, self._batcher
@@ -383,7 +387,7 @@ class Graphband(t.Generic[T]):
         busy, self._announce_busy = self._announce_busy, False
         result = self._store.step(s.identifier, finishes, self._reqset_ids, self._generation,
                                   batcher.size(), stop_on_failure=s.failure_policy == "stop",
-                                  free=batcher.free(), busy=busy, leave=leave)
+                                  free=batcher.free(), busy=busy, leave=leave, ahead=ahead)
         batcher.observe_step(self._clock.monotonic() - started)
         return result
 
@@ -491,7 +495,6 @@ class Graphband(t.Generic[T]):
                 if since < POLL_MAX and (seen == mark or since < delay):
                     continue
                 mark, read_at = seen, self._clock.monotonic()
-            delay = min(2 * delay, READ_GAP_MAX if mark is not None else POLL_MAX)
             result = self._store.poll(self.identifier, self._reqset_ids, unclaimable,
                                       self._leave_as())
             counts = self._counted(result)
@@ -499,6 +502,14 @@ class Graphband(t.Generic[T]):
                 return False
             if counts.n([TaskState.READY], self._reqset_ids) > unclaimable:
                 return True
+            if mark is None:
+                delay = min(2 * delay, POLL_MAX)
+            else:
+                # Reads are spaced out while commits come fast, but with few tasks
+                # running few commits are left before one that matters (the end of
+                # the run): read soon after each.
+                running = counts.n([TaskState.RUNNING])
+                delay = min(2 * delay, READ_GAP_MAX, WATCH_INTERVAL * max(1, running))
         return True  # a stop signal: let _refill hand back and stop
 
     def _leave_as(self) -> WorkerState:

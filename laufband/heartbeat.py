@@ -31,13 +31,18 @@ class Heartbeat:
         self._user_lock = user_lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held for each beat: stop() waits for a beat in progress (a daemon thread must
+        # not be cut off at exit inside a transaction, holding the lock file) but not
+        # for the thread to wake and end, which under load costs a scheduling round.
+        self._beating = threading.Lock()
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        self._stop.clear()
+        self._stop = threading.Event()  # per thread: a stopped one may not have seen it yet
         self._thread = threading.Thread(
-            target=self._run, name=f"laufband-heartbeat-{self._worker}", daemon=True)
+            target=self._run, args=(self._stop,), name=f"laufband-heartbeat-{self._worker}",
+            daemon=True)
         self._thread.start()
 
     @property
@@ -45,22 +50,26 @@ class Heartbeat:
         return self._thread is not None
 
     def stop(self) -> None:
+        """No beat runs once this returns."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            with self._beating:
+                pass
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         # Wake at least every refresh interval of the database lock, to keep a long
         # legitimate hold of it by this process alive; beat every heartbeat interval.
         lock = self._store.lock
         next_beat = time.monotonic() + self._interval
-        while not self._stop.wait(
-                max(0.0, min(lock.refresh_interval, next_beat - time.monotonic()))):
-            lock.refresh()
-            if time.monotonic() >= next_beat:
-                self.beat()
-                next_beat = time.monotonic() + self._interval
+        while not stop.wait(max(0.0, min(lock.refresh_interval, next_beat - time.monotonic()))):
+            with self._beating:
+                if stop.is_set():
+                    return
+                lock.refresh()
+                if time.monotonic() >= next_beat:
+                    self.beat()
+                    next_beat = time.monotonic() + self._interval
 
     def beat(self) -> None:
         """One heartbeat: refresh ours, reap dead workers, keep our user lock alive."""

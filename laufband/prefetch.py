@@ -88,5 +88,8 @@ class Prefetch:
         before: see Graphband._go_offline)."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            # Not from the executor's own thread: it cannot join itself.
-            executor.shutdown(wait=threading.get_ident() not in self._thread_ids)
+            # With no step in flight the idle thread ends by itself (and is joined at
+            # exit): waiting for it to wake costs a scheduling round under load. The
+            # executor's own thread cannot join itself.
+            wait = self._pending is not None and threading.get_ident() not in self._thread_ids
+            executor.shutdown(wait=wait)

@@ -17,7 +17,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -103,6 +103,11 @@ workers = Table(
     Column("heartbeat_timeout", Float, nullable=False),
     Column("started_at", Float, nullable=False),
     Column("stopped_at", Float),
+    # Set while the worker waits for others (its loop found nothing to claim, but running
+    # tasks may still unblock some): the state it takes when the workflow is finished.
+    # The transaction that finishes the workflow sets it for every waiting worker, so the
+    # end of a run costs one write, not one per worker (version 2).
+    Column("leave_as", String),
 )
 Index("ix_workers_state", workers.c.state)
 

@@ -42,7 +42,14 @@ from laufband.schema import (
     tasks,
     workers,
 )
-from laufband.states import ALIVE, Event, TaskState, WorkerState, check_transition
+from laufband.states import (
+    ALIVE,
+    UNFINISHED,
+    Event,
+    TaskState,
+    WorkerState,
+    check_transition,
+)
 from laufband.task import GraphSpec, Task
 
 log = logging.getLogger(__name__)
@@ -276,6 +283,9 @@ class Store:
             stored = conn.execute(
                 sa.select(meta.c.value).where(meta.c.key == "schema_version")
             ).scalar()
+            if stored == "1":
+                _migrate_from_1(conn)
+                stored = str(SCHEMA_VERSION)
         if stored != str(SCHEMA_VERSION):
             raise SchemaVersionError(
                 f"The database {self.url} was written by a laufband with schema version "
@@ -455,7 +465,7 @@ class Store:
     def step(self, worker: str, finishes: Sequence[Finish], reqset_ids: Sequence[int],
              generation: int, limit: int, stop_on_failure: bool = False,
              free: int = 1, busy: bool = False,
-             leave: WorkerState | None = None) -> StepResult:
+             leave: WorkerState | None = None, ahead: bool = False) -> StepResult:
         """End attempts and claim up to ``limit`` tasks, in one transaction.
 
         More than one task is claimed only up to this worker's fair share of the ready
@@ -465,7 +475,10 @@ class Store:
         ``leave`` sets the worker's state to it if nothing was claimed and nothing it could
         run can become claimable (its loop ends), in the same transaction: at the start
         and at the end of a run every worker needs the lock at once, and one transaction
-        each instead of two shortens both.
+        each instead of two shortens both. ``ahead`` (a step while this worker's last task
+        still runs, prefetch.py) claims only while there are at least as many ready tasks
+        as live workers: a task claimed ahead waits for the current one to end, which
+        near the end of a run would keep it from a worker that is free now.
         """
         with self._unit() as unit:
             if busy:
@@ -478,18 +491,32 @@ class Store:
                     fenced |= not unit.end_attempt(worker, finish)
             if stop_on_failure and unit.counts.n([S.FAILED, S.KILLED]):
                 limit = 0
-            if limit > 1:
+            if limit > 1 or ahead:
                 live = max(1, unit.scalar(_SQL["live_workers"], {}))
-                share = unit.counts.n([S.READY], reqset_ids) // live
-                limit = min(limit, max(1, share, free))
+                ready = unit.counts.n([S.READY], reqset_ids)
+                scarce = ahead and ready < live
+                limit = 0 if scarce else min(limit, max(1, ready // live, free))
             claimed = unit.claim(worker, reqset_ids, generation, limit)
             left = not claimed and unit.leave_if_done(worker, reqset_ids, leave)
+            if not (claimed or left) and leave is not None:
+                unit.run(_SQL["wait"], {"leave": leave.value, "worker": worker})
         return StepResult(claimed, unit.counts, fenced, left)
 
     def poll(self, worker: str, reqset_ids: Sequence[int], unclaimable: int = 0,
              leave: WorkerState | None = None) -> StepResult:
         """The counters, for a waiting worker; with ``leave`` as in ``step``, unless more
-        than ``unclaimable`` tasks of ``reqset_ids`` are ready (a task came back)."""
+        than ``unclaimable`` tasks of ``reqset_ids`` are ready (a task came back).
+
+        A read; it writes only when the worker leaves and the transaction that finished
+        the workflow did not already set its state (``release_waiters``)."""
+        with self.read() as conn:
+            unit = _Unit(conn, 0.0)
+            if leave is not None and unit.released(worker, leave):
+                return StepResult([], unit.counts, left=True)
+            if (leave is None or unit.counts.n([S.READY], reqset_ids) > unclaimable
+                    or unit.counts.can_change(
+                        reqset_ids, lambda: unit.reqsets_of_live_workers(worker))):
+                return StepResult([], unit.counts)
         with self._unit() as unit:
             left = (unit.counts.n([S.READY], reqset_ids) <= unclaimable
                     and unit.leave_if_done(worker, reqset_ids, leave))
@@ -550,7 +577,14 @@ _SQL = {
                  " ORDER BY claims.task",
     "last_beat": "SELECT heartbeat FROM workers WHERE id = :worker",
     "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
-    "busy": "UPDATE workers SET state = 'busy' WHERE id = :worker AND state = 'idle'",
+    "busy": "UPDATE workers SET state = 'busy', leave_as = NULL"
+            " WHERE id = :worker AND state = 'idle'",
+    "wait": "UPDATE workers SET leave_as = :leave WHERE id = :worker AND state = 'busy'",
+    "left_as": "SELECT state, leave_as FROM workers WHERE id = :worker",
+    # Run by the transaction after which no task is unfinished (see schema.py).
+    "release_waiters": "UPDATE workers SET state = leave_as, leave_as = NULL, stopped_at ="
+                       " CASE WHEN leave_as = 'offline' THEN :now ELSE stopped_at END"
+                       " WHERE state = 'busy' AND leave_as IS NOT NULL",
     "leave": "UPDATE workers SET state = :state, stopped_at = :stopped WHERE id = :worker"
              " AND state != 'dead'",
     "reqsets": "SELECT id, labels FROM reqsets",
@@ -567,6 +601,16 @@ _SQL = {
     "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
     "mark_dead": "UPDATE workers SET state = 'dead', stopped_at = :now WHERE id = :worker",
 }
+
+
+def _migrate_from_1(conn: Connection) -> None:
+    """Version 1 -> 2 adds ``workers.leave_as`` (nullable). Workers of version 1 still
+    running never set it and leave by their own transaction, as they always did."""
+    conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN leave_as VARCHAR")
+    conn.execute(meta.update().where(meta.c.key == "schema_version")
+                 .values(value=str(SCHEMA_VERSION)))
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _in_list(values: Sequence[t.Any]) -> tuple[str, dict[str, t.Any]]:
@@ -639,6 +683,8 @@ class _Unit:
         bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
         if bumps:
             self.run(_SQL["bump"], bumps)
+            if not self.counts.n(UNFINISHED):
+                self.run(_SQL["release_waiters"], {"now": self.now})
         if self._events:
             self.run(_SQL["event"], self._events)
         self._deltas.clear()
@@ -667,6 +713,12 @@ class _Unit:
             return False
         self.set_state(worker, leave)
         return True
+
+    def released(self, worker: str, leave: WorkerState) -> bool:
+        """Did the transaction that finished the workflow set this waiting worker's
+        state to ``leave`` (release_waiters)?"""
+        row = self.all(_SQL["left_as"], {"worker": worker})
+        return bool(row) and row[0] == (leave.value, None)
 
     def set_state(self, worker: str, state: WorkerState) -> None:
         """Set a worker's state, unless it was declared dead; offline stamps the stop."""

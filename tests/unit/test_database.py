@@ -11,6 +11,7 @@ import pytest
 from helpers import flat_worker, make, rows, states
 
 from laufband import DatabaseError, Graphband, GraphMismatchError, SchemaVersionError, Task
+from laufband.schema import SCHEMA_VERSION
 
 
 def snapshot(db="g.sqlite"):
@@ -47,7 +48,7 @@ def test_database_of_another_schema_version():
     conn.execute("UPDATE laufband_meta SET value = '999' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(SchemaVersionError, match="schema version 999.*version 1"):
+    with pytest.raises(SchemaVersionError, match=f"schema version 999.*version {SCHEMA_VERSION}"):
         make([Task("a")], name="B")
 
 
@@ -93,8 +94,25 @@ def test_fresh_database_file_is_created_in_existing_folder():
 
 def test_schema_of_fresh_database_has_version():
     list(make([Task("a")]))
-    assert rows("PRAGMA user_version") == [(1,)]
+    assert rows("PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert rows("PRAGMA journal_mode") == [("delete",)]
+
+
+def test_database_of_schema_version_1_is_migrated():
+    """Version 2 only added workers.leave_as: a run started with version 1 goes on."""
+    assert list(make([Task("a")], name="A")) == [Task("a")]
+    conn = sqlite3.connect("g.sqlite")
+    conn.execute("ALTER TABLE workers DROP COLUMN leave_as")
+    conn.execute("UPDATE laufband_meta SET value = '1' WHERE key = 'schema_version'")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    assert [t.id for t in make([Task("a"), Task("b", dependencies=["a"])], name="B")] == ["b"]
+    assert rows("SELECT value FROM laufband_meta WHERE key = 'schema_version'") == [("2",)]
+    assert rows("PRAGMA user_version") == [(2,)]
+    assert rows("SELECT id, state, leave_as FROM workers ORDER BY id") == [
+        ("A", "offline", None), ("B", "offline", None)]
+    assert states() == {"a": "completed", "b": "completed"}
 
 
 def test_wal_is_explicit_opt_in():
