@@ -585,7 +585,8 @@ _SQL = {
     "release_waiters": "UPDATE workers SET state = leave_as, leave_as = NULL, stopped_at ="
                        " CASE WHEN leave_as = 'offline' THEN :now ELSE stopped_at END"
                        " WHERE state = 'busy' AND leave_as IS NOT NULL",
-    "leave": "UPDATE workers SET state = :state, stopped_at = :stopped WHERE id = :worker"
+    "leave": "UPDATE workers SET state = :state, stopped_at = :stopped, leave_as = NULL"
+             " WHERE id = :worker"
              " AND state != 'dead'",
     "reqsets": "SELECT id, labels FROM reqsets",
     "live_labels": "SELECT DISTINCT labels FROM workers WHERE state IN ('idle', 'busy')"

@@ -19,12 +19,26 @@ def complete_graph(workers, graph: str, n: int, env: dict | None = None, **optio
     assert_exactly_once(run, [t.id for t in tasks])
     assert_dependency_order(run, tasks)
     assert len(run.exits) == n  # every worker left its loop on its own
+    assert query(workers.folder / "graph.sqlite",  # ... and is marked so
+                 "SELECT state, leave_as, stopped_at IS NOT NULL FROM workers") == [
+        ("offline", None, 1)] * n
     return run
 
 
 def test_flat_2000_tasks_8_workers_each_exactly_once(workers):
     run = complete_graph(workers, "flat:2000", 8)
     assert len({r["worker"] for r in run.records}) > 1  # the work was actually shared
+
+
+def test_the_last_completion_releases_the_waiting_workers(workers):
+    """Workers that ran out of tasks wait while others run the last ones; the
+    transaction of the last completion marks them offline (the end of a run costs one
+    write, not one per worker). 9 tasks on 4 workers: at least three wait at the end,
+    and the released ones carry that transaction's timestamp, not one of their own."""
+    complete_graph(workers, "flat:9", 4, sleep=0.3)
+    stops = [at for (at,) in query(workers.folder / "graph.sqlite",
+                                   "SELECT stopped_at FROM workers")]
+    assert len(set(stops)) < len(stops), stops
 
 
 def test_layered_dag_1000_tasks_8_workers_in_dependency_order(workers):

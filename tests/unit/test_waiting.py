@@ -1,0 +1,96 @@
+"""Waiting for other workers: polls are reads, and the transaction that finishes the
+workflow releases the waiting workers (driven through the store, one process)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import make, rows
+
+from laufband import Task
+from laufband.states import Event, WorkerState
+from laufband.store import Finish
+
+OFFLINE, IDLE = WorkerState.OFFLINE, WorkerState.IDLE
+
+
+def commits() -> bytes:
+    """SQLite's file change counter (header bytes 24-27): every commit bumps it."""
+    with open("g.sqlite", "rb") as f:
+        return f.read(28)[24:]
+
+
+def worker_row(name: str) -> tuple:
+    return rows(f"SELECT state, leave_as, stopped_at IS NOT NULL FROM workers"
+                f" WHERE id = '{name}'")[0]
+
+
+@pytest.fixture
+def two():
+    """Workers A and B online over the same graph (not iterating: the test steps)."""
+    graph = [Task("x"), Task("y", dependencies=["x"])]
+    a, b = make(graph, name="A"), make(graph, name="B")
+    yield a._store, a._generation, a._reqset_ids
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("leave", [OFFLINE, IDLE])
+def test_last_completion_releases_a_waiting_worker(two, leave):
+    store, gen, mine = two
+    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
+    wait = store.step("B", [], mine, gen, 1, busy=True, leave=leave)
+    assert (wait.claims, wait.left) == ([], False)  # y waits for x: B waits
+    assert worker_row("B") == ("busy", leave.value, 0)
+    # A completes x and claims y in the same step: B keeps waiting
+    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
+    assert worker_row("B") == ("busy", leave.value, 0)
+    before = commits()
+    assert not store.poll("B", mine, 0, leave).left
+    assert commits() == before  # a poll that stays writes nothing
+    done = store.step("A", [Finish(y, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE)
+    assert done.left
+    assert worker_row("B") == (leave.value, None, leave == OFFLINE)
+    before = commits()
+    assert store.poll("B", mine, 0, leave).left
+    assert commits() == before  # B leaves without a transaction of its own
+
+
+def test_a_worker_that_did_not_wait_is_not_released(two):
+    store, gen, mine = two
+    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
+    store.step("B", [], mine, gen, 0, busy=True)  # B looked (a step ahead), not waiting
+    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
+    store.step("A", [Finish(y, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE)
+    assert worker_row("A") == ("offline", None, 1)
+    assert worker_row("B") == ("busy", None, 0)  # still in its loop: it leaves by itself
+    assert store.poll("B", mine, 0, OFFLINE).left
+    assert worker_row("B") == ("offline", None, 1)
+
+
+def test_a_worker_released_as_idle_starts_its_next_loop_unmarked(two):
+    """Context managed: released as idle; its next loop finds nothing to run and ends
+    at once, leaving the row idle and unmarked."""
+    store, gen, mine = two
+    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
+    store.step("B", [], mine, gen, 1, busy=True, leave=IDLE)
+    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
+    store.step("A", [Finish(y, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE)
+    assert worker_row("B") == ("idle", None, 0)
+    again = store.step("B", [], mine, gen, 1, busy=True, leave=IDLE)
+    assert again.left  # nothing left to run: its new loop ends at once
+    assert worker_row("B") == ("idle", None, 0)
+
+
+def test_a_step_ahead_claims_only_while_every_live_worker_finds_a_task():
+    """A task claimed ahead waits for the current one to end: with fewer ready tasks
+    than live workers it would be held back from a worker that is free now."""
+    graph = [Task("x"), Task("y", dependencies=["x"])]
+    a, b = make(graph, name="A"), make(graph, name="B")
+    store, gen, mine = a._store, a._generation, a._reqset_ids
+    # two live workers, one ready task
+    assert store.step("A", [], mine, gen, 1, busy=True, ahead=True).claims == []
+    [x] = store.step("A", [], mine, gen, 1).claims
+    b.close()  # now one live worker: x's completion makes y ready, and A may take it
+    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, ahead=True).claims
+    assert y.id == "y"
+    a.close()
