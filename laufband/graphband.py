@@ -502,15 +502,22 @@ class Graphband(t.Generic[T]):
                 return False
             if counts.n([TaskState.READY], self._reqset_ids) > unclaimable:
                 return True
-            if mark is None:
-                delay = min(2 * delay, POLL_MAX)
-            else:
-                # Reads are spaced out while commits come fast, but with few tasks
-                # running few commits are left before one that matters (the end of
-                # the run): read soon after each.
-                running = counts.n([TaskState.RUNNING])
-                delay = min(2 * delay, READ_GAP_MAX, WATCH_INTERVAL * max(1, running))
+            delay = self._next_read_gap(delay, counts, watching=mark is not None)
         return True  # a stop signal: let _refill hand back and stop
+
+    @staticmethod
+    def _next_read_gap(delay: float, counts: Counts, watching: bool) -> float:
+        """How long a waiting worker lets pass before it reads the counters again."""
+        if not watching:
+            return min(2 * delay, POLL_MAX)
+        running = counts.n([TaskState.RUNNING])
+        if counts.n([TaskState.PENDING, TaskState.READY]) == 0:
+            # Only running tasks are left: at most that many commits until the end of
+            # the run, which releases this worker. Read soon after each.
+            return min(READ_GAP_MAX, WATCH_INTERVAL * max(1, running))
+        # Commits keep coming (a chain hands over every few ms): space the reads out,
+        # or they crowd the lock that the committing workers need.
+        return min(2 * delay, READ_GAP_MAX)
 
     def _leave_as(self) -> WorkerState:
         """The state this worker takes when its loop ends."""
