@@ -27,7 +27,7 @@ from laufband.clock import Clock, SystemClock
 from laufband.errors import LaufbandError, TaskFailedError
 from laufband.heartbeat import Heartbeat
 from laufband.locking import DEFAULT_LIFETIME, DatabaseLock, FastLock, speed_up
-from laufband.prefetch import Prefetch
+from laufband.prefetch import MAX_HOLD, Prefetch
 from laufband.signals import Preempted, stop_signals
 from laufband.states import UNFINISHED, Event, TaskState, WorkerState
 from laufband.store import Claim, Counts, Finish, StepResult, Store, WorkerInfo, sqlite_path
@@ -123,7 +123,7 @@ class Graphband(t.Generic[T]):
         self._done: list[Finish] = []
         self._batcher = Batcher(None if self.settings.batch_size == "auto"
                                 else self.settings.batch_size)
-        self._prefetch = Prefetch("laufband-step")
+        self._prefetch = Prefetch("laufband-step", self._clock)
         self._iterating = False
         self._announce_busy = False
         self._left = False  # the store marked this worker idle/offline as its loop ended
@@ -368,7 +368,7 @@ class Graphband(t.Generic[T]):
         if self._closing or self._signal is not None or not self._batcher.prefetch():
             return
         finishes = self._take_done()
-        if not self._prefetch.start(self._step_ahead_of_task, finishes):
+        if not self._prefetch.start(self._step_ahead_of_task, finishes, self._give_back):
             self._done[:0] = finishes  # no thread to run it: the loop steps itself
 
     def _take_done(self) -> list[Finish]:
@@ -377,6 +377,15 @@ class Graphband(t.Generic[T]):
 
     def _step_ahead_of_task(self, finishes: list[Finish]) -> StepResult:
         return self._step(finishes, ahead=True)
+
+    def _give_back(self, ahead: StepResult) -> StepResult:
+        """Return the tasks a step ahead claimed: the task before them runs too long
+        (on the step thread, see prefetch.py)."""
+        detail = f"claimed ahead, but the task before it ran longer than {MAX_HOLD} s"
+        back = self._store.step(self.identifier,
+                                [Finish(c, Event.PREEMPTED, detail) for c in ahead.claims],
+                                self._reqset_ids, self._generation, 0)
+        return StepResult([], back.counts, ahead.fenced or back.fenced)
 
     def _step(self, finishes: list[Finish], leave: WorkerState | None = None,
               ahead: bool = False) -> StepResult:

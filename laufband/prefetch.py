@@ -6,7 +6,10 @@ that steps only between tasks spends a good share of its time waiting for the lo
 (measured: 200 x 50 ms tasks on 8 workers ran at 73-80 % of the ideal). So when the
 worker starts the last task it holds, it hands the step to a background thread and the
 transaction overlaps with the task. Only for short tasks (see ``Batcher.prefetch``): a
-task claimed ahead waits, unavailable to other workers, until the current one ends.
+task claimed ahead waits, unavailable to other workers, until the current one ends, so
+if the current task runs longer than ``MAX_HOLD`` after all (task lengths vary), the
+thread hands the task claimed ahead back (``give_back``). No task waits behind a long
+one for more than that.
 """
 
 from __future__ import annotations
@@ -17,15 +20,28 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from laufband.batching import MAX_DEFERRAL
+from laufband.clock import Clock
+from laufband.errors import LaufbandError
 from laufband.store import Finish, StepResult
 
 log = logging.getLogger(__name__)
+
+#: Longest a task claimed ahead waits for the task before it (seconds).
+MAX_HOLD = MAX_DEFERRAL
+#: While holding, look at the (injectable) clock at least this often (seconds).
+_LOOK = 0.05
+
+Step = Callable[[list[Finish]], StepResult]
+GiveBack = Callable[[StepResult], StepResult]
 
 
 @dataclass
 class _Pending:
     future: Future[StepResult]
     finishes: list[Finish]
+    #: Set when the task that runs meanwhile ended (or the loop hands back).
+    ended: threading.Event
 
 
 @dataclass
@@ -41,36 +57,55 @@ class Settled:
 class Prefetch:
     """At most one step in flight, on one background thread."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clock: Clock) -> None:
         self._name = name
+        self._clock = clock
         self._executor: ThreadPoolExecutor | None = None
         self._pending: _Pending | None = None
         self._thread_ids: set[int] = set()
 
-    def start(self, step: Callable[[list[Finish]], StepResult],
-              finishes: list[Finish]) -> bool:
-        """Run ``step(finishes)`` in the background; False if that cannot be done (the
-        interpreter is shutting down its thread pools): the caller steps itself."""
+    def start(self, step: Step, finishes: list[Finish], give_back: GiveBack) -> bool:
+        """Run ``step(finishes)`` in the background, and ``give_back`` its result if it
+        claimed tasks and the current task is still running ``MAX_HOLD`` from now.
+        False if that cannot be done (the interpreter is shutting down its thread
+        pools): the caller steps itself."""
         assert self._pending is None, "one step in flight at a time"
+        ended = threading.Event()
+        deadline = self._clock.monotonic() + MAX_HOLD
         try:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name)
-            future = self._executor.submit(self._run, step, finishes)
+            future = self._executor.submit(self._run, step, finishes, give_back, ended,
+                                           deadline)
         except RuntimeError:
             return False
-        self._pending = _Pending(future, finishes)
+        self._pending = _Pending(future, finishes, ended)
         return True
 
-    def _run(self, step: Callable[[list[Finish]], StepResult],
-             finishes: list[Finish]) -> StepResult:
+    def _run(self, step: Step, finishes: list[Finish], give_back: GiveBack,
+             ended: threading.Event, deadline: float) -> StepResult:
         self._thread_ids.add(threading.get_ident())
-        return step(finishes)
+        result = step(finishes)
+        if not result.claims or self._task_ends_by(ended, deadline):
+            return result
+        try:
+            return give_back(result)
+        except LaufbandError as exc:  # keep the claims: they run when the task ends
+            log.error("laufband: could not hand back the task claimed ahead: %s", exc)
+            return result
+
+    def _task_ends_by(self, ended: threading.Event, deadline: float) -> bool:
+        while not ended.wait(min(_LOOK, max(0.001, deadline - self._clock.monotonic()))):
+            if self._clock.monotonic() >= deadline:
+                return False
+        return True
 
     def settle(self) -> Settled:
         """Wait for the step in flight (if any) and say how it ended."""
         pending, self._pending = self._pending, None
         if pending is None:
             return Settled()
+        pending.ended.set()
         if threading.get_ident() in self._thread_ids:
             # Called on our own thread (a generator collected there): waiting for the
             # future would wait for ourselves. The worker's going offline returns the

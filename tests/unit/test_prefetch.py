@@ -43,12 +43,40 @@ def test_next_task_is_claimed_while_a_short_task_runs():
     assert claims_of() == 0
 
 
-def test_long_tasks_are_not_claimed_ahead():
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_a_task_claimed_ahead_of_a_long_one_is_handed_back():
+    """Task 1 looked short (task 0 was), so the worker claimed task 2 ahead while it
+    ran; task 1 runs longer than MAX_HOLD, so task 2 goes back to ready (other workers
+    may take it), and nothing more is claimed ahead of long tasks."""
     clock = FakeClock()
-    worker = flat_worker(range(3), clock=clock)
-    for _ in worker:
-        clock.advance(1.0)
-        assert claims_of() == 1
+    worker = flat_worker(range(4), clock=clock)
+    for item in worker:
+        if item == 0:
+            clock.advance(0.05)
+            assert claims_of() == 1  # the first task: no step ahead
+        elif item == 1:
+            wait_for_claims(2)
+            clock.advance(1.0)
+            wait_for(lambda: claims_of() == 1)
+            assert states()["2"] == "ready"
+        else:
+            clock.advance(1.0)
+            time.sleep(0.06)  # a step ahead would have claimed by now
+            assert claims_of() == 1
+    assert history("2") == [
+        ("claimed", "running", "w", 1),
+        ("preempted", "ready", "w", 1),
+        ("claimed", "running", "w", 2),
+        ("completed", "completed", "w", 2),
+    ]
+    assert rows("SELECT detail FROM events WHERE event = 'preempted'") == [
+        ("claimed ahead, but the task before it ran longer than 0.25 s",)]
 
 
 def test_fixed_batch_size_never_claims_ahead():
