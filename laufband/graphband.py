@@ -470,7 +470,8 @@ class Graphband(t.Generic[T]):
                       "it is marked offline)", self.identifier, exc)
 
     def _end_iteration(self) -> None:
-        # `left`: the transaction that ended the loop marked us idle/offline already.
+        # `left`: a transaction marked us idle/offline already: the one that ended our
+        # loop, or another worker's that finished the workflow (release_waiters).
         left, self._left = self._left, False
         if self._context_managed:
             self._salvage()  # after an error in a store call (_go_offline does it too)
@@ -486,7 +487,8 @@ class Graphband(t.Generic[T]):
     # ---------------------------------------------------------------- waiting
     def _wait_for_work(self, counts: Counts) -> bool:
         """Wait until a task may be claimable (True) or nothing can change (False; the
-        worker left in the transaction that found so)."""
+        worker's state was set in the transaction that found so, its own or the one that
+        finished the workflow)."""
         # Ready tasks the empty claim saw are ones we cannot take (a newer graph's).
         unclaimable = counts.n([TaskState.READY], self._reqset_ids)
         delay = POLL_MIN
@@ -521,8 +523,9 @@ class Graphband(t.Generic[T]):
             return min(2 * delay, POLL_MAX)
         running = counts.n([TaskState.RUNNING])
         if counts.n([TaskState.PENDING, TaskState.READY]) == 0:
-            # Only running tasks are left: at most that many commits until the end of
-            # the run, which releases this worker. Read soon after each.
+            # Only running tasks are left: each commit from now on is mostly one of them
+            # ending (besides heartbeats and workers leaving), and the last one releases
+            # this worker. Read soon after each, more often the fewer run.
             return min(READ_GAP_MAX, WATCH_INTERVAL * max(1, running))
         # Commits keep coming (a chain hands over every few ms): space the reads out,
         # or they crowd the lock that the committing workers need.

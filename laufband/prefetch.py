@@ -8,8 +8,9 @@ worker starts the last task it holds, it hands the step to a background thread a
 transaction overlaps with the task. Only for short tasks (see ``Batcher.prefetch``): a
 task claimed ahead waits, unavailable to other workers, until the current one ends, so
 if the current task runs longer than ``MAX_HOLD`` after all (task lengths vary), the
-thread hands the task claimed ahead back (``give_back``). No task waits behind a long
-one for more than that.
+thread hands the task claimed ahead back (``give_back``), so a task claimed ahead waits
+behind a long one about that long, not the whole task (longer only if the give-back
+fails: then it stays claimed and runs next).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 
 from laufband.batching import MAX_DEFERRAL
 from laufband.clock import Clock
-from laufband.errors import LaufbandError
 from laufband.store import Finish, StepResult
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,14 @@ class Prefetch:
              ended: threading.Event, deadline: float) -> StepResult:
         self._thread_ids.add(threading.get_ident())
         result = step(finishes)
+        # A step that waited long for the lock leaves the task a moment to end before
+        # what it claimed goes back (two transactions for nothing, else).
+        deadline = max(deadline, self._clock.monotonic() + _LOOK)
         if not result.claims or self._task_ends_by(ended, deadline):
             return result
         try:
             return give_back(result)
-        except LaufbandError as exc:  # keep the claims: they run when the task ends
+        except Exception as exc:  # keep the claims: they run when the task ends
             log.error("laufband: could not hand back the task claimed ahead: %s", exc)
             return result
 
@@ -123,8 +126,8 @@ class Prefetch:
         before: see Graphband._go_offline)."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            # With no step in flight the idle thread ends by itself (and is joined at
-            # exit): waiting for it to wake costs a scheduling round under load. The
-            # executor's own thread cannot join itself.
+            # The caller settled the step in flight, so the idle thread ends by itself
+            # (and is joined at exit): waiting for it to wake costs a scheduling round
+            # under load. The executor's own thread cannot join itself.
             wait = self._pending is not None and threading.get_ident() not in self._thread_ids
             executor.shutdown(wait=wait)

@@ -396,7 +396,7 @@ class Store:
                 "state": WorkerState.IDLE.value, "hostname": info.hostname, "pid": info.pid,
                 "labels": json.dumps(sorted(info.labels)), "heartbeat": now,
                 "heartbeat_timeout": info.heartbeat_timeout, "started_at": now,
-                "stopped_at": None,
+                "stopped_at": None, "leave_as": None,
             }
             if row is None:
                 conn.execute(workers.insert().values(id=info.id, **values))
@@ -581,10 +581,13 @@ _SQL = {
             " WHERE id = :worker AND state = 'idle'",
     "wait": "UPDATE workers SET leave_as = :leave WHERE id = :worker AND state = 'busy'",
     "left_as": "SELECT state, leave_as FROM workers WHERE id = :worker",
-    # Run by the transaction after which no task is unfinished (see schema.py).
+    # Run by the transaction after which no task is unfinished (see schema.py). Not a
+    # worker that holds a claim: it waited once, but now runs an attempt of a shared task
+    # that a sibling attempt completed.
     "release_waiters": "UPDATE workers SET state = leave_as, leave_as = NULL, stopped_at ="
                        " CASE WHEN leave_as = 'offline' THEN :now ELSE stopped_at END"
-                       " WHERE state = 'busy' AND leave_as IS NOT NULL",
+                       " WHERE state = 'busy' AND leave_as IS NOT NULL AND NOT EXISTS"
+                       " (SELECT 1 FROM claims WHERE claims.worker = workers.id)",
     "leave": "UPDATE workers SET state = :state, stopped_at = :stopped, leave_as = NULL"
              " WHERE id = :worker"
              " AND state != 'dead'",
@@ -607,7 +610,10 @@ _SQL = {
 def _migrate_from_1(conn: Connection) -> None:
     """Version 1 -> 2 adds ``workers.leave_as`` (nullable). Workers of version 1 still
     running never set it and leave by their own transaction, as they always did."""
-    conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN leave_as VARCHAR")
+    # PostgreSQL: workers on other hosts do not share our lock file and may migrate at
+    # the same time; SQLite's is taken (BEGIN IMMEDIATE under the file lock).
+    exists = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
+    conn.exec_driver_sql(f"ALTER TABLE workers ADD COLUMN{exists} leave_as VARCHAR")
     conn.execute(meta.update().where(meta.c.key == "schema_version")
                  .values(value=str(SCHEMA_VERSION)))
     if conn.dialect.name == "sqlite":

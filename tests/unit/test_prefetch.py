@@ -13,7 +13,9 @@ from helpers import flat_worker, history, rows, states
 from laufband.batching import MAX_PREFETCH_SKIP, Batcher
 from laufband.clock import FakeClock
 from laufband.errors import DatabaseError
+from laufband.prefetch import Prefetch
 from laufband.signals import Preempted
+from laufband.store import Claim, Counts, StepResult
 
 
 def claims_of(worker: str = "w") -> int:
@@ -235,3 +237,46 @@ def test_a_users_own_db_lock_is_shared_by_threads_too():
         with worker.db_lock:
             time.sleep(0.005)
     assert set(states().values()) == {"completed"}
+
+
+def _claimed_ahead() -> StepResult:
+    return StepResult([Claim(1, "a", 1)], Counts({}))
+
+
+def test_a_step_that_waited_long_for_the_lock_does_not_hand_back_at_once():
+    """The hold limit counts from the start of the task, but a step that itself took
+    longer (waiting for the lock) leaves the task a moment to end first."""
+    clock = FakeClock()
+    prefetch = Prefetch("t", clock)
+    gave_back = threading.Event()
+
+    def slow_step(finishes):
+        clock.advance(0.3)  # past MAX_HOLD while waiting for the lock
+        return _claimed_ahead()
+
+    def give_back(result):
+        gave_back.set()
+        return StepResult([], result.counts)
+
+    assert prefetch.start(slow_step, [], give_back)
+    assert not gave_back.wait(0.1)  # the fake clock stands still: the task has not overrun
+    assert prefetch.settle().result.claims == [Claim(1, "a", 1)]  # the task ended
+    prefetch.shutdown()
+
+
+def test_a_give_back_that_fails_keeps_the_claims():
+    clock = FakeClock()
+    prefetch = Prefetch("t", clock)
+    tried = threading.Event()
+
+    def give_back(result):
+        tried.set()
+        raise RuntimeError("give-back failed (injected)")
+
+    assert prefetch.start(lambda finishes: _claimed_ahead(), [], give_back)
+    clock.advance(1.0)  # the current task runs long
+    assert tried.wait(10)
+    settled = prefetch.settle()
+    assert settled.error is None
+    assert settled.result.claims == [Claim(1, "a", 1)]  # they run when the task ends
+    prefetch.shutdown()

@@ -94,3 +94,25 @@ def test_a_step_ahead_claims_only_while_every_live_worker_finds_a_task():
     [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, ahead=True).claims
     assert y.id == "y"
     a.close()
+
+
+def test_a_worker_running_an_attempt_is_not_released():
+    """B waited once, then took the second slot of a shared task. A's attempt completes
+    the task, after which nothing is unfinished: B, still running its attempt, must stay
+    busy with its claim (an offline worker's claims are never reaped)."""
+    graph = [Task("x"), Task("s", dependencies=["x"], max_parallel_workers=2)]
+    a, b = make(graph, name="A"), make(graph, name="B")
+    store, gen, mine = a._store, a._generation, a._reqset_ids
+    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
+    assert not store.step("B", [], mine, gen, 1, busy=True, leave=OFFLINE).left  # waits
+    [sa] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
+    [sb] = store.step("B", [], mine, gen, 1, leave=OFFLINE).claims
+    assert store.step("A", [Finish(sa, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).left
+    assert worker_row("B")[0] == "busy"
+    assert rows("SELECT worker FROM claims") == [("B",)]
+    # B's attempt ends (released: its sibling completed the task); then B leaves
+    assert store.step("B", [Finish(sb, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).left
+    assert worker_row("B") == ("offline", None, 1)
+    assert rows("SELECT count(*) FROM claims") == [(0,)]
+    a.close()
+    b.close()
