@@ -52,6 +52,17 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def run_on_until(clock: FakeClock, done) -> None:
+    """The current task runs on: advance the clock the step thread reads until done()
+    (in steps: the thread sets its deadline only when its step returns)."""
+
+    def overrun() -> bool:
+        clock.advance(0.1)
+        return done()
+
+    wait_for(overrun)
+
+
 def test_a_task_claimed_ahead_of_a_long_one_is_handed_back():
     """Task 1 looked short (task 0 was), so the worker claimed task 2 ahead while it
     ran; task 1 runs longer than MAX_HOLD, so task 2 goes back to ready (other workers
@@ -64,8 +75,7 @@ def test_a_task_claimed_ahead_of_a_long_one_is_handed_back():
             assert claims_of() == 1  # the first task: no step ahead
         elif item == 1:
             wait_for_claims(2)
-            clock.advance(1.0)
-            wait_for(lambda: claims_of() == 1)
+            run_on_until(clock, lambda: claims_of() == 1)
             assert states()["2"] == "ready"
         else:
             clock.advance(1.0)
@@ -274,8 +284,7 @@ def test_a_give_back_that_fails_keeps_the_claims():
         raise RuntimeError("give-back failed (injected)")
 
     assert prefetch.start(lambda finishes: _claimed_ahead(), [], give_back)
-    clock.advance(1.0)  # the current task runs long
-    assert tried.wait(10)
+    run_on_until(clock, tried.is_set)
     settled = prefetch.settle()
     assert settled.error is None
     assert settled.result.claims == [Claim(1, "a", 1)]  # they run when the task ends
