@@ -521,11 +521,11 @@ class Graphband(t.Generic[T]):
         """How long a waiting worker lets pass before it reads the counters again."""
         if not watching:
             return min(2 * delay, POLL_MAX)
-        running = counts.n([TaskState.RUNNING])
         if counts.n([TaskState.PENDING, TaskState.READY]) == 0:
             # Only running tasks are left: each commit from now on is mostly one of them
             # ending (besides heartbeats and workers leaving), and the last one releases
             # this worker. Read soon after each, more often the fewer run.
+            running = counts.n([TaskState.RUNNING])
             return min(READ_GAP_MAX, WATCH_INTERVAL * max(1, running))
         # Commits keep coming (a chain hands over every few ms): space the reads out,
         # or they crowd the lock that the committing workers need.

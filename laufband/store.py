@@ -513,9 +513,8 @@ class Store:
             unit = _Unit(conn, 0.0)
             if leave is not None and unit.released(worker, leave):
                 return StepResult([], unit.counts, left=True)
-            if (leave is None or unit.counts.n([S.READY], reqset_ids) > unclaimable
-                    or unit.counts.can_change(
-                        reqset_ids, lambda: unit.reqsets_of_live_workers(worker))):
+            if (unit.counts.n([S.READY], reqset_ids) > unclaimable
+                    or not unit.done_for(worker, reqset_ids, leave)):
                 return StepResult([], unit.counts)
         with self._unit() as unit:
             left = (unit.counts.n([S.READY], reqset_ids) <= unclaimable
@@ -715,11 +714,17 @@ class _Unit:
                       leave: WorkerState | None) -> bool:
         """Set the worker's state to ``leave`` if nothing it could run can become
         claimable any more; True if it did."""
-        if leave is None or self.counts.can_change(
-                reqset_ids, lambda: self.reqsets_of_live_workers(worker)):
+        if not self.done_for(worker, reqset_ids, leave):
             return False
         self.set_state(worker, leave)
         return True
+
+    def done_for(self, worker: str, reqset_ids: Sequence[int],
+                 leave: WorkerState | None) -> bool:
+        """May the worker leave (``leave`` given): can nothing it could run become
+        claimable any more?"""
+        return leave is not None and not self.counts.can_change(
+            reqset_ids, lambda: self.reqsets_of_live_workers(worker))
 
     def released(self, worker: str, leave: WorkerState) -> bool:
         """Did the transaction that finished the workflow set this waiting worker's
