@@ -13,7 +13,8 @@ from laufband.errors import (
 )
 from laufband.graphband import Graphband
 from laufband.laufband import Laufband
-from laufband.task import Task
+from laufband.monitor import Monitor
+from laufband.task import GraphTraversalProtocol, SizedGraphTraversalProtocol, Task
 
 __version__ = "0.3.0.dev0"
 
@@ -22,11 +23,14 @@ __all__ = [
     "DatabaseError",
     "GraphError",
     "GraphMismatchError",
+    "GraphTraversalProtocol",
     "Graphband",
     "Laufband",
     "LaufbandError",
     "LockTimeoutError",
+    "Monitor",
     "SchemaVersionError",
+    "SizedGraphTraversalProtocol",
     "Task",
     "TaskFailedError",
     "WorkerIdentityError",

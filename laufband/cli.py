@@ -1,6 +1,7 @@
 """The ``laufband`` command: look at a workflow's database from any shell.
 
-Only parses arguments and renders what the store's read API returns.
+Only parses arguments and renders what the store's read API returns. It opens the
+database read-only: it never writes or upgrades it, and works on a read-only copy.
 """
 
 from __future__ import annotations
@@ -10,18 +11,29 @@ import os
 import sys
 import time
 
-from laufband.clock import SystemClock
 from laufband.errors import LaufbandError
-from laufband.locking import DatabaseLock, FastLock
 from laufband.states import TaskState
-from laufband.store import Store, sqlite_path
+from laufband.store import Store, database_url
+
+DEFAULT_FILES = ("graphband.sqlite", "laufband.sqlite")
 
 
 def open_store(db: str) -> Store:
-    path = sqlite_path(db)
-    if path is not None and not os.path.exists(path):
-        raise LaufbandError(f"No database at {path}: no worker has run here yet (or use --db).")
-    return Store(db, DatabaseLock(FastLock(f"{path or 'laufband'}.lock")), SystemClock())
+    """The workflow database ``db`` (a path or a URL), opened read-only."""
+    return Store.open_read_only(database_url(db, "--db"))
+
+
+def default_db() -> str:
+    """$LAUFBAND_DB, else the one workflow database in the current folder."""
+    if os.environ.get("LAUFBAND_DB"):
+        return os.environ["LAUFBAND_DB"]
+    found = [name for name in DEFAULT_FILES if os.path.exists(name)]
+    if len(found) > 1:
+        raise LaufbandError(f"Both {' and '.join(found)} are here: say which with --db.")
+    if not found:
+        raise LaufbandError(f"No workflow database here ({' or '.join(DEFAULT_FILES)}): "
+                            "run from the folder of your workers, or pass --db PATH.")
+    return found[0]
 
 
 def status(store: Store, out=sys.stdout) -> None:
@@ -43,10 +55,15 @@ def status(store: Store, out=sys.stdout) -> None:
     now = time.time()
     for attempt in store.running()[:20]:
         print(f"  running {attempt['id']!r} (attempt {attempt['attempt']}) on "
-              f"{attempt['worker']} for {now - attempt['started_at']:.0f} s", file=out)
-    failed = store.failed_tasks(limit=10)
-    if failed:
-        print(f"failed or killed for good: {', '.join(map(repr, failed))}", file=out)
+              f"{attempt['worker']} for {max(0.0, now - attempt['started_at']):.0f} s",
+              file=out)
+    groups = store.failure_groups()
+    if groups:
+        print("failed or killed for good, by error:", file=out)
+        for group in groups[:10]:
+            examples = ", ".join(map(repr, group.examples))
+            more = ", ..." if group.count > len(group.examples) else ""
+            print(f"  {group.count:>6} x {group.error}  ({examples}{more})", file=out)
 
 
 def workers_table(store: Store, out=sys.stdout) -> None:
@@ -54,24 +71,29 @@ def workers_table(store: Store, out=sys.stdout) -> None:
     print(f"{'worker':<30} {'state':<8} {'host':<20} {'pid':>7} {'heartbeat':>10}  labels",
           file=out)
     for w in store.workers():
+        labels = ",".join(sorted(w["labels"])) or "-"
         print(f"{w['id']:<30} {w['state']:<8} {w['hostname']:<20} {w['pid']:>7} "
-              f"{now - w['heartbeat']:>8.0f} s  {w['labels']}", file=out)
+              f"{max(0.0, now - w['heartbeat']):>8.0f} s  {labels}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="laufband", description=__doc__.splitlines()[0])
-    parser.add_argument("--db", default=os.environ.get("LAUFBAND_DB", "sqlite:///graphband.sqlite"),
-                        help="database URL (default: $LAUFBAND_DB or sqlite:///graphband.sqlite)")
+    parser.add_argument("--db", help="database path or URL (default: $LAUFBAND_DB, or "
+                        "graphband.sqlite / laufband.sqlite in this folder)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="progress by state, workers, running and failed tasks")
     sub.add_parser("workers", help="every worker with its state and last heartbeat")
     args = parser.parse_args(argv)
     try:
-        store = open_store(args.db)
+        store = open_store(args.db or default_db())
         {"status": status, "workers": workers_table}[args.command](store)
     except LaufbandError as exc:
         print(f"laufband: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `laufband status | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -1,21 +1,29 @@
 """Worker settings: explicit argument > ``LAUFBAND_*`` environment variable > default.
 
 The environment is read when a worker is created (not at import), so a job script can
-export variables after ``import laufband``.
+export variables after ``import laufband``. Every value is checked, and an error names
+where it came from (the argument or the variable), what is wrong and what would do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import typing as t
 from collections.abc import Callable, Iterable, Mapping
 
 from laufband.errors import ConfigError
+from laufband.locking import DEFAULT_LIFETIME
+from laufband.store.connection import database_url
 
 FAILURE_POLICIES = ("continue", "stop")
 JOURNAL_MODES = ("delete", "truncate", "persist", "wal")
+#: A task whose worker died (node failure, OOM kill, scancel without a grace period)
+#: runs again up to this many times by default: one crashed node does not block a
+#: workflow, and a task that keeps killing its worker stops after 3 attempts.
+DEFAULT_MAX_KILLED_RETRIES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,34 +39,88 @@ class Settings:
     labels: frozenset[str]
     journal_mode: str
     batch_size: int | str
+    lock_lifetime: float
 
 
-def _parse_bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
+class _Source(t.NamedTuple):
+    """A value and where it came from, for error messages."""
+
+    value: t.Any
+    origin: str  # "heartbeat_interval=..." or "LAUFBAND_HEARTBEAT_INTERVAL=..."
+
+    def fail(self, what: str) -> t.NoReturn:
+        raise ConfigError(f"{self.origin} is invalid: {what}.")
+
+
+def _pick(value: t.Any, env: Mapping[str, str], param: str, var: str, default: t.Any
+          ) -> _Source:
+    if value is not None:
+        return _Source(value, f"{param}={value!r}")
+    if var in env:
+        return _Source(env[var], f"{var}={env[var]!r}")
+    return _Source(default, f"{param} (default {default!r})")
+
+
+def _number(src: _Source, kind: type, minimum: float, strict: bool) -> t.Any:
+    """An int or finite float >= (or >, with ``strict``) ``minimum``."""
+    value = src.value
+    if isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            src.fail(f"not {'an integer' if kind is int else 'a number'}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            kind is int and not isinstance(value, int)):
+        src.fail(f"expected {'an integer' if kind is int else 'a number'}, got "
+                 f"{type(value).__name__}")
+    if not math.isfinite(value):
+        src.fail("it must be a finite number")
+    if value < minimum or (strict and value == minimum):
+        src.fail(f"it must be {'>' if strict else '>='} {minimum:g}")
+    return value
+
+
+def _choice(src: _Source, choices: tuple[str, ...]) -> str:
+    value = src.value.strip().lower() if isinstance(src.value, str) else src.value
+    if value not in choices:
+        src.fail(f"use one of {', '.join(choices)}")
+    return value
+
+
+def _bool(src: _Source) -> bool:
+    if isinstance(src.value, bool):
+        return src.value
+    value = str(src.value).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0.")
+    src.fail("not a boolean; use 1 or 0")
 
 
-def _parse_number(name: str, raw: str, kind: type) -> t.Any:
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}.") from None
+def _batch(src: _Source) -> int | str:
+    if isinstance(src.value, str) and src.value.strip().lower() == "auto":
+        return "auto"
+    return _number(src, int, 1, strict=False)
 
 
-def _pick(value: t.Any, env: Mapping[str, str], name: str, default: t.Any, parse) -> t.Any:
-    if value is not None:
-        return value
-    if name in env:
-        return parse(name, env[name])
-    return default
+def _labels(labels: Iterable[str] | None) -> frozenset[str]:
+    if labels is None:
+        return frozenset()
+    if isinstance(labels, str | bytes):
+        raise ConfigError(f"labels must be a set of strings, got the string {labels!r}.")
+    result = frozenset(labels)
+    if not all(isinstance(label, str) and label for label in result):
+        raise ConfigError(f"labels must be non-empty strings, got {sorted(map(repr, result))}.")
+    return result
 
 
-def _default_identifier() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def _identifier(identifier: str | Callable[[], str] | None, env: Mapping[str, str]) -> str:
+    ident = identifier() if callable(identifier) else identifier
+    if ident is not None and not isinstance(ident, str):
+        raise ConfigError(f"identifier must be a string, got {type(ident).__name__} {ident!r}.")
+    ident = (ident or "").strip() or env.get("LAUFBAND_IDENTIFIER", "").strip()
+    return ident or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def resolve(
@@ -78,79 +140,35 @@ def resolve(
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if env is None else env
-    num = _parse_number
-    ident = identifier() if callable(identifier) else identifier
-    ident = _pick(ident or None, env, "LAUFBAND_IDENTIFIER", None, lambda n, r: r.strip())
-    settings = Settings(
-        db=_pick(db, env, "LAUFBAND_DB", default_db, lambda n, r: r),
-        identifier=ident or _default_identifier(),
-        failure_policy=_pick(
-            failure_policy, env, "LAUFBAND_FAILURE_POLICY", "continue", lambda n, r: r
-        ),
-        heartbeat_timeout=_pick(
-            heartbeat_timeout, env, "LAUFBAND_HEARTBEAT_TIMEOUT", 60,
-            lambda n, r: num(n, r, float),
-        ),
-        heartbeat_interval=_pick(
-            heartbeat_interval, env, "LAUFBAND_HEARTBEAT_INTERVAL", 30,
-            lambda n, r: num(n, r, float),
-        ),
-        max_killed_retries=_pick(
-            max_killed_retries, env, "LAUFBAND_MAX_KILLED_RETRIES", 0,
-            lambda n, r: num(n, r, int),
-        ),
-        max_failed_retries=_pick(
-            max_failed_retries, env, "LAUFBAND_MAX_FAILED_RETRIES", 0,
-            lambda n, r: num(n, r, int),
-        ),
-        disabled=_pick(disabled, env, "LAUFBAND_DISABLED", False, _parse_bool),
-        labels=_labels(labels),
-        journal_mode=_pick(
-            journal_mode, env, "LAUFBAND_JOURNAL_MODE", "delete", lambda n, r: r
-        ).lower(),
-        batch_size=_pick(batch_size, env, "LAUFBAND_BATCH_SIZE", "auto", _parse_batch),
-    )
-    _check(settings)
-    return settings
 
+    def pick(value: t.Any, name: str, default: t.Any) -> _Source:
+        return _pick(value, env, name, f"LAUFBAND_{name.upper()}", default)
 
-def _parse_batch(name: str, raw: str) -> int | str:
-    raw = raw.strip().lower()
-    return raw if raw == "auto" else _parse_number(name, raw, int)
-
-
-def _labels(labels: Iterable[str] | None) -> frozenset[str]:
-    if labels is None:
-        return frozenset()
-    if isinstance(labels, str | bytes):
-        raise ConfigError(f"labels must be a set of strings, got the string {labels!r}.")
-    result = frozenset(labels)
-    if not all(isinstance(label, str) and label for label in result):
-        raise ConfigError(f"labels must be non-empty strings, got {sorted(map(repr, result))}.")
-    return result
-
-
-def _check(s: Settings) -> None:
-    if s.failure_policy not in FAILURE_POLICIES:
-        raise ConfigError(
-            f"failure_policy must be one of {FAILURE_POLICIES}, got {s.failure_policy!r}."
-        )
-    if s.heartbeat_interval <= 0:
-        raise ConfigError(f"heartbeat_interval must be > 0 seconds, got {s.heartbeat_interval}.")
-    if s.heartbeat_interval >= s.heartbeat_timeout:
+    db_src = pick(db, "db", default_db)
+    interval = _number(pick(heartbeat_interval, "heartbeat_interval", 30), float, 0, True)
+    timeout = _number(pick(heartbeat_timeout, "heartbeat_timeout", 60), float, 0, True)
+    if interval >= timeout:
         raise ConfigError(
             "heartbeat_interval must be less than heartbeat_timeout "
-            f"({s.heartbeat_interval} >= {s.heartbeat_timeout}); "
-            "a timeout of at least twice the interval is recommended."
-        )
-    for name in ("max_killed_retries", "max_failed_retries"):
-        value = getattr(s, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}.")
-    b = s.batch_size
-    if b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-        raise ConfigError(f"batch_size must be 'auto' or an integer >= 1, got {b!r}.")
-    if s.journal_mode not in JOURNAL_MODES:
-        raise ConfigError(f"journal_mode must be one of {JOURNAL_MODES}, got {s.journal_mode!r}.")
-    if not isinstance(s.identifier, str) or not s.identifier.strip():
-        raise ConfigError(f"identifier must be a non-empty string, got {s.identifier!r}.")
+            f"({interval:g} >= {timeout:g}); a timeout of at least twice the interval is "
+            "recommended.")
+    return Settings(
+        db=database_url(db_src.value, db_src.origin.split("=")[0]),
+        identifier=_identifier(identifier, env),
+        failure_policy=_choice(pick(failure_policy, "failure_policy", "continue"),
+                               FAILURE_POLICIES),
+        heartbeat_timeout=timeout,
+        heartbeat_interval=interval,
+        max_killed_retries=_number(pick(max_killed_retries, "max_killed_retries",
+                                        DEFAULT_MAX_KILLED_RETRIES), int, 0, False),
+        max_failed_retries=_number(pick(max_failed_retries, "max_failed_retries", 0),
+                                   int, 0, False),
+        disabled=_bool(pick(disabled, "disabled", False)),
+        labels=_labels(labels),
+        journal_mode=_choice(pick(journal_mode, "journal_mode", "delete"), JOURNAL_MODES),
+        batch_size=_batch(pick(batch_size, "batch_size", "auto")),
+        # Environment only: a tuning knob for tests and odd file systems. Below ~0.3 s
+        # the heartbeat thread (which refreshes it every third) cannot keep up.
+        lock_lifetime=_number(pick(None, "lock_lifetime", DEFAULT_LIFETIME), float, 0.3,
+                              False),
+    )

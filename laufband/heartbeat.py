@@ -1,7 +1,8 @@
 """The background heartbeat: proves this worker alive and declares silent ones dead.
 
 It runs in a daemon thread so the loop body never waits for it, and it never holds the
-database lock while user code runs (each beat is one short transaction).
+database lock while user code runs (each beat is one short transaction). Stopping it
+never waits for a beat that waits for the database lock: that beat is called off.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from flufl.lock import Lock, LockState
 
 from laufband.errors import LaufbandError
+from laufband.locking import Cancelled
 from laufband.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ class Heartbeat:
         self._worker = worker
         self._interval = interval
         # A gap between our own beats beyond this means we were stalled (see
-        # Store.heartbeat): halfway between the normal gap and the timeout.
+        # store/workers.heartbeat): halfway between the normal gap and the timeout.
         self._stalled_after = interval + (timeout - interval) / 2
         self._max_killed_retries = max_killed_retries
         self._user_lock = user_lock
@@ -50,42 +52,55 @@ class Heartbeat:
         return self._thread is not None
 
     def stop(self) -> None:
-        """No beat runs once this returns."""
-        self._stop.set()
+        """No beat runs once this returns (a beat that waits for the database lock,
+        which the caller may hold, is called off rather than waited for)."""
+        stop = self._stop
+        stop.set()
         thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            with self._beating:
-                pass
+        if thread is None or thread is threading.current_thread():
+            return
+        lock = self._store.lock
+        if lock is not None and lock.held_here():
+            return  # the beat cannot be inside a transaction; it gives up waiting
+        with self._beating:
+            pass
 
     def _run(self, stop: threading.Event) -> None:
         # Wake at least every refresh interval of the database lock, to keep a long
-        # legitimate hold of it by this process alive; beat every heartbeat interval.
+        # legitimate hold of it by this process alive (the loop body holding
+        # worker.db_lock, a huge registration); beat every heartbeat interval.
         lock = self._store.lock
+        refresh = lock.refresh_interval if lock is not None else self._interval
         next_beat = time.monotonic() + self._interval
-        while not stop.wait(max(0.0, min(lock.refresh_interval, next_beat - time.monotonic()))):
+        while not stop.wait(max(0.0, min(refresh, next_beat - time.monotonic()))):
             with self._beating:
                 if stop.is_set():
                     return
-                lock.refresh()
+                if lock is not None:
+                    lock.refresh()
                 if time.monotonic() >= next_beat:
-                    self.beat()
+                    self.beat(stop)
                     next_beat = time.monotonic() + self._interval
 
-    def beat(self) -> None:
+    def beat(self, stop: threading.Event | None = None) -> None:
         """One heartbeat: refresh ours, reap dead workers, keep our user lock alive."""
         try:
-            if not self._store.heartbeat(self._worker, self._max_killed_retries,
-                                         self._stalled_after):
+            alive = self._store.heartbeat(self._worker, self._max_killed_retries,
+                                          self._stalled_after,
+                                          cancel=stop.is_set if stop is not None else None)
+            if not alive:
                 log.warning(
                     "worker %s had been declared dead (paused longer than its heartbeat "
                     "timeout?); its running task was handed to another worker and its late "
                     "result will be rejected", self._worker)
+        except Cancelled:
+            return
         except LaufbandError as exc:
             # Keep beating: a transient NFS hiccup must not silence a live worker.
             log.error("heartbeat of worker %s failed: %s", self._worker, exc)
         lock = self._user_lock
         try:
-            if lock is not None and lock.state == LockState.ours:
+            if isinstance(lock, Lock) and lock.state == LockState.ours:
                 # A user critical section may outlast the lock lifetime; while we are
                 # alive it stays ours, and if we die it expires.
                 lock.refresh(unconditionally=True)

@@ -1,21 +1,30 @@
-"""The database lock: flufl.lock (NFS-safe hard-link protocol) with a fast backoff.
+"""The database lock: flufl.lock (NFS-safe hard-link protocol) with a fast backoff,
+made re-entrant and shared by the threads of one process.
 
 flufl.lock sleeps a random 10 ms - 2 s between tries (``Lock._sleep``), so under
-contention every collision costs about a second (measured: 8 workers crawl). Our
-subclass retries with full jitter, growing from half a millisecond up to about as long
-as this process's own recent holds of the lock last: a lock held for 2 ms (a local
-disk) is retried every millisecond or so, one held for 50 ms (NFS, where every retry
-is a network round trip) every few tens of milliseconds. Sleeping much longer than a
-hold leaves the lock idle between transactions; much shorter only adds file operations.
+contention every collision costs about a second (measured: 8 workers crawl). We retry
+with full jitter, growing from half a millisecond up to about as long as this process's
+own recent holds of the lock last: a lock held for 2 ms (a local disk) is retried every
+millisecond or so, one held for 50 ms (NFS, where every retry is a network round trip)
+every few tens of milliseconds.
+
+There is exactly one lock per worker process and database (``DatabaseLock``): the
+loop, the heartbeat thread, the step thread and user code (``worker.db_lock``) all take
+it, re-entrantly, in one order (the thread lock, then the file). A thread of ours that
+waits for it can be cancelled (a heartbeat being stopped, a step ahead being settled by
+a thread that holds the lock), so nobody ever waits for a thread that waits for a lock
+the waiter holds.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -23,6 +32,8 @@ from flufl.lock import Lock, LockState, TimeOutError
 from flufl.lock._lockfile import CLOCK_SLOP
 
 from laufband.errors import DatabaseError, LockTimeoutError
+
+log = logging.getLogger(__name__)
 
 #: Seconds a lock may be held before another worker may break it. Transactions last
 #: milliseconds; long operations (registering a huge graph) refresh it as they go.
@@ -33,11 +44,17 @@ DEFAULT_LIFETIME = 10.0
 DEFAULT_SLOP = 5.0
 #: How long one acquisition may take before we report a stuck lock.
 DEFAULT_TIMEOUT = 600.0
+#: A thread of ours waiting for another of ours looks at its cancel flag this often.
+_WAIT_SLICE = 0.05
 
 _BACKOFF_BASE = 0.0005
 #: Bounds of the backoff cap, which follows the smoothed hold time (``DatabaseLock``).
 BACKOFF_CAP_MIN, BACKOFF_CAP_MAX = 0.001, 0.1
 _BACKOFF_CAP = 0.02  # until a hold was measured
+
+
+class Cancelled(Exception):
+    """A wait for the database lock was called off (see ``DatabaseLock.acquire``)."""
 
 
 def _fast_sleep(lock: Lock) -> None:
@@ -49,50 +66,12 @@ def _fast_sleep(lock: Lock) -> None:
     time.sleep(random.uniform(0, min(cap, _BACKOFF_BASE * 2**tries)))
 
 
-class _ThreadTurns:
-    """Makes the threads of one process take turns on a flufl Lock: a flufl Lock is
-    one claim per object, so a second thread's lock() would raise AlreadyLockedError
-    instead of waiting. That matters for ``worker.db_lock``, which user code may hold
-    in the loop body while the worker's own threads (heartbeat, step ahead) need it."""
-
-    def __init__(self) -> None:
-        self._rlock = threading.RLock()
-
-    def lock(self, acquire: Callable[[], None]) -> None:
-        self._rlock.acquire()
-        try:
-            acquire()
-        except BaseException:
-            self._rlock.release()
-            raise
-
-    def unlock(self, release: Callable[[], None]) -> None:
-        try:
-            release()
-        finally:
-            if self.owned_here():
-                self._rlock.release()
-
-    def owned_here(self) -> bool:
-        return self._rlock._is_owned()  # type: ignore[attr-defined]
-
-
 class FastLock(Lock):
-    """A flufl Lock with a bounded, jittered backoff, a configurable breaking slop,
-    and threads that take turns (``_ThreadTurns``)."""
+    """A flufl Lock with a bounded, jittered backoff and a configurable breaking slop."""
 
-    def __init__(self, lockfile: str, lifetime: float = DEFAULT_LIFETIME,
-                 slop: float = DEFAULT_SLOP) -> None:
+    def __init__(self, lockfile: str, lifetime: float = DEFAULT_LIFETIME) -> None:
         super().__init__(lockfile, lifetime=timedelta(seconds=lifetime))
-        self._slop = timedelta(seconds=slop)
-        self.turns = _ThreadTurns()
-
-    def lock(self, timeout=None) -> None:
-        self._laufband_tries = 0
-        self.turns.lock(lambda: super(FastLock, self).lock(timeout))
-
-    def unlock(self, *, unconditionally: bool = False) -> None:
-        self.turns.unlock(lambda: super(FastLock, self).unlock(unconditionally=unconditionally))
+        self._slop = timedelta(seconds=DEFAULT_SLOP)
 
     def _sleep(self) -> None:
         _fast_sleep(self)
@@ -107,76 +86,93 @@ class FastLock(Lock):
 
 
 def speed_up(lock: Lock) -> Lock:
-    """Give a user-supplied flufl Lock our backoff and thread turns (only its instance
-    is changed)."""
+    """Give a user-supplied flufl Lock our backoff (only its instance is changed)."""
     if not isinstance(lock, FastLock):
         lock._sleep = lambda: _fast_sleep(lock)  # type: ignore[method-assign]
-        original_lock, original_unlock = lock.lock, lock.unlock
-        lock.turns = _ThreadTurns()  # type: ignore[attr-defined]
-
-        def fast_lock(timeout=None):
-            lock._laufband_tries = 0
-            lock.turns.lock(lambda: original_lock(timeout))
-
-        def unlock(*, unconditionally: bool = False):
-            lock.turns.unlock(lambda: original_unlock(unconditionally=unconditionally))
-
-        lock.lock = fast_lock  # type: ignore[method-assign]
-        lock.unlock = unlock  # type: ignore[method-assign]
     return lock
 
 
 class DatabaseLock:
-    """Serialises database writes across processes (file lock) and threads (RLock).
+    """Serialises database writes across processes (the file lock) and threads.
 
-    Re-entrant within a thread: only the outermost ``with`` touches the file.
+    Re-entrant within a thread: only the outermost hold touches the file. This is also
+    ``worker.db_lock``: user code may hold it in the loop body (and call
+    ``worker.has_more_jobs`` inside), and the worker's own threads then wait for it.
 
     The file lock's lifetime is short, so that the lock of a killed holder is broken
-    soon. While this process is alive and holds it, the lifetime is refreshed every
-    ``refresh_interval`` (a third of it) by the heartbeat thread, or by a thread of
-    ours waiting for it: a slow legitimate transaction is never broken, and a dead or
-    stopped (SIGSTOP) process, whose threads all stand still, refreshes nothing.
+    soon. While this process holds it, its lifetime is refreshed every
+    ``refresh_interval`` (a third of it) by the heartbeat thread, or by a thread of ours
+    waiting for it: a slow legitimate hold is never broken, and a dead or stopped
+    (SIGSTOP) process, whose threads all stand still, refreshes nothing.
     """
 
-    def __init__(self, lock: Lock, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, lock: Lock) -> None:
         self.file_lock = lock
-        self._thread_lock = threading.RLock()
+        self._turns = threading.RLock()
         self._depth = 0
-        self._timeout = timeout
+        self._owner: int | None = None
         self.refresh_interval = max(0.1, lock.lifetime.total_seconds() / 3)
         self._acquired_at = 0.0
         self._hold: float | None = None
-        self._owner: int | None = None
+
+    @property
+    def lockfile(self) -> str:
+        return self.file_lock.lockfile
+
+    @property
+    def is_locked(self) -> bool:
+        """Does this process hold the lock (any thread)?"""
+        return self._depth > 0
 
     def held_here(self) -> bool:
-        """Does the calling thread hold the lock (here, or as ``worker.db_lock``)?"""
-        turns = getattr(self.file_lock, "turns", None)
-        return self._owner == threading.get_ident() or (
-            turns is not None and turns.owned_here())
+        """Does the calling thread hold the lock?"""
+        return self._owner == threading.get_ident()
 
-    def __enter__(self) -> DatabaseLock:
-        while not self._thread_lock.acquire(timeout=self.refresh_interval):
-            self.refresh()  # another thread of ours holds it: keep it alive for it
+    def acquire(self, cancel: Callable[[], bool] | None = None) -> None:
+        """Take the lock; with ``cancel``, a wait for another thread of ours ends with
+        ``Cancelled`` as soon as ``cancel()`` is true (checked every 50 ms)."""
+        if cancel is not None and cancel():
+            raise Cancelled
+        waited = time.monotonic()
+        while not self._turns.acquire(timeout=_WAIT_SLICE):
+            if cancel is not None and cancel():
+                raise Cancelled
+            if time.monotonic() - waited >= self.refresh_interval:
+                self.refresh()  # another thread of ours holds it: keep it alive for it
+                waited = time.monotonic()
         if self._depth == 0:
             try:
                 self._acquire_file()
             except BaseException:
-                self._thread_lock.release()
+                self._turns.release()
                 raise
             self._acquired_at = time.monotonic()
             self._owner = threading.get_ident()
         self._depth += 1
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
+    def release(self) -> None:
+        """Let go of one hold. Never raises: a lock file that cannot be removed is
+        reported and expires after its lifetime (a transaction that committed must not
+        look failed because of it)."""
+        if not self.held_here():
+            raise RuntimeError("laufband: the database lock was released by a thread that "
+                               "does not hold it")
         try:
-            if self._depth == 0:
-                self._owner = None
+            if self._depth == 1:
                 self._observe_hold(time.monotonic() - self._acquired_at)
                 self._release_file()
         finally:
-            self._thread_lock.release()
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+            self._turns.release()
+
+    def __enter__(self) -> DatabaseLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def _observe_hold(self, seconds: float) -> None:
         """Retry the lock about as often as it changes hands (see the module doc). Our
@@ -189,18 +185,19 @@ class DatabaseLock:
         self.file_lock._laufband_cap = min(BACKOFF_CAP_MAX, max(BACKOFF_CAP_MIN, hold))
 
     def _acquire_file(self) -> None:
+        self.file_lock._laufband_tries = 0
         try:
-            self.file_lock.lock(timeout=timedelta(seconds=self._timeout))
+            self.file_lock.lock(timeout=timedelta(seconds=DEFAULT_TIMEOUT))
         except TimeOutError:
             raise LockTimeoutError(
-                f"Could not acquire the database lock {self.file_lock.lockfile} within "
-                f"{self._timeout:.0f} s. Another worker holds it; if no worker is running, "
+                f"Could not acquire the database lock {self.lockfile} within "
+                f"{DEFAULT_TIMEOUT:.0f} s. Another worker holds it; if no worker is running, "
                 "delete the lock file."
             ) from None
         except OSError as exc:
             # Not writable (permissions, a read-only mount), disk or quota full, ...:
             # flufl writes a claim file next to the lock file before anything else.
-            raise self._explain(exc, "create the lock file") from None
+            raise explain_os_error(exc, "create the lock file", self.lockfile) from None
 
     def _release_file(self) -> None:
         # unconditionally: if our lock was broken (we were paused past its lifetime) the
@@ -208,20 +205,8 @@ class DatabaseLock:
         try:
             self.file_lock.unlock(unconditionally=True)
         except OSError as exc:
-            raise self._explain(exc, "release the lock file") from None
-
-    def _explain(self, exc: OSError, action: str) -> DatabaseError:
-        folder = os.path.dirname(os.path.abspath(self.file_lock.lockfile))
-        hint = {
-            errno.ENOSPC: "the disk is full; free space and rerun",
-            errno.EDQUOT: "the disk quota is exhausted; free space and rerun",
-            errno.EROFS: f"{folder} is on a read-only file system",
-            errno.EACCES: f"the folder {folder} is not writable for this user",
-            errno.EPERM: f"the folder {folder} is not writable for this user",
-        }.get(exc.errno or 0, "check the file system; on NFS, check the mount")
-        return DatabaseError(
-            f"Cannot {action} {self.file_lock.lockfile} ({exc.strerror or exc}): {hint}. "
-            "Workers need write access and some free space next to the database.")
+            log.error("laufband: %s", explain_os_error(exc, "remove the lock file",
+                                                       self.lockfile))
 
     def refresh(self) -> None:
         """Extend the lifetime while we hold the lock (from any thread of ours).
@@ -235,3 +220,36 @@ class DatabaseLock:
                 self.file_lock.refresh(unconditionally=True)
         except OSError:
             pass
+
+
+_LOCKS: weakref.WeakValueDictionary[tuple[int, str], DatabaseLock] = (
+    weakref.WeakValueDictionary())
+_LOCKS_GUARD = threading.Lock()
+
+
+def database_lock(file_lock: Lock) -> DatabaseLock:
+    """The one DatabaseLock of this process for ``file_lock``'s file (the first lock
+    object given for a file is used). Two workers in one process then share it, so a
+    thread that holds it for one worker re-enters it for the other instead of waiting
+    for itself. Keyed by pid too: a forked child must not inherit a parent's lock."""
+    key = (os.getpid(), os.path.abspath(file_lock.lockfile))
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = DatabaseLock(file_lock)
+        return lock
+
+
+def explain_os_error(exc: OSError, action: str, path: str) -> DatabaseError:
+    """A DatabaseError that says why ``action`` on ``path`` failed and what to do."""
+    folder = os.path.dirname(os.path.abspath(path))
+    hint = {
+        errno.ENOSPC: "the disk is full; free space and rerun",
+        errno.EDQUOT: "the disk quota is exhausted; free space and rerun",
+        errno.EROFS: f"{folder} is on a read-only file system",
+        errno.EACCES: f"the folder {folder} is not writable for this user",
+        errno.EPERM: f"the folder {folder} is not writable for this user",
+    }.get(exc.errno or 0, "check the file system; on NFS, check the mount")
+    return DatabaseError(
+        f"Cannot {action} {path} ({exc.strerror or exc}): {hint}. "
+        "Workers need write access and some free space next to the database.")

@@ -5,6 +5,9 @@
     running ──> ready      (failure or kill with retries left, or preemption by a signal)
     running ──> failed | killed     (retries used up; descendants become blocked)
     pending ──> blocked    (an ancestor failed or was killed for good)
+    failed | killed ──> ready   (a worker whose own retry budget allows another attempt:
+                                 "fix and rerun"; its blocked descendants go back to pending)
+    blocked ──> pending    (no ancestor is failed or killed for good any more)
 
 ``ready`` means *claimable*: a task with ``max_parallel_workers > 1`` stays ready while
 it has free slots, and turns ``running`` only when all slots are taken.
@@ -25,7 +28,7 @@ class TaskState(StrEnum):
     BLOCKED = "blocked"
 
 
-#: Allowed transitions; ``store.transition`` refuses anything else.
+#: Allowed transitions; ``Ledger.record`` (store/ledger.py) refuses anything else.
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.READY, TaskState.BLOCKED}),
     # ready -> completed/failed/killed: a shared task (max_parallel_workers > 1) with
@@ -44,8 +47,6 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 
 #: States in which a task still has work ahead of it.
 UNFINISHED = (TaskState.PENDING, TaskState.READY, TaskState.RUNNING)
-#: States that end a task for good (until a human retries it).
-TERMINAL_FAILURES = (TaskState.FAILED, TaskState.KILLED, TaskState.BLOCKED)
 
 
 class Event(StrEnum):
@@ -60,6 +61,8 @@ class Event(StrEnum):
     FENCED = "fenced"  # a late write from an attempt that was no longer current
     READY = "ready"
     BLOCKED = "blocked"
+    RETRIED = "retried"  # failed/killed -> ready: a worker's own retry budget allows it
+    UNBLOCKED = "unblocked"  # blocked -> pending: the ancestor that failed is retried
 
 
 class WorkerState(StrEnum):

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import typing as t
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from laufband.errors import GraphError
 
@@ -116,21 +116,49 @@ Task.__setattr__ = _frozen_setattr  # type: ignore[method-assign, assignment]
 Task.__delattr__ = _frozen_delattr  # type: ignore[method-assign, assignment]
 
 
-def spec_hash(task: Task) -> str:
-    """What two workers must agree on for the same task id (data and info are local)."""
-    text = "\0".join((task.id, "\x1f".join(sorted(task.dependencies)),
-                      "\x1f".join(sorted(task.requirements)), str(task.max_parallel_workers)))
+class GraphTraversalProtocol(t.Protocol[T]):
+    """What ``Graphband`` iterates over: anything that yields ``Task`` objects (a list, a
+    generator function's result, a class with ``__iter__``), as in laufband 0.2.x.
+
+    >>> def tasks():
+    ...     for node in nx.topological_sort(g):
+    ...         yield Task(id=node, dependencies=set(g.predecessors(node)))
+    """
+
+    def __iter__(self) -> Iterator[Task[T]]: ...
+
+
+class SizedGraphTraversalProtocol(GraphTraversalProtocol[T], t.Protocol[T]):
+    """A ``GraphTraversalProtocol`` that also has ``__len__`` (then ``len(worker)``
+    works)."""
+
+    def __len__(self) -> int: ...
+
+
+def spec_hash(task: Task, extra: str = "") -> str:
+    """What two workers must agree on for the same task id (data and info are local;
+    ``extra``: what else identifies it, e.g. the digest of a Laufband item)."""
+    parts = [task.id, "\x1f".join(sorted(task.dependencies)),
+             "\x1f".join(sorted(task.requirements)), str(task.max_parallel_workers)]
+    if extra:  # without: the hash of schema 2, so a workflow goes on after an upgrade
+        parts.append(extra)
+    text = "\0".join(parts)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclasses.dataclass
 class GraphSpec:
     """A graph read from the user's tasks: indexed by id and hashed. ``order`` checks
-    the dependencies and orders them (the expensive part, done on first use)."""
+    the dependencies and orders them (the expensive part, done on first use).
+    ``labels``: what a human recognises a task by where its id does not say (Laufband:
+    the item), stored with the task; ``positional``: ids are list positions (Laufband
+    without ``key=``), which changes how a mismatch with the stored graph is reported."""
 
     by_id: dict[str, Task]
     hashes: dict[str, str]
     digest: str
+    labels: dict[str, str] | None = None
+    positional: bool = False
 
     @functools.cached_property
     def order(self) -> list[Task]:
@@ -147,8 +175,10 @@ class GraphSpec:
         return _topological_order(self.by_id)
 
 
-def read_graph(tasks: Iterable[Task]) -> GraphSpec:
-    """Read all tasks (type and unique ids checked) and hash them; no graph checks yet."""
+def read_graph(tasks: Iterable[Task], identity: Callable[[Task], str] | None = None
+               ) -> GraphSpec:
+    """Read all tasks (type and unique ids checked) and hash them; no graph checks yet.
+    ``identity(task)``: more that workers must agree on for a task (see spec_hash)."""
     by_id: dict[str, Task] = {}
     for task in tasks:
         if not isinstance(task, Task):
@@ -161,7 +191,10 @@ def read_graph(tasks: Iterable[Task]) -> GraphSpec:
                 f"Duplicate task id {task.id!r}: every task needs a unique id."
             )
         by_id[task.id] = task
-    hashes = {tid: spec_hash(task) for tid, task in by_id.items()}
+    if identity is None:
+        hashes = {tid: spec_hash(task) for tid, task in by_id.items()}
+    else:
+        hashes = {tid: spec_hash(task, identity(task)) for tid, task in by_id.items()}
     # Order-independent, so that workers reading the tasks in different orders agree.
     total = sum(int(h, 16) for h in hashes.values()) % (1 << 128)
     return GraphSpec(by_id=by_id, hashes=hashes, digest=f"{total:032x}:{len(by_id)}")

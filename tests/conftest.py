@@ -169,7 +169,7 @@ class Faults:
         assert not Path(f"{self.db}-journal").exists()
         states = dict(query(self.db, "SELECT id, state FROM tasks"))
         assert states == dict.fromkeys(ids, "completed")
-        assert query(self.db, "SELECT count(*) FROM claims") == [(0,)]
+        assert query(self.db, "SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
         latest = dict(query(self.db, "SELECT id, attempts FROM tasks"))
         completions = query(self.db, "SELECT tasks.id, events.attempt FROM events JOIN tasks"
                             " ON tasks.pk = events.task WHERE event = 'completed'")

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from graphs import build
 
 from laufband import Graphband
-from laufband import store as store_module
+from laufband.store import ledger
 
 DEADLINE = 120.0  # no hook waits longer than this (a test that forgot to release)
 
@@ -104,7 +104,7 @@ def wait_for(condition) -> None:
 
 def hang_in_write(n: int, marker: Path) -> None:
     """The n-th write transaction stops after its writes, before its commit."""
-    original = store_module._Unit.flush
+    original = ledger.Ledger.flush
     calls = 0
 
     def flush(self):
@@ -117,7 +117,7 @@ def hang_in_write(n: int, marker: Path) -> None:
             marker.touch()
             time.sleep(DEADLINE)  # until the test kills us
 
-    store_module._Unit.flush = flush
+    ledger.Ledger.flush = flush
 
 
 def stall_after_step(worker: Graphband, n: int, marker: Path) -> None:
@@ -132,7 +132,7 @@ def stall_after_step(worker: Graphband, n: int, marker: Path) -> None:
         calls += 1
         if calls == n:
             marker.touch()
-            wait_for(lambda: worker._signal is not None)
+            wait_for(lambda: worker._session.signal is not None)
         return result
 
     store.step = step

@@ -185,7 +185,8 @@ def test_sigkill_inside_a_write_transaction_holding_the_lock(workers):
     faults = Faults(workers, "layered:3x20", LAUFBAND_MAX_KILLED_RETRIES="1",
                     LAUFBAND_LOCK_LIFETIME="1")
     others = faults.start(2, sleep=0.1)
-    wait_until(lambda: query(faults.db, "SELECT count(*) FROM claims") != [(0,)],
+    wait_until(lambda: query(faults.db, "SELECT count(*) FROM attempts"
+                             " WHERE ended_at IS NULL") != [(0,)],
                what="the others at work")
     # A's 3rd loop transaction: registration, first claim, then a step that records
     # the completion of A's first task and claims more. It hangs before its COMMIT.

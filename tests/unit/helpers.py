@@ -16,6 +16,11 @@ def make(tasks, name="w", db="g.sqlite", cls=Graphband, clock=None, **kw):
     return cls(tasks, db=f"sqlite:///{db}", identifier=name, clock=clock or FakeClock(), **kw)
 
 
+def beat(worker) -> None:
+    """One heartbeat of ``worker``, by hand (its thread never fires in unit tests)."""
+    worker._session.heartbeat.beat()
+
+
 def flat_worker(items, name="w", **kw):
     return make(items, name=name, cls=Laufband, **kw)
 
@@ -26,6 +31,12 @@ def rows(sql: str, db: str = "g.sqlite") -> list[tuple]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def live(worker: str | None = None, db: str = "g.sqlite") -> int:
+    """Live attempts (claims) of ``worker``, or of everyone."""
+    where = f" AND worker = '{worker}'" if worker else ""
+    return rows(f"SELECT count(*) FROM attempts WHERE ended_at IS NULL{where}", db)[0][0]
 
 
 def states(db: str = "g.sqlite") -> dict[str, str]:

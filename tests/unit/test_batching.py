@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import flat_worker, history, make, rows, states
+from helpers import flat_worker, history, live, make, rows, states
 from test_heartbeat import outlive
 
 from laufband import Task
@@ -38,7 +38,7 @@ def test_claim_takes_at_most_a_fair_share_of_ready_tasks():
     worker = flat_worker(range(40), name="greedy", batch_size=64)
     it = iter(worker)
     next(it)
-    claimed = rows("SELECT count(*) FROM claims WHERE worker = 'greedy'")[0][0]
+    claimed = live("greedy")
     assert claimed == 10  # 40 ready / 4 live workers
     assert len(others) == 3
 
@@ -54,7 +54,7 @@ def test_close_mid_batch_records_completed_and_returns_unstarted():
     s = states()
     assert [s[str(i)] for i in range(3)] == ["completed"] * 3
     assert all(s[str(i)] == "ready" for i in range(3, 20))
-    assert rows("SELECT count(*) FROM claims") == [(0,)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
     assert rows("SELECT count(*) FROM events WHERE event = 'preempted'") == [(5,)]
 
 
@@ -68,7 +68,7 @@ def test_exception_mid_batch_fails_only_the_current_task():
         pass
     s = states()
     assert [s[str(i)] for i in range(5)] == ["completed"] * 3 + ["failed", "ready"]
-    assert rows("SELECT count(*) FROM claims") == [(0,)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
 
 
 def test_free_batch_is_what_runs_within_one_transaction():
@@ -88,7 +88,7 @@ def test_fair_share_never_drops_below_the_free_batch():
     worker._batcher.observe_task(0.0002)  # 20 tasks fit in one transaction's time
     it = iter(worker)
     next(it)
-    claimed = rows("SELECT count(*) FROM claims WHERE worker = 'fast'")[0][0]
+    claimed = live("fast")
     assert claimed == 20  # not 40 // 8 = 5
     assert len(others) == 7
 
@@ -113,7 +113,7 @@ def test_completions_of_a_batch_taken_away_are_all_fenced():
     a = make(tasks, name="A", batch_size=3, **kw)
     it = iter(a)
     assert next(it).id == "0"  # A holds the batch 0, 1, 2 (alone: all of it) and pauses
-    assert rows("SELECT count(*) FROM claims WHERE worker = 'A'") == [(3,)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL AND worker = 'A'") == [(3,)]
     b = make(tasks, name="B", **kw)
     outlive(clock, b)  # B declares A dead: the batch goes back to ready
     assert sorted(t.id for t in b) == ["0", "1", "2"]  # B redoes all three

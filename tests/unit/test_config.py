@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import flat_worker
 
-from laufband import ConfigError, Laufband
+from laufband import ConfigError, Laufband, Monitor
 
 
 def test_environment_is_read_at_creation_not_import(monkeypatch):
@@ -31,24 +33,80 @@ def test_identifier_may_be_a_callable():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"failure_policy": "explode"}, "failure_policy"),
+    ({"failure_policy": "explode"}, "failure_policy='explode' is invalid: use one of"),
     ({"heartbeat_interval": 60, "heartbeat_timeout": 30}, "less than heartbeat_timeout"),
-    ({"heartbeat_interval": 0}, "heartbeat_interval must be > 0"),
-    ({"max_failed_retries": -1}, "max_failed_retries"),
-    ({"max_killed_retries": 1.5}, "max_killed_retries"),
+    ({"heartbeat_interval": 0}, "heartbeat_interval=0 is invalid: it must be > 0"),
+    ({"heartbeat_interval": float("nan")}, "heartbeat_interval=nan .* finite"),
+    ({"heartbeat_timeout": float("inf")}, "heartbeat_timeout=inf .* finite"),
+    ({"heartbeat_interval": True}, "heartbeat_interval=True .* got bool"),
+    ({"max_failed_retries": -1}, "max_failed_retries=-1 is invalid: it must be >= 0"),
+    ({"max_killed_retries": 1.5}, "max_killed_retries=1.5 is invalid: expected an integer"),
+    ({"batch_size": 0}, "batch_size=0 is invalid: it must be >= 1"),
     ({"labels": "gpu"}, "labels must be a set of strings"),
-    ({"journal_mode": "memory"}, "journal_mode"),
+    ({"journal_mode": "memory"}, "journal_mode='memory' is invalid: use one of"),
+    ({"identifier": 42}, "identifier must be a string"),
+    ({"db": "postgresql+nodriver://x/y"}, "db='postgresql\\+nodriver://x/y' is neither"),
 ])
 def test_invalid_parameters(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        flat_worker([1], **kwargs)
+        Laufband([1], tqdm_kwargs={"disable": True}, **kwargs)
+    assert os.listdir(".") == []  # nothing was created
 
 
-def test_invalid_environment_value(monkeypatch):
-    monkeypatch.setenv("LAUFBAND_HEARTBEAT_TIMEOUT", "soon")
-    with pytest.raises(ConfigError, match="LAUFBAND_HEARTBEAT_TIMEOUT='soon'"):
-        Laufband([1])
-    monkeypatch.setenv("LAUFBAND_HEARTBEAT_TIMEOUT", "60")
-    monkeypatch.setenv("LAUFBAND_DISABLED", "maybe")
-    with pytest.raises(ConfigError, match="LAUFBAND_DISABLED"):
-        Laufband([1])
+@pytest.mark.parametrize("name, value, message", [
+    ("LAUFBAND_HEARTBEAT_TIMEOUT", "soon", "LAUFBAND_HEARTBEAT_TIMEOUT='soon' is invalid: "
+     "not a number"),
+    ("LAUFBAND_HEARTBEAT_INTERVAL", "nan", "LAUFBAND_HEARTBEAT_INTERVAL='nan' .* finite"),
+    ("LAUFBAND_LOCK_LIFETIME", "abc", "LAUFBAND_LOCK_LIFETIME='abc' is invalid: not a number"),
+    ("LAUFBAND_LOCK_LIFETIME", "0", "LAUFBAND_LOCK_LIFETIME='0' is invalid: it must be >= 0.3"),
+    ("LAUFBAND_MAX_FAILED_RETRIES", "two", "LAUFBAND_MAX_FAILED_RETRIES='two' is invalid: "
+     "not an integer"),
+    ("LAUFBAND_MAX_KILLED_RETRIES", "-2", "LAUFBAND_MAX_KILLED_RETRIES='-2' .* >= 0"),
+    ("LAUFBAND_BATCH_SIZE", "lots", "LAUFBAND_BATCH_SIZE='lots' is invalid"),
+    ("LAUFBAND_DISABLED", "maybe", "LAUFBAND_DISABLED='maybe' is invalid: not a boolean"),
+    ("LAUFBAND_FAILURE_POLICY", "panic", "LAUFBAND_FAILURE_POLICY='panic' is invalid"),
+    ("LAUFBAND_JOURNAL_MODE", "off", "LAUFBAND_JOURNAL_MODE='off' is invalid"),
+    ("LAUFBAND_DB", "nosuchdialect://x", "LAUFBAND_DB='nosuchdialect://x' is neither"),
+])
+def test_invalid_environment_value(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        Laufband([1], tqdm_kwargs={"disable": True})
+    assert os.listdir(".") == []
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_a_plain_path_is_a_sqlite_database(monkeypatch, how):
+    os.mkdir("runs")
+    kwargs = {"tqdm_kwargs": {"disable": True}}
+    if how == "argument":
+        kwargs["db"] = "runs/wf.sqlite"
+    else:
+        monkeypatch.setenv("LAUFBAND_DB", "runs/wf.sqlite")
+    assert list(Laufband(["x", "y"], **kwargs)) == ["x", "y"]
+    assert os.path.exists("runs/wf.sqlite")
+    absolute = os.path.abspath("runs/wf2.sqlite")
+    assert list(Laufband(["z"], db=absolute, tqdm_kwargs={"disable": True})) == ["z"]
+    assert os.path.exists(absolute)
+
+
+def test_a_relative_database_stays_the_same_file_after_chdir():
+    """The loop body changes the current folder: the worker keeps its database."""
+    home = os.getcwd()
+    os.mkdir("elsewhere")
+    worker = Laufband([1, 2, 3], db="wf.sqlite", tqdm_kwargs={"disable": True})
+    seen = []
+    try:
+        for item in worker:
+            seen.append(item)
+            os.chdir(os.path.join(home, "elsewhere"))
+        assert os.listdir(".") == []  # nothing was created in elsewhere/
+    finally:
+        os.chdir(home)
+    assert seen == [1, 2, 3]
+    assert Monitor(db="wf.sqlite").get_workflow().counts["completed"] == 3
+
+
+def test_default_retry_budgets():
+    s = Laufband([1], tqdm_kwargs={"disable": True}).settings
+    assert (s.max_failed_retries, s.max_killed_retries) == (0, 2)

@@ -8,15 +8,16 @@ import sqlite3
 import time
 
 import pytest
-from helpers import flat_worker, make, rows, states
+from helpers import beat, flat_worker, make, rows, states
 
 from laufband import DatabaseError, Graphband, GraphMismatchError, SchemaVersionError, Task
-from laufband.schema import SCHEMA_VERSION
+from laufband.clock import FakeClock
+from laufband.store.schema import SCHEMA_VERSION
 
 
 def snapshot(db="g.sqlite"):
     return {t: rows(f"SELECT * FROM {t} ORDER BY 1", db)
-            for t in ("tasks", "edges", "counts", "graphs", "reqsets", "claims")}
+            for t in ("tasks", "edges", "counts", "graphs", "reqsets", "attempts")}
 
 
 def test_missing_folder():
@@ -98,21 +99,63 @@ def test_schema_of_fresh_database_has_version():
     assert rows("PRAGMA journal_mode") == [("delete",)]
 
 
-def test_database_of_schema_version_1_is_migrated():
-    """Version 2 only added workers.leave_as: a run started with version 1 goes on."""
-    assert list(make([Task("a")], name="A")) == [Task("a")]
-    conn = sqlite3.connect("g.sqlite")
-    conn.execute("ALTER TABLE workers DROP COLUMN leave_as")
-    conn.execute("UPDATE laufband_meta SET value = '1' WHERE key = 'schema_version'")
-    conn.execute("PRAGMA user_version = 1")
-    conn.commit()
-    conn.close()
-    assert [t.id for t in make([Task("a"), Task("b", dependencies=["a"])], name="B")] == ["b"]
-    assert rows("SELECT value FROM laufband_meta WHERE key = 'schema_version'") == [("2",)]
-    assert rows("PRAGMA user_version") == [(2,)]
-    assert rows("SELECT id, state, leave_as FROM workers ORDER BY id") == [
-        ("A", "offline", None), ("B", "offline", None)]
-    assert states() == {"a": "completed", "b": "completed"}
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+
+
+def schema_of(db: str) -> dict:
+    """Tables with their columns (name, type, not null, default, pk) and the indexes,
+    independent of column order (ALTER TABLE appends)."""
+    conn = sqlite3.connect(db)
+    try:
+        tables = [name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {
+            "tables": {t: sorted(tuple(c[1:]) for c in conn.execute(f"PRAGMA table_info({t})"))
+                       for t in tables},
+            "indexes": sorted(conn.execute(
+                "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index'")),
+            "user_version": conn.execute("PRAGMA user_version").fetchall(),
+        }
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_database_of_an_older_schema_is_upgraded_and_the_workflow_goes_on(version):
+    """tests/data/schema{1,2}.sqlite were written by laufband at 377579a (see
+    make_old_databases.py): a completed, c failed (d blocked), e claimed by worker Z
+    that died without going offline, b and f ready."""
+    shutil.copy(os.path.join(DATA, f"schema{version}.sqlite"), "g.sqlite")
+    graph = [Task("a"), Task("b", dependencies={"a"}), Task("c"),
+             Task("d", dependencies={"c"}), Task("e"), Task("f")]
+    clock = FakeClock(1_700_100_000.0)  # Z's heartbeat (2023) is long gone
+    b = make(graph, name="B", clock=clock, max_failed_retries=1)
+    assert rows("SELECT value FROM laufband_meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)]
+    list(make([Task("x")], db="fresh.sqlite"))
+    assert schema_of("g.sqlite") == schema_of("fresh.sqlite")
+    # Z's claim became a live attempt; B's first beat reaps it (e goes back: a retry
+    # is left), B's budget runs c again (and so d), and the rest runs.
+    assert rows("SELECT task, attempt, worker, ended_at FROM attempts") == [(3, 1, "Z", None)]
+    beat(b)
+    assert sorted(t.id for t in b) == ["b", "c", "d", "e", "f"]
+    assert set(states().values()) == {"completed"}
+    assert rows("SELECT outcome, error FROM attempts WHERE worker = 'Z'") == [
+        ("killed", "worker Z was declared dead by B: no heartbeat for 100000 s")]
+
+
+def test_upgrade_waits_for_workers_of_the_older_version():
+    shutil.copy(os.path.join(DATA, "schema2.sqlite"), "g.sqlite")
+    before = snapshot_file("g.sqlite")
+    clock = FakeClock(1_700_000_010.0)  # Z beat 10 s ago: it may be running
+    with pytest.raises(SchemaVersionError, match="1 worker.*still running.*Let them finish"):
+        make([Task("a")], name="B", clock=clock)
+    assert snapshot_file("g.sqlite") == before
+
+
+def snapshot_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def test_wal_is_explicit_opt_in():
@@ -130,11 +173,11 @@ def test_database_deleted_between_runs_starts_over():
 def test_database_locked_by_a_process_paused_in_a_transaction(monkeypatch):
     """SQLite's own lock cannot be broken: a holder paused inside a transaction blocks
     writers until SQLite's busy timeout, then they stop with an explanation."""
-    from laufband import store
+    from laufband.store import connection
 
     worker = make([Task("a")], name="A")
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 100)
-    worker._store.engine.dispose()  # new connections get the short timeout
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 100)
+    worker._store.db.engine.dispose()  # new connections get the short timeout
     paused = sqlite3.connect("g.sqlite", isolation_level=None)
     paused.execute("BEGIN IMMEDIATE")  # the "paused" holder of SQLite's write lock
     try:
@@ -159,29 +202,42 @@ def test_change_mark_follows_commits(mode):
     while store.change_mark() == first:  # commits within one tick of the file clock
         assert time.monotonic() < deadline, "a commit did not change the mark"
         worker._clock.advance(1)  # a new heartbeat stamp: the commit writes a page
-        worker._heartbeat.beat()
+        beat(worker)
     quiet = store.change_mark()
     store.counts()  # a read
     assert store.change_mark() == quiet
 
 
-@pytest.mark.parametrize("name", ["claim", "end_attempts", "complete", "release_dependents"])
+def statement(name: str) -> str:
+    from laufband.store import attempts, claiming, ledger
+
+    for sql in (claiming.SQL, attempts.SQL, ledger.SQL):
+        if name in sql:
+            return sql[name]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["claim", "end_attempts", "complete", "release_dependents",
+                                  "move_many", "pending_below", "blocked_below"])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_batch_statements_look_tasks_up_by_primary_key(name, batch):
-    """No claim+finish statement may walk an index range over all ready or running
-    tasks: SQLite without statistics prefers the state index for some shapes once a
-    batch has ~10 tasks (cost grew with the graph: 16 ms instead of 1 ms per batch at
-    100k tasks). Checked on the query plan of a real database."""
-    from laufband.store import _SQL, _in_list
+    """No claim+finish statement, and no walk over a task's descendants, may walk an
+    index range over all tasks of a state: SQLite without statistics prefers the state
+    index for some shapes once a batch has ~10 tasks (cost grew with the graph: 16 ms
+    instead of 1 ms per batch at 100k tasks). Checked on the query plan of a real
+    database."""
+    from laufband.store.ledger import in_list
 
-    list(make([Task(str(i)) for i in range(200)], batch_size=1))
-    marks, params = _in_list(list(range(1, batch + 1)))
-    sql = _SQL[name].format(pks=marks)
+    tasks = [Task(str(i), dependencies={str(i - 1)} if i % 4 else set()) for i in range(200)]
+    list(make(tasks, batch_size=1))
+    marks, params = in_list(list(range(1, batch + 1)))
+    sql = statement(name).format(pks=marks)
     conn = sqlite3.connect("g.sqlite")
     try:
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}",
-                                               {**params, "now": 0.0})]
+                                               {**params, "now": 0.0, "new": "ready"})]
     finally:
         conn.close()
-    on_tasks = [line for line in plan if " tasks " in f"{line} "]
+    on_tasks = [line for line in plan if " tasks " in f"{line} " or line.endswith(" t")
+                or " t USING" in line]
     assert on_tasks and all("INTEGER PRIMARY KEY" in line for line in on_tasks), plan

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from helpers import history, make, rows, states
+from helpers import beat, history, make, rows, states
 
 from laufband import Task
 from laufband.clock import FakeClock
 
 
 def two_workers(clock, **kw):
+    """A and B over a -> b; a task whose worker dies is killed for good unless the test
+    gives max_killed_retries (the default, 2, is tested on its own)."""
+    kw.setdefault("max_killed_retries", 0)
     tasks = [Task("a"), Task("b", dependencies={"a"})]
     a = make(tasks, name="A", clock=clock, heartbeat_interval=10, heartbeat_timeout=30, **kw)
     b = make(tasks, name="B", clock=clock, heartbeat_interval=10, heartbeat_timeout=30, **kw)
@@ -19,9 +22,9 @@ def outlive(clock, live):
     """Let 31 s pass (past the 30 s timeout) while ``live`` beats as a live worker does,
     so its last beat declares the silent ones dead."""
     clock.advance(20)
-    live._heartbeat.beat()
+    beat(live)
     clock.advance(11)
-    live._heartbeat.beat()
+    beat(live)
 
 
 def test_silent_worker_is_declared_dead_and_its_task_killed():
@@ -30,10 +33,10 @@ def test_silent_worker_is_declared_dead_and_its_task_killed():
     it = iter(a)
     assert next(it).id == "a"
     clock.advance(20)
-    b._heartbeat.beat()
+    beat(b)
     assert states()["a"] == "running"  # 20 s < timeout: still alive
     clock.advance(15)
-    b._heartbeat.beat()
+    beat(b)
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "dead"
     assert states() == {"a": "killed", "b": "blocked"}
     assert history("a")[-1][:3] == ("killed", "killed", "A")
@@ -61,7 +64,8 @@ def test_dead_worker_id_can_be_reused_at_once():
     paused = iter(a)
     assert next(paused).id == "a"
     clock.advance(31)
-    again = make([Task("a"), Task("b", dependencies={"a"})], name="A", clock=clock)
+    again = make([Task("a"), Task("b", dependencies={"a"})], name="A", clock=clock,
+                 max_killed_retries=0)
     assert again.identifier == "A"
     assert states()["a"] == "killed"  # the old incarnation's attempt was ended
 
@@ -71,7 +75,7 @@ def test_worker_that_was_declared_dead_revives_on_its_next_beat():
     a, b = two_workers(clock)
     outlive(clock, b)
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "dead"
-    a._heartbeat.beat()
+    beat(a)
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
 
 
@@ -83,11 +87,11 @@ def test_worker_that_was_stalled_itself_judges_nobody_on_that_beat():
     it = iter(a)
     assert next(it).id == "a"
     clock.advance(100)  # nobody could beat for 100 s (timeout 30 s)
-    b._heartbeat.beat()
+    beat(b)
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
-    a._heartbeat.beat()
+    beat(a)
     clock.advance(10)
-    b._heartbeat.beat()
+    beat(b)
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
     assert states()["a"] == "running"
     assert [t.id for t in it] == ["b"]
@@ -99,10 +103,10 @@ def test_stall_delays_detection_of_a_dead_worker_by_one_beat():
     paused = iter(a)
     assert next(paused).id == "a"
     clock.advance(100)
-    b._heartbeat.beat()  # B was stalled: judges nobody
+    beat(b)  # B was stalled: judges nobody
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
     clock.advance(10)
-    b._heartbeat.beat()  # A did not beat in the meantime: dead
+    beat(b)  # A did not beat in the meantime: dead
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "dead"
     assert states()["a"] == "killed"
 
@@ -119,8 +123,8 @@ def test_clock_skew_of_a_few_seconds_is_tolerated():
     for _ in range(6):  # a minute of regular beats
         for clock in (a_clock, b_clock):
             clock.advance(10)
-        a._heartbeat.beat()
-        b._heartbeat.beat()
+        beat(a)
+        beat(b)
     assert dict(rows("SELECT id, state FROM workers"))["A"] == "busy"
     assert states()["a"] == "running"
 
@@ -128,12 +132,13 @@ def test_clock_skew_of_a_few_seconds_is_tolerated():
 def test_dead_worker_with_a_batch_is_charged_one_kill():
     clock = FakeClock()
     tasks = [Task(f"t{i}") for i in range(8)]
-    opts = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30}
+    opts = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+            "max_killed_retries": 0}
     a = make(tasks, name="A", batch_size=4, **opts)
     b = make(tasks, name="B", **opts)
     it = iter(a)
     assert next(it).id == "t0"  # A holds a batch of 4 claims (fair share: 8 / 2)
-    assert rows("SELECT count(*) FROM claims WHERE worker = 'A'") == [(4,)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL AND worker = 'A'") == [(4,)]
     outlive(clock, b)  # A is dead (max_killed_retries=0)
     s = states()
     assert s["t0"] == "killed"  # the first of the batch is charged

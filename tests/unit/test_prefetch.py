@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures.thread
+import os
 import signal
 import threading
 import time
 
 import pytest
-from helpers import flat_worker, history, rows, states
+from helpers import flat_worker, history, live, rows, states
 
 from laufband.batching import MAX_PREFETCH_SKIP, Batcher
 from laufband.clock import FakeClock
@@ -19,7 +20,7 @@ from laufband.store import Claim, Counts, StepResult
 
 
 def claims_of(worker: str = "w") -> int:
-    return rows(f"SELECT count(*) FROM claims WHERE worker = '{worker}'")[0][0]
+    return live(worker)
 
 
 def wait_for_claims(n: int, timeout: float = 10.0) -> None:
@@ -79,7 +80,8 @@ def test_a_task_claimed_ahead_of_a_long_one_is_handed_back():
             assert states()["2"] == "ready"
         else:
             clock.advance(1.0)
-            time.sleep(0.06)  # a step ahead would have claimed by now
+            # Tasks now look long: no step ahead was started at all.
+            assert worker._prefetch._pending is None
             assert claims_of() == 1
     assert history("2") == [
         ("claimed", "running", "w", 1),
@@ -178,21 +180,6 @@ def test_leaving_a_with_block_returns_what_a_suspended_loop_holds():
     assert states()["1"] == "ready"
 
 
-def test_stop_signal_while_the_body_holds_the_database_lock_is_deferred():
-    clock = FakeClock()
-    worker = flat_worker(range(5), clock=clock)
-    it = iter(worker)
-    assert next(it) == 0
-    clock.advance(0.05)
-    with worker._store.lock:  # as during has_more_jobs: the step ahead must wait for it
-        assert next(it) == 1
-        worker._on_signal(signal.SIGTERM)  # must neither block nor raise here
-    with pytest.raises(Preempted):
-        next(it)  # task 1 returned: recorded, the claim ahead handed back, then stop
-    assert [states()[str(i)] for i in range(5)] == ["completed"] * 2 + ["ready"] * 3
-    assert claims_of() == 0
-
-
 def test_steps_ahead_that_claim_nothing_back_off():
     b = Batcher(None)
     b.observe_step(0.002)
@@ -210,43 +197,161 @@ def test_steps_ahead_that_claim_nothing_back_off():
     assert b.prefetch()
 
 
-def test_loop_body_may_hold_db_lock_while_the_worker_steps_ahead():
+def step_thread_waits_for_the_lock(worker) -> threading.Event:
+    """An event set when a thread other than the main one asks for the database lock
+    (the step ahead, or a heartbeat)."""
+    asked = threading.Event()
+    lock = worker._db_lock
+    acquire = lock.acquire
+
+    def watched(cancel=None):
+        if threading.current_thread() is not threading.main_thread():
+            asked.set()
+        acquire(cancel)
+
+    lock.acquire = watched
+    return asked
+
+
+@pytest.mark.parametrize("own_lock", [False, True], ids=["default", "users-lock"])
+def test_loop_body_may_hold_db_lock_while_the_worker_steps_ahead(own_lock):
     """worker.db_lock is the database's own lock: the step thread waits for the loop
-    body to let go of it (a flufl Lock alone would raise AlreadyLockedError there)."""
-    clock = FakeClock()
-    worker = flat_worker(range(8), clock=clock)
-    for _ in worker:
-        clock.advance(0.05)
-        with worker.db_lock:  # a critical section that also excludes claims
-            time.sleep(0.005)  # long enough for the step ahead to find the lock taken
-    assert set(states().values()) == {"completed"}
-
-
-def test_stop_signal_while_the_body_holds_db_lock_is_deferred():
-    clock = FakeClock()
-    worker = flat_worker(range(5), clock=clock)
-    it = iter(worker)
-    assert next(it) == 0
-    clock.advance(0.05)
-    assert next(it) == 1
-    with worker.db_lock:
-        worker._on_signal(signal.SIGTERM)  # handing back here would wait for ourselves
-    with pytest.raises(Preempted):
-        next(it)
-    assert claims_of() == 0
-    assert [states()[str(i)] for i in range(2)] == ["completed"] * 2
-
-
-def test_a_users_own_db_lock_is_shared_by_threads_too():
+    body to let go of it (a flufl Lock alone would raise AlreadyLockedError there). With
+    a user's own flufl Lock as db_lock, the same."""
     from flufl.lock import Lock
 
     clock = FakeClock()
-    worker = flat_worker(range(8), clock=clock, db_lock=Lock("mine.lock"))
-    for _ in worker:
+    kw = {"db_lock": Lock("mine.lock")} if own_lock else {}
+    worker = flat_worker(range(8), clock=clock, **kw)
+    asked = step_thread_waits_for_the_lock(worker)
+    waited = 0
+    for item in worker:
+        clock.advance(0.05)
+        with worker.db_lock:  # a critical section that also excludes claims
+            if item >= 2 and worker._prefetch._pending is not None:
+                # The step ahead asks for the lock while we hold it: it must wait.
+                assert asked.wait(10)
+                waited += 1
+        asked.clear()
+    assert waited >= 3
+    assert set(states().values()) == {"completed"}
+
+
+def test_has_more_jobs_inside_db_lock_with_a_heartbeat_and_a_step_ahead():
+    """The old deadlock: the body held db_lock (the file) while the heartbeat or the
+    step thread held the thread lock, and has_more_jobs asked for both in the other
+    order; or, on its own, has_more_jobs raised AlreadyLockedError. One re-entrant lock
+    now."""
+    clock = FakeClock()
+    worker = flat_worker(range(8), clock=clock)
+    asked = step_thread_waits_for_the_lock(worker)
+    beating = threading.Thread(target=worker._session.heartbeat.beat)
+    for item in worker:
         clock.advance(0.05)
         with worker.db_lock:
-            time.sleep(0.005)
+            if item == 3:
+                beating.start()  # a beat that must wait for the lock we hold
+                assert asked.wait(10)
+            assert worker.has_more_jobs
+            with worker.db_lock:  # re-entrant
+                assert worker.has_more_jobs
+    beating.join(10)
+    assert not beating.is_alive()
     assert set(states().values()) == {"completed"}
+    assert not worker.has_more_jobs
+
+
+def expires_later(lock, seconds: float) -> None:
+    """Until the lock file's expiry (1 s resolution) moved ``seconds`` past its first
+    value: somebody refreshes it while it is held."""
+    first = lock.expiration
+    wait_for(lambda: (lock.expiration - first).total_seconds() >= seconds, timeout=15)
+
+
+def test_the_held_database_lock_is_kept_fresh_while_the_body_holds_it(monkeypatch):
+    """Holding worker.db_lock longer than its lifetime: the heartbeat thread refreshes
+    it (every third of the lifetime), so no other worker breaks it."""
+    monkeypatch.setenv("LAUFBAND_LOCK_LIFETIME", "1")
+    worker = flat_worker(range(2), clock=FakeClock())
+    for _ in worker:
+        with worker.db_lock:
+            expires_later(worker._db_lock.file_lock, 2)
+    assert set(states().values()) == {"completed"}
+
+
+def test_the_heartbeat_keeps_the_users_lock_fresh():
+    """worker.lock held in the loop body past its lifetime (2 x heartbeat_interval):
+    each heartbeat refreshes it."""
+    worker = flat_worker(range(2), clock=FakeClock(), heartbeat_interval=1,
+                         heartbeat_timeout=3)
+    for _ in worker:
+        with worker.lock:
+            expires_later(worker.lock, 2)
+    assert set(states().values()) == {"completed"}
+
+
+def test_stop_signal_in_the_body_with_a_task_claimed_ahead():
+    """A real SIGTERM in the loop body: the handler raises there; on the way out the
+    task and the one claimed ahead go back (no retry used), the worker goes offline."""
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    with pytest.raises(Preempted) as info:
+        for item in worker:
+            clock.advance(0.05)
+            if item == 2:
+                wait_for_claims(2)
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise AssertionError("the handler did not raise")  # pragma: no cover
+    assert info.value.code == 143
+    s = states()
+    assert [s[str(i)] for i in range(5)] == ["completed"] * 2 + ["ready"] * 3
+    assert claims_of() == 0
+    assert [e for e, *_ in history("3")][-1] == "preempted"
+    assert rows("SELECT failures, kills FROM tasks WHERE id = '2'") == [(0, 0)]
+    assert rows("SELECT state FROM workers") == [("offline",)]
+
+
+def test_stop_signal_while_the_body_holds_db_lock():
+    """The signal raises inside the with block; leaving it releases the lock, then the
+    loop hands back (the old handler handed back from inside the lock and deadlocked)."""
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    with pytest.raises(Preempted):
+        for item in worker:
+            clock.advance(0.05)
+            if item == 1:
+                with worker.db_lock:
+                    os.kill(os.getpid(), signal.SIGTERM)
+    assert not worker._db_lock.is_locked
+    assert claims_of() == 0
+    assert [states()[str(i)] for i in range(2)] == ["completed", "ready"]
+
+
+def test_stop_signal_during_has_more_jobs_is_raised_when_it_returns():
+    """Inside a laufband call the handler only records the signal (raising there could
+    leave the lock half taken); the call raises it on its way out."""
+    clock = FakeClock()
+    worker = flat_worker(range(5), clock=clock)
+    counts = worker._store.counts
+    returned = []
+
+    def counts_with_a_signal():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the read
+        result = counts()
+        returned.append(True)
+        return result
+
+    with pytest.raises(Preempted):
+        for item in worker:
+            clock.advance(0.05)
+            if item == 1:
+                worker._store.counts = counts_with_a_signal
+                worker.has_more_jobs  # noqa: B018
+                raise AssertionError("has_more_jobs did not raise")  # pragma: no cover
+    assert returned == [True]  # the read finished before the signal was acted on
+    assert not worker._db_lock.is_locked
+    assert claims_of() == 0
+    assert [states()[str(i)] for i in range(2)] == ["completed", "ready"]
 
 
 def _claimed_ahead() -> StepResult:
@@ -257,33 +362,42 @@ def test_a_step_that_waited_long_for_the_lock_does_not_hand_back_at_once():
     """The hold limit counts from the start of the task, but a step that itself took
     longer (waiting for the lock) leaves the task a moment to end first."""
     clock = FakeClock()
-    prefetch = Prefetch("t", clock)
-    gave_back = threading.Event()
+    prefetch = Prefetch(clock, None)
+    deadlines = []
+    holding = threading.Event()
+    task_ends_by = prefetch._task_ends_by
 
-    def slow_step(finishes):
+    def watched(ended, deadline):
+        deadlines.append(deadline)
+        holding.set()
+        return task_ends_by(ended, deadline)
+
+    prefetch._task_ends_by = watched
+
+    def slow_step(finishes, cancel):
         clock.advance(0.3)  # past MAX_HOLD while waiting for the lock
         return _claimed_ahead()
 
-    def give_back(result):
-        gave_back.set()
-        return StepResult([], result.counts)
+    def give_back(result, cancel):
+        raise AssertionError("handed back although the task had not overrun")
 
     assert prefetch.start(slow_step, [], give_back)
-    assert not gave_back.wait(0.1)  # the fake clock stands still: the task has not overrun
+    assert holding.wait(10)
+    assert deadlines[0] > clock.monotonic()  # the task gets a moment, from now
     assert prefetch.settle().result.claims == [Claim(1, "a", 1)]  # the task ended
     prefetch.shutdown()
 
 
 def test_a_give_back_that_fails_keeps_the_claims():
     clock = FakeClock()
-    prefetch = Prefetch("t", clock)
+    prefetch = Prefetch(clock, None)
     tried = threading.Event()
 
-    def give_back(result):
+    def give_back(result, cancel):
         tried.set()
         raise RuntimeError("give-back failed (injected)")
 
-    assert prefetch.start(lambda finishes: _claimed_ahead(), [], give_back)
+    assert prefetch.start(lambda finishes, cancel: _claimed_ahead(), [], give_back)
     run_on_until(clock, tried.is_set)
     settled = prefetch.settle()
     assert settled.error is None

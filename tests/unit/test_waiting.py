@@ -8,7 +8,7 @@ from helpers import make, rows
 
 from laufband import Task
 from laufband.states import Event, WorkerState
-from laufband.store import Finish
+from laufband.store import Finish, Want
 
 OFFLINE, IDLE = WorkerState.OFFLINE, WorkerState.IDLE
 
@@ -29,54 +29,65 @@ def two():
     """Workers A and B online over the same graph (not iterating: the test steps)."""
     graph = [Task("x"), Task("y", dependencies=["x"])]
     a, b = make(graph, name="A"), make(graph, name="B")
-    yield a._store, a._generation, a._reqset_ids
+    yield {"A": a, "B": b}
     a.close()
     b.close()
 
 
+def step(worker, finishes, limit, **want):
+    """One store step of ``worker`` (busy= of old: start=)."""
+    if "busy" in want:
+        want["start"] = want.pop("busy")
+    return worker._store.step(worker._me, list(finishes), Want(limit, **want))
+
+
+def poll(worker, leave):
+    return worker._store.poll(worker._me, leave)
+
+
 @pytest.mark.parametrize("leave", [OFFLINE, IDLE])
 def test_last_completion_releases_a_waiting_worker(two, leave):
-    store, gen, mine = two
-    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
-    wait = store.step("B", [], mine, gen, 1, busy=True, leave=leave)
+    w = two
+    [x] = step(w["A"], [], 1, busy=True, leave=OFFLINE).claims
+    wait = step(w["B"], [], 1, busy=True, leave=leave)
     assert (wait.claims, wait.left) == ([], False)  # y waits for x: B waits
     assert worker_row("B") == ("busy", leave.value, 0)
     # A completes x and claims y in the same step: B keeps waiting
-    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
+    [y] = step(w["A"], [Finish(x, Event.COMPLETED)], 1, leave=OFFLINE).claims
     assert worker_row("B") == ("busy", leave.value, 0)
     before = commits()
-    assert not store.poll("B", mine, 0, leave).left
+    assert not poll(w["B"], leave).left
     assert commits() == before  # a poll that stays writes nothing
-    done = store.step("A", [Finish(y, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE)
+    done = step(w["A"], [Finish(y, Event.COMPLETED)], 1, leave=OFFLINE)
     assert done.left
     assert worker_row("B") == (leave.value, None, leave == OFFLINE)
     before = commits()
-    assert store.poll("B", mine, 0, leave).left
+    assert poll(w["B"], leave).left
     assert commits() == before  # B leaves without a transaction of its own
 
 
 def test_a_worker_that_did_not_wait_is_not_released(two):
-    store, gen, mine = two
-    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
-    store.step("B", [], mine, gen, 0, busy=True)  # B looked (a step ahead), not waiting
-    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
-    store.step("A", [Finish(y, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE)
+    w = two
+    [x] = step(w["A"], [], 1, busy=True, leave=OFFLINE).claims
+    step(w["B"], [], 0, busy=True)  # B looked (a step ahead), not waiting
+    [y] = step(w["A"], [Finish(x, Event.COMPLETED)], 1, leave=OFFLINE).claims
+    step(w["A"], [Finish(y, Event.COMPLETED)], 1, leave=OFFLINE)
     assert worker_row("A") == ("offline", None, 1)
     assert worker_row("B") == ("busy", None, 0)  # still in its loop: it leaves by itself
-    assert store.poll("B", mine, 0, OFFLINE).left
+    assert poll(w["B"], OFFLINE).left
     assert worker_row("B") == ("offline", None, 1)
 
 
 def test_a_worker_released_as_idle_starts_its_next_loop_unmarked(two):
     """Context managed: released as idle; its next loop finds nothing to run and ends
     at once, leaving the row idle and unmarked."""
-    store, gen, mine = two
-    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
-    store.step("B", [], mine, gen, 1, busy=True, leave=IDLE)
-    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
-    store.step("A", [Finish(y, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE)
+    w = two
+    [x] = step(w["A"], [], 1, busy=True, leave=OFFLINE).claims
+    step(w["B"], [], 1, busy=True, leave=IDLE)
+    [y] = step(w["A"], [Finish(x, Event.COMPLETED)], 1, leave=OFFLINE).claims
+    step(w["A"], [Finish(y, Event.COMPLETED)], 1, leave=OFFLINE)
     assert worker_row("B") == ("idle", None, 0)
-    again = store.step("B", [], mine, gen, 1, busy=True, leave=IDLE)
+    again = step(w["B"], [], 1, busy=True, leave=IDLE)
     assert again.left  # nothing left to run: its new loop ends at once
     assert worker_row("B") == ("idle", None, 0)
 
@@ -86,12 +97,12 @@ def test_a_step_ahead_claims_only_while_every_live_worker_finds_a_task():
     than live workers it would be held back from a worker that is free now."""
     graph = [Task("x"), Task("y", dependencies=["x"])]
     a, b = make(graph, name="A"), make(graph, name="B")
-    store, gen, mine = a._store, a._generation, a._reqset_ids
+    w = {"A": a, "B": b}
     # two live workers, one ready task
-    assert store.step("A", [], mine, gen, 1, busy=True, ahead=True).claims == []
-    [x] = store.step("A", [], mine, gen, 1).claims
+    assert step(w["A"], [], 1, busy=True, ahead=True).claims == []
+    [x] = step(w["A"], [], 1).claims
     b.close()  # now one live worker: x's completion makes y ready, and A may take it
-    [y] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, ahead=True).claims
+    [y] = step(w["A"], [Finish(x, Event.COMPLETED)], 1, ahead=True).claims
     assert y.id == "y"
     a.close()
 
@@ -102,17 +113,17 @@ def test_a_worker_running_an_attempt_is_not_released():
     busy with its claim (an offline worker's claims are never reaped)."""
     graph = [Task("x"), Task("s", dependencies=["x"], max_parallel_workers=2)]
     a, b = make(graph, name="A"), make(graph, name="B")
-    store, gen, mine = a._store, a._generation, a._reqset_ids
-    [x] = store.step("A", [], mine, gen, 1, busy=True, leave=OFFLINE).claims
-    assert not store.step("B", [], mine, gen, 1, busy=True, leave=OFFLINE).left  # waits
-    [sa] = store.step("A", [Finish(x, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).claims
-    [sb] = store.step("B", [], mine, gen, 1, leave=OFFLINE).claims
-    assert store.step("A", [Finish(sa, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).left
+    w = {"A": a, "B": b}
+    [x] = step(w["A"], [], 1, busy=True, leave=OFFLINE).claims
+    assert not step(w["B"], [], 1, busy=True, leave=OFFLINE).left  # waits
+    [sa] = step(w["A"], [Finish(x, Event.COMPLETED)], 1, leave=OFFLINE).claims
+    [sb] = step(w["B"], [], 1, leave=OFFLINE).claims
+    assert step(w["A"], [Finish(sa, Event.COMPLETED)], 1, leave=OFFLINE).left
     assert worker_row("B")[0] == "busy"
-    assert rows("SELECT worker FROM claims") == [("B",)]
+    assert rows("SELECT worker FROM attempts WHERE ended_at IS NULL") == [("B",)]
     # B's attempt ends (released: its sibling completed the task); then B leaves
-    assert store.step("B", [Finish(sb, Event.COMPLETED)], mine, gen, 1, leave=OFFLINE).left
+    assert step(w["B"], [Finish(sb, Event.COMPLETED)], 1, leave=OFFLINE).left
     assert worker_row("B") == ("offline", None, 1)
-    assert rows("SELECT count(*) FROM claims") == [(0,)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
     a.close()
     b.close()

@@ -16,8 +16,10 @@ from laufband.clock import FakeClock
 def test_flat_list_yields_items_including_none_with_index_ids():
     items = ["a", None, {"x": 1}, None]
     assert list(flat_worker(items)) == items
-    assert states("laufband.sqlite" if False else "g.sqlite") == {
-        "0": "completed", "1": "completed", "2": "completed", "3": "completed"}
+    assert states() == {"0": "completed", "1": "completed", "2": "completed",
+                        "3": "completed"}
+    assert rows("SELECT id, label FROM tasks ORDER BY pk") == [
+        ("0", "'a'"), ("1", "None"), ("2", "{'x': 1}"), ("3", "None")]
 
 
 def test_default_db_files():
@@ -156,7 +158,10 @@ def test_labels_subset_matching():
 def test_user_locks_are_exposed_as_given():
     lock, db_lock = Lock("user.lock"), Lock("db.lock")
     worker = make([Task("a")], lock=lock, db_lock=db_lock)
-    assert worker.lock is lock and worker.db_lock is db_lock
+    assert worker.lock is lock  # as given
+    # The database lock is taken through laufband's re-entrant wrapper around it.
+    assert worker._db_lock.file_lock is db_lock
+    assert worker.db_lock.lockfile == db_lock.lockfile
     for _task in worker:
         with worker.lock:
             pass

@@ -1,0 +1,140 @@
+"""``Monitor``: read a workflow's database from Python, as laufband 0.2.x offered it.
+
+    monitor = Monitor(db="graphband.sqlite")
+    for task in monitor.get_tasks(state="failed"):
+        print(task.id, task.failed_retries, task.last_error)
+
+It only reads (never writes, never upgrades the database), works on a read-only file,
+and returns plain frozen objects with the attributes 0.2.1's ORM entries had (``id``,
+``status``, ``current_status.worker_id``, ``completed``, ``runtime``,
+``active_workers``, ...) plus laufband's own (attempts, the last error). Built on the
+store's read API, as ``laufband status`` is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import datetime, timedelta
+
+from laufband.clock import Clock, SystemClock
+from laufband.store import Store, database_url
+from laufband.store.reads import TaskRow
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusEntry:
+    """A task's current status and who set it (0.2.1's ``TaskStatusEntry``)."""
+
+    status: str
+    worker_id: str | None
+    timestamp: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskView:
+    id: str
+    status: str  # pending, ready, running, completed, failed, killed or blocked
+    worker_id: str | None  # the worker of its latest attempt
+    requirements: frozenset[str]
+    max_parallel_workers: int
+    attempts: int
+    failed_retries: int  # attempts that failed (0.2.1 said -1 for none; this says 0)
+    killed_retries: int  # attempts whose worker died
+    active_workers: int  # attempts running now
+    runtime: float  # seconds of the attempt that completed it; -1 if not completed
+    last_error: str | None  # how its latest attempt ended, if not by completing
+    label: str | None  # Laufband: the item
+    current_status: StatusEntry
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def worker_availability(self) -> bool:
+        """Could another worker join it now (a slot free, not finished)?"""
+        return self.status == "ready"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerView:
+    id: str
+    status: str  # idle, busy, offline or dead
+    hostname: str
+    pid: int
+    labels: frozenset[str]
+    last_heartbeat: datetime
+    heartbeat_timeout: float
+    started_at: datetime
+    stopped_at: datetime | None
+    running_tasks: tuple[str, ...]
+    heartbeat_expired: bool
+
+    @property
+    def runtime(self) -> timedelta:
+        end = self.stopped_at or (self.last_heartbeat if self.status == "dead"
+                                  else datetime.now())
+        return end - self.started_at
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkflowView:
+    id: str
+    total_tasks: int
+    counts: dict[str, int]  # tasks per state
+
+
+def _when(stamp: float | None) -> datetime | None:
+    return None if stamp is None else datetime.fromtimestamp(stamp)
+
+
+class Monitor:
+    """Read-only views of a workflow's database (``db``: a path or a URL). ``lock`` is
+    accepted for 0.2.x compatibility and not needed: reads take the database lock
+    themselves where they can."""
+
+    def __init__(self, lock: object = None, db: str = "graphband.sqlite",
+                 clock: Clock | None = None) -> None:
+        self.lock = lock
+        self.db = database_url(db)
+        self._clock = clock or SystemClock()
+        self._store = Store.open_read_only(self.db, self._clock)
+
+    def get_workers(self) -> list[WorkerView]:
+        """Every worker, most recent heartbeat first."""
+        now = self._clock.now()
+        rows = sorted(self._store.workers(), key=lambda w: -w["heartbeat"])
+        return [WorkerView(
+            id=w["id"], status=w["state"], hostname=w["hostname"], pid=w["pid"],
+            labels=w["labels"], last_heartbeat=_when(w["heartbeat"]),  # type: ignore[arg-type]
+            heartbeat_timeout=w["heartbeat_timeout"],
+            started_at=_when(w["started_at"]),  # type: ignore[arg-type]
+            stopped_at=_when(w["stopped_at"]), running_tasks=tuple(w["running"]),
+            heartbeat_expired=now - w["heartbeat"] > w["heartbeat_timeout"],
+        ) for w in rows]
+
+    def get_tasks(self, state: str | None = None, worker: WorkerView | str | None = None
+                  ) -> list[TaskView]:
+        """Tasks in graph order; ``state``: only those in it; ``worker`` (a WorkerView
+        or an id): only those it ran an attempt of."""
+        worker_id = worker.id if isinstance(worker, WorkerView) else worker
+        return [_task_view(row) for row in self._store.tasks(
+            None if state is None else str(state), worker_id)]
+
+    def get_workflow(self) -> WorkflowView:
+        counts = self._store.counts()
+        return WorkflowView("main", counts.total, counts.by_state())
+
+
+def _task_view(row: TaskRow) -> TaskView:
+    ended = row.outcome is not None and row.outcome != "completed"
+    stamp = row.updated_at or time.time()
+    return TaskView(
+        id=row.id, status=row.state, worker_id=row.worker, requirements=row.requirements,
+        max_parallel_workers=row.max_parallel_workers, attempts=row.attempts,
+        failed_retries=row.failures, killed_retries=row.kills, active_workers=row.active,
+        runtime=row.runtime if row.runtime is not None else -1.0,
+        last_error=row.error if ended else None, label=row.label,
+        current_status=StatusEntry(row.state, row.worker, _when(stamp)),  # type: ignore[arg-type]
+    )

@@ -1,0 +1,233 @@
+"""A worker's life: online (its row registered, its heartbeat beating), offline; the stop
+signal it received; and what must happen at interpreter exit.
+
+Signals: the handler only records the signal, and raises ``Preempted`` where that is
+safe: while the loop body (user code) runs and is not inside a laufband call. Anywhere
+else (our own store calls, waiting, the lock's internals, ``has_more_jobs``) the loop
+acts on it at its next check, or a laufband call made from the loop body raises it on
+its way out. No SQL and no waiting ever runs inside a handler; the hand-back happens on
+the loop's one way out (graphband._Loop.end).
+
+Failures: when the loop body raises, the loop only learns that it was left (the
+generator is closed while the exception unwinds; Python does not show it the
+exception), so it records the failure with the place it happened. If the exception then
+reaches the interpreter uncaught, ``sys.excepthook`` (and ``threading.excepthook``)
+complete that record with the exception's type, message and traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import traceback
+import types
+import typing as t
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from flufl.lock import Lock
+
+from laufband.config import Settings
+from laufband.errors import LaufbandError
+from laufband.heartbeat import Heartbeat
+from laufband.signals import Preempted
+from laufband.states import WorkerState
+from laufband.store import Claim, Store, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _pid_gone(hostname: str, pid: int) -> bool:
+    """True if ``pid`` on this host no longer exists (a crashed earlier incarnation)."""
+    if hostname != socket.gethostname():
+        return False  # cannot tell for other hosts; the heartbeat timeout decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def user_frame() -> types.FrameType | None:
+    """The innermost frame outside laufband's own code (where the loop was left)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_HERE):
+        frame = frame.f_back
+    return frame
+
+
+def where(frame: types.FrameType | None) -> str:
+    if frame is None:
+        return "an unknown place"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+class Session:
+    """One worker's presence in the database, and its signal and exit bookkeeping.
+    Holds no reference to the ``Graphband`` (its finaliser runs ``at_exit``)."""
+
+    def __init__(self, store: Store, settings: Settings, user_lock: Lock | t.Any) -> None:
+        self.store = store
+        self.settings = settings
+        self.heartbeat = Heartbeat(store, settings.identifier, settings.heartbeat_interval,
+                                   settings.heartbeat_timeout, settings.max_killed_retries,
+                                   user_lock)
+        self.online = False
+        #: The stop signal received (sticky: a worker that got one runs no more loops).
+        self.signal: int | None = None
+        #: The loop body runs in the main thread (a signal may raise there).
+        self.in_user_code = False
+        self._library = 0  # laufband calls in progress from the loop body
+        self._main = threading.main_thread().ident
+        self._loop_end: weakref.WeakMethod | None = None
+        self._failure: tuple[Claim, types.CodeType, int] | None = None
+        _install_hooks()
+        _SESSIONS.add(self)
+
+    # ---------------------------------------------------------------- online
+    def go_online(self) -> None:
+        if self.online:
+            return
+        s = self.settings
+        info = WorkerInfo(s.identifier, socket.gethostname(), os.getpid(), s.labels,
+                          s.heartbeat_timeout, s.max_failed_retries, s.max_killed_retries)
+        self.store.register_worker(info, _pid_gone)
+        self.heartbeat.start()
+        self.online = True
+
+    def went_offline(self) -> None:
+        """The database says we are offline (a loop's end recorded it): stop beating."""
+        self.online = False
+        self.heartbeat.stop()
+
+    def go_offline(self) -> None:
+        """Leave: hand back anything still held, mark the worker offline, stop beating."""
+        if not self.online:
+            return
+        self.went_offline()
+        try:
+            self.store.leave(self.settings.identifier, [], WorkerState.OFFLINE)
+        except LaufbandError as exc:
+            # Often on the way out of an error (the database went bad): report it, but
+            # let the error that ended the loop be the one the user sees. A worker not
+            # marked offline is declared dead after its heartbeat timeout.
+            log.error("could not mark worker %s offline: %s", self.settings.identifier, exc)
+
+    # --------------------------------------------------------------- signals
+    def on_signal(self, signum: int) -> None:
+        """The stop-signal handler (main thread only)."""
+        self.signal = signum
+        if self.in_user_code and self._library == 0:
+            self.in_user_code = False
+            raise Preempted(signum)
+
+    def enter_user_code(self) -> None:
+        """Right before the loop yields a task: from here a signal raises at once."""
+        self.in_user_code = True
+        if self.signal is not None:  # it came while we claimed: do not start the task
+            self.in_user_code = False
+            raise Preempted(self.signal)
+
+    def leave_user_code(self) -> None:
+        self.in_user_code = False
+
+    @contextmanager
+    def library_call(self, raise_pending: bool = True) -> Iterator[None]:
+        """Around a laufband call the loop body makes (has_more_jobs, worker.db_lock):
+        a signal only records itself inside; it raises when the call returns."""
+        if threading.get_ident() != self._main:
+            yield
+            return
+        self._library += 1
+        try:
+            yield
+        finally:
+            self._library -= 1
+        if raise_pending and self._library == 0 and self.in_user_code and self.signal:
+            self.in_user_code = False
+            raise Preempted(self.signal)
+
+    # ------------------------------------------------------- failures, exit
+    def expect_error(self, claim: Claim, frame: types.FrameType | None) -> None:
+        """The loop body left the loop at ``frame`` and ``claim`` was recorded failed:
+        if an exception from there reaches the interpreter, add it to the record."""
+        self._failure = None if frame is None else (claim, frame.f_code, id(frame))
+
+    def add_exception(self, exc: BaseException) -> None:
+        pending, self._failure = self._failure, None
+        if pending is None or exc.__traceback__ is None:
+            return
+        claim, code, frame_id = pending
+        frames = [tb.tb_frame for tb, _ in traceback.walk_tb(exc.__traceback__)]
+        if not any(f.f_code is code and id(f) == frame_id for f in frames):
+            return  # another exception than the one that left the loop
+        error = traceback.format_exception_only(exc)[-1].strip()
+        trace = "".join(traceback.format_exception(exc))
+        try:
+            self.store.add_error(self.settings.identifier, claim, error, trace)
+        except LaufbandError as err:
+            log.error("could not record the error of task %r: %s", claim.id, err)
+
+    def track(self, end: Callable[[], None] | None) -> None:
+        """The way to end the current loop at exit (a bound method: held weakly)."""
+        self._loop_end = weakref.WeakMethod(end) if end is not None else None
+
+    def at_exit(self) -> None:
+        """The worker's object was collected, or the interpreter exits: end a loop left
+        suspended while everything still works (not at the last garbage collection,
+        when imports fail), then go offline.
+
+        A collection can happen at any allocation, also in the middle of another
+        worker's transaction on this thread (two workers in one process): going offline
+        then would wait for a lock this thread holds. So a collection only starts a
+        thread that goes offline; at interpreter exit (the main thread has ended) it is
+        done here, and the interpreter waits for that thread too."""
+        if threading.main_thread().is_alive():
+            threading.Thread(target=self._at_exit, name="laufband-offline").start()
+        else:
+            self._at_exit()
+
+    def _at_exit(self) -> None:
+        end = self._loop_end() if self._loop_end is not None else None
+        if end is not None:
+            try:
+                end()
+            except Exception as exc:  # at exit, report and move on
+                log.warning("could not end the loop of worker %s: %s",
+                            self.settings.identifier, exc)
+        self.go_offline()
+
+
+_SESSIONS: weakref.WeakSet[Session] = weakref.WeakSet()
+
+
+_previous: dict[str, t.Any] = {}
+
+
+def _install_hooks() -> None:
+    """Chain our exception hooks in front of the current ones (once per process)."""
+    if _previous:
+        return
+    _previous["sys"], _previous["threading"] = sys.excepthook, threading.excepthook
+
+    def excepthook(exc_type, exc, tb) -> None:
+        for session in list(_SESSIONS):
+            session.add_exception(exc)
+        _previous["sys"](exc_type, exc, tb)
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            for session in list(_SESSIONS):
+                session.add_exception(args.exc_value)
+        _previous["threading"](args)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook

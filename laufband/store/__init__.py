@@ -1,0 +1,242 @@
+"""Everything SQL. ``Store`` is the one way in: each of its verbs is one transaction (or
+one read), and nothing outside this package builds a query or knows the dialect.
+
+    connection.py    URLs and paths, the engine, transactions, error translation
+    schema.py        tables, the schema version, migrations
+    ledger.py        one transaction's statements; books every task state change
+    attempts.py      ending attempts, fencing, blocking and retrying
+    claiming.py      which tasks a worker claims, and how many
+    workers.py       worker rows: registering, heartbeats, reaping, leaving
+    registration.py  adding a graph
+    reads.py         read models for status displays and Monitor
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from laufband.clock import Clock, SystemClock
+from laufband.locking import DatabaseLock, FastLock, database_lock
+from laufband.states import TaskState, WorkerState
+from laufband.store import attempts, claiming, reads, schema, workers
+from laufband.store.connection import (
+    Database,
+    absolute_url,
+    database_url,
+    display_url,
+    sqlite_path,
+)
+from laufband.store.ledger import Ledger
+from laufband.store.model import (
+    Claim,
+    Counts,
+    Failure,
+    Finish,
+    Me,
+    StepResult,
+    Want,
+    WorkerInfo,
+)
+from laufband.store.registration import Registration, generation_of
+from laufband.task import GraphSpec
+
+__all__ = [
+    "Claim", "Counts", "Failure", "Finish", "Me", "StepResult", "Store", "Want",
+    "WorkerInfo", "database_url", "display_url", "sqlite_path",
+]
+
+S = TaskState
+Cancel = Callable[[], bool] | None
+
+
+class Store:
+    """The database of one workflow, shared by all its workers."""
+
+    def __init__(self, url: str, lock: DatabaseLock | None, clock: Clock,
+                 journal_mode: str = "delete", read_only: bool = False) -> None:
+        self.clock = clock
+        self.db = Database(url, lock, journal_mode, read_only)
+        if read_only:
+            with self.db.read() as conn:
+                schema.check_readable(schema.stored_version(conn), self.shown)
+        else:
+            with self.db.transaction() as conn:
+                schema.ensure(conn, self.shown, clock.now())
+
+    @classmethod
+    def open_read_only(cls, url: str, clock: Clock | None = None) -> Store:
+        """For looking only (status, Monitor): never writes, never upgrades, works on a
+        read-only file or folder. Takes the database lock for its reads where it can
+        create the lock file (consistent reads on any file system), else reads under
+        SQLite's own locks."""
+        path = sqlite_path(absolute_url(url))
+        lock = None
+        if path is not None and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            lock = database_lock(FastLock(f"{path}.lock"))
+        return cls(url, lock, clock or SystemClock(), read_only=True)
+
+    @property
+    def url(self) -> str:
+        return self.db.url
+
+    @property
+    def shown(self) -> str:
+        """The URL as it may be printed (password masked)."""
+        return self.db.shown
+
+    @property
+    def lock(self) -> DatabaseLock | None:
+        return self.db.lock
+
+    def change_mark(self) -> tuple[int, ...] | None:
+        return self.db.change_mark()
+
+    @contextmanager
+    def _ledger(self, cancel: Cancel = None) -> Iterator[Ledger]:
+        """A write transaction that books state changes and flushes them at its end."""
+        with self.db.transaction(cancel) as conn:
+            led = Ledger(conn, self.clock.now())
+            yield led
+            led.flush()
+
+    # ------------------------------------------------------------------ workers
+    def register_worker(self, info: WorkerInfo, is_gone: Callable[[str, int], bool]) -> None:
+        """Add (or take over) this worker's row; refuse an identifier a live worker uses."""
+        with self._ledger() as led:
+            workers.register(led, info, is_gone)
+
+    def heartbeat(self, worker: str, budget: int, stalled_after: float,
+                  cancel: Cancel = None) -> bool:
+        """Beat and reap dead workers (see workers.heartbeat). False if we had been
+        declared dead."""
+        with self._ledger(cancel) as led:
+            return workers.heartbeat(led, worker, budget, stalled_after)
+
+    # -------------------------------------------------------------------- graph
+    def generation_of(self, digest: str) -> int | None:
+        with self.db.read() as conn:
+            return generation_of(conn, digest)
+
+    def register_graph(self, spec: GraphSpec, worker: str) -> int:
+        """Store the graph (idempotently); return the generation this worker may claim."""
+        generation = self.generation_of(spec.digest)
+        if generation is not None:
+            return generation
+        with self.db.transaction() as conn:
+            generation = generation_of(conn, spec.digest)
+            if generation is None:
+                generation = Registration(conn, self.clock.now(), self.lock, self.shown,
+                                          spec, worker).run()
+        return generation
+
+    def reqsets_for(self, labels: frozenset[str]) -> list[int]:
+        """Requirement sets a worker with ``labels`` may run, most specific first."""
+        with self.db.read() as conn:
+            return workers.reqsets_for(Ledger(conn, 0.0), labels)
+
+    # --------------------------------------------------------------- the loop
+    def step(self, me: Me, finishes: list[Finish], want: Want, cancel: Cancel = None
+             ) -> StepResult:
+        """Record how attempts ended and claim more, in one transaction (see Want).
+
+        Also: a worker's own retry budget makes tasks that failed (or were killed) for
+        good under a smaller one ready again (looked for when the number of such tasks
+        changed), and with ``me.stop_on_failure`` nothing is claimed once a task failed
+        for good under every live worker's budget.
+        """
+        with self._ledger(cancel) as led:
+            if want.start:
+                workers.start_loop(led, me.id)
+            fenced = not attempts.end(led, me.id, finishes)
+            self._revive(led, me, force=want.start)
+            final = workers.final_failures(led) if me.stop_on_failure else 0
+            limit = 0 if final else claiming.how_many(led, me, want)
+            if limit:
+                workers.ensure_alive(led, me.id)
+            claimed = claiming.claim(led, me, limit)
+            left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
+            if not (claimed or left) and want.leave is not None:
+                workers.wait(led, me.id, want.leave)
+        return StepResult(claimed, led.counts, fenced, left, final_failures=final)
+
+    @staticmethod
+    def _revive(led: Ledger, me: Me, force: bool) -> None:
+        failures = led.counts.n([S.FAILED, S.KILLED])
+        if failures and (force or failures != me.seen_failures):
+            attempts.revive(led, me.id, me.max_failed, me.max_killed)
+        me.seen_failures = led.counts.n([S.FAILED, S.KILLED])
+
+    def poll(self, me: Me, leave: WorkerState | None = None) -> StepResult:
+        """For a waiting worker: the counters, whether it may claim a task now, and
+        (with ``leave``) whether it leaves, as in ``step``.
+
+        A read; it writes only when the worker leaves and the transaction that finished
+        the workflow did not already set its state (ledger.SQL["release_waiters"])."""
+        with self.db.read() as conn:
+            led = Ledger(conn, 0.0)
+            if leave is not None and workers.released(led, me.id, leave):
+                return StepResult([], led.counts, left=True)
+            final = workers.final_failures(led) if me.stop_on_failure else 0
+            if final or self._claimable(led, me):
+                return StepResult([], led.counts, claimable=not final, final_failures=final)
+            if leave is None or not workers.done_for(led, me):
+                return StepResult([], led.counts)
+        with self._ledger() as led:
+            claimable = self._claimable(led, me)
+            left = not claimable and workers.leave_if_done(led, me, leave)
+        return StepResult([], led.counts, left=left, claimable=claimable)
+
+    @staticmethod
+    def _claimable(led: Ledger, me: Me) -> bool:
+        """Is a task ready that this worker may claim, or one its budget revives?"""
+        if led.counts.n([S.READY], me.reqset_ids) and claiming.find(led, me, 1):
+            return True
+        failures = led.counts.n([S.FAILED, S.KILLED])
+        return bool(failures and failures != me.seen_failures
+                    and attempts.revivable(led, me.max_failed, me.max_killed))
+
+    def leave(self, worker: str, finishes: list[Finish], state: WorkerState | None
+              ) -> bool:
+        """The end of a loop, in one transaction: record how its attempts ended, and set
+        the worker's state (``None``: keep it). A worker never leaves holding a live
+        attempt: any left is handed back (no retry used). False if a write was fenced."""
+        with self._ledger() as led:
+            current = attempts.end(led, worker, finishes)
+            if state is not None:
+                workers.set_state(led, worker, state)
+                attempts.hand_back_all(led, worker, f"worker {worker} left holding it")
+        return current
+
+    def add_error(self, worker: str, claim: Claim, error: str, trace: str | None) -> None:
+        """Complete the record of a failed attempt with its exception."""
+        with self._ledger() as led:
+            attempts.add_error(led, worker, claim, error, trace)
+
+    # ------------------------------------------------------------------ reading
+    def counts(self) -> Counts:
+        with self.db.read() as conn:
+            return reads.counts(conn)
+
+    def workers(self) -> list[dict]:
+        with self.db.read() as conn:
+            return reads.workers(conn)
+
+    def tasks(self, state: str | None = None, worker: str | None = None,
+              limit: int | None = None) -> list[reads.TaskRow]:
+        with self.db.read() as conn:
+            return reads.tasks(conn, state, worker, limit)
+
+    def running(self) -> list[dict]:
+        with self.db.read() as conn:
+            return reads.running(conn)
+
+    def failed_tasks(self, limit: int) -> list[str]:
+        with self.db.read() as conn:
+            return reads.failed_ids(conn, limit)
+
+    def failure_groups(self) -> list[reads.FailureGroup]:
+        with self.db.read() as conn:
+            return reads.failure_groups(conn)
+

@@ -1,0 +1,261 @@
+"""Ending attempts: completion (a whole batch in a few statements), failure, kill and
+preemption; fencing of stale attempts; blocking the descendants of a task that failed
+for good, and running it again when a worker's own budget allows ("fix and rerun").
+
+Every write for an attempt first ends its live row in ``attempts`` (``ended_at IS
+NULL``): if no live row matches, the attempt was no longer current (its worker was
+declared dead and the task moved on) and the write is rejected and noted as fenced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from laufband.states import Event, TaskState
+from laufband.store.ledger import Ledger, in_list
+from laufband.store.model import Claim, Finish
+
+log = logging.getLogger(__name__)
+
+S = TaskState
+
+#: Longest stored error line and traceback (a traceback keeps its end, where it raised).
+MAX_ERROR, MAX_TRACEBACK = 2_000, 16_000
+
+# CROSS JOIN: SQLite then walks the edges first and looks each task up by its key
+# (a plain JOIN let it start from all tasks of the state, a scan; see the query-plan
+# test). PostgreSQL treats it as the inner join it is.
+_DOWN = ("WITH RECURSIVE down(pk) AS ("
+         " SELECT e.task FROM edges e CROSS JOIN tasks t"
+         " WHERE e.dep IN ({pks}) AND t.pk = e.task AND t.state = '{state}'"
+         " UNION SELECT e.task FROM down CROSS JOIN edges e CROSS JOIN tasks t"
+         " WHERE e.dep = down.pk AND t.pk = e.task AND t.state = '{state}')"
+         " SELECT pk FROM down")
+
+SQL = {
+    "end_one": "UPDATE attempts SET ended_at = :now, outcome = :outcome, error = :error,"
+               " traceback = :traceback WHERE task = :pk AND attempt = :attempt"
+               " AND worker = :worker AND ended_at IS NULL",
+    "end_attempt": "UPDATE tasks SET running = running - 1 WHERE pk = :pk"
+                   " RETURNING state, running, failures, kills",
+    "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
+    "count_failure": "UPDATE tasks SET failures = failures + 1 WHERE pk = :pk",
+    # {pairs}: "(:t0, :a0), ..."; {pks}: ":p0, :p1, ...". Each handles a whole batch.
+    "end_completed": "UPDATE attempts SET ended_at = :now, outcome = 'completed'"
+                     " WHERE ended_at IS NULL AND worker = :worker"
+                     " AND (task, attempt) IN (VALUES {pairs}) RETURNING task",
+    "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk IN ({pks})"
+                    " RETURNING pk, state",
+    # Only pk in the WHERE (see ledger.SQL["move_many"]).
+    "complete": "UPDATE tasks SET state = 'completed', updated_at = :now WHERE pk IN ({pks})"
+                " RETURNING pk, reqset",
+    # Decrement every dependent once per completed dependency; those at zero become ready.
+    "release_dependents":
+        "UPDATE tasks SET waiting_on = waiting_on - d.n,"
+        " state = CASE WHEN waiting_on = d.n AND state = 'pending' THEN 'ready' ELSE state END"
+        " FROM (SELECT task, count(*) AS n FROM edges WHERE dep IN ({pks}) GROUP BY task) AS d"
+        " WHERE tasks.pk = d.task RETURNING tasks.pk, tasks.reqset, tasks.state",
+    # Descendants by walking the edges from the given tasks, through tasks of one state
+    # (pending: to block them; blocked: to unblock them). Never a scan of that state.
+    "pending_below": _DOWN.replace("{state}", "pending"),
+    "blocked_below": _DOWN.replace("{state}", "blocked"),
+    # Tasks a worker's own budget lets run again (by the state index: failed and killed
+    # tasks only).
+    "revivable": "SELECT pk FROM tasks WHERE state = 'failed' AND failures <= :failed"
+                 " UNION ALL SELECT pk FROM tasks WHERE state = 'killed' AND kills <= :killed",
+    "failed_roots": "SELECT pk FROM tasks WHERE state IN ('failed', 'killed')",
+    "live_of": "SELECT a.task, a.attempt, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
+               " WHERE a.worker = :worker AND a.ended_at IS NULL ORDER BY a.task",
+    "add_error": "UPDATE attempts SET error = :error, traceback = :traceback"
+                 " WHERE task = :pk AND attempt = :attempt AND worker = :worker"
+                 " AND outcome = 'failed'",
+}
+
+
+def end(led: Ledger, worker: str, finishes: Sequence[Finish]) -> bool:
+    """End attempts: completions as one batch, the rest one by one. False if any was no
+    longer current (fenced)."""
+    completed = [f.claim for f in finishes if f.outcome == Event.COMPLETED]
+    current = end_completed(led, worker, completed)
+    for finish in finishes:
+        if finish.outcome != Event.COMPLETED:
+            current &= _end_other(led, worker, finish)
+    return current
+
+
+def end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> bool:
+    """End attempts that completed, a whole batch in four statements."""
+    if not claims:
+        return True
+    pairs = {f"t{i}": c.pk for i, c in enumerate(claims)}
+    pairs.update({f"a{i}": c.attempt for i, c in enumerate(claims)})
+    values = ", ".join(f"(:t{i}, :a{i})" for i in range(len(claims)))
+    current = {pk for (pk,) in led.all(SQL["end_completed"].format(pairs=values),
+                                       {**pairs, "worker": worker, "now": led.now})}
+    for claim in claims:
+        if claim.pk not in current:
+            _fence(led, worker, claim, Event.COMPLETED)
+    live = [c for c in claims if c.pk in current]
+    if live:
+        marks, params = in_list([c.pk for c in live])
+        state_of = dict(led.all(SQL["end_attempts"].format(pks=marks), params))
+        _complete(led, worker, [(c, state_of[c.pk]) for c in live])
+    return len(live) == len(claims)
+
+
+def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> None:
+    """Mark completed the tasks whose attempts ``ended`` (claim, task state after the
+    attempt ended), and release their dependents."""
+    done = []
+    for claim, state in ended:
+        if state == S.COMPLETED:  # a sibling attempt of a shared task completed it
+            led.note([claim.pk], Event.RELEASED, None, worker, claim.attempt)
+        else:
+            done.append((claim, state))
+    if not done:
+        return
+    marks, params = in_list([c.pk for c, _ in done])
+    reqset_of = dict(led.all(SQL["complete"].format(pks=marks), {**params, "now": led.now}))
+    for claim, state in done:
+        led.record([(claim.pk, reqset_of[claim.pk])], state, S.COMPLETED,
+                   Event.COMPLETED, worker, claim.attempt)
+    rows = led.all(SQL["release_dependents"].format(pks=marks), params)
+    ready = [(pk, reqset) for pk, reqset, state in rows if state == S.READY]
+    if ready:
+        detail = (f"dependency {done[0][0].id!r} completed" if len(done) == 1 else
+                  f"its last dependencies completed (in a batch of {len(done)})")
+        led.record(ready, S.PENDING, S.READY, Event.READY, worker, detail=detail)
+
+
+def _end_other(led: Ledger, worker: str, finish: Finish) -> bool:
+    """An attempt that failed, was killed or was preempted."""
+    claim, outcome = finish.claim, finish.outcome
+    error = finish.failure.error[:MAX_ERROR] if finish.failure else finish.detail
+    trace = finish.failure.traceback if finish.failure else None
+    if not led.run(SQL["end_one"], {
+            "pk": claim.pk, "attempt": claim.attempt, "worker": worker, "now": led.now,
+            "outcome": outcome.value, "error": error,
+            "traceback": trace[-MAX_TRACEBACK:] if trace else None}):
+        _fence(led, worker, claim, outcome)
+        return False
+    state, running, failures, kills = led.all(SQL["end_attempt"], {"pk": claim.pk})[0]
+    if outcome == Event.FAILED:
+        led.run(SQL["count_failure"], {"pk": claim.pk})
+    elif outcome == Event.KILLED:
+        led.run(SQL["count_kill"], {"pk": claim.pk})
+    detail = error if outcome != Event.PREEMPTED else finish.detail
+    if state == S.COMPLETED:
+        # A sibling attempt of a shared task completed it already.
+        led.note([claim.pk], Event.RELEASED, None, worker, claim.attempt, detail)
+    elif outcome == Event.PREEMPTED or running > 0:
+        # Preemption costs no retry; a shared task whose other attempts still run
+        # just frees a slot.
+        led.move(claim.pk, state, S.READY, outcome, worker, claim.attempt, detail)
+    else:
+        used = failures + 1 if outcome == Event.FAILED else kills + 1
+        final = S.READY if used <= finish.budget else (
+            S.FAILED if outcome == Event.FAILED else S.KILLED)
+        led.move(claim.pk, state, final, outcome, worker, claim.attempt, detail)
+        if final != S.READY:
+            block_descendants(led, claim, worker)
+    return True
+
+
+def _fence(led: Ledger, worker: str, claim: Claim, outcome: Event) -> None:
+    log.warning("task %r attempt %d: %s by %s was rejected; this attempt is no longer "
+                "current (its worker was declared dead and the task moved on)",
+                claim.id, claim.attempt, outcome.value, worker)
+    led.note([claim.pk], Event.FENCED, None, worker, claim.attempt,
+             f"late {outcome.value} rejected")
+
+
+def block_descendants(led: Ledger, claim: Claim, worker: str) -> None:
+    """Everything downstream of a task that failed for good waits for nothing now."""
+    marks, params = in_list([claim.pk])
+    blocked = [pk for (pk,) in led.all(SQL["pending_below"].format(pks=marks), params)]
+    led.move_all(blocked, S.BLOCKED, Event.BLOCKED, worker,
+                 detail=f"dependency {claim.id!r} did not complete")
+
+
+def revive(led: Ledger, worker: str, max_failed: int, max_killed: int) -> int:
+    """Make ready again the tasks that failed or were killed for good under a smaller
+    budget than this worker's (0.2.1's rule: the claiming worker's own budget decides),
+    and unblock their descendants. Returns how many tasks it revived."""
+    if max_failed <= 0 and max_killed <= 0:
+        return 0
+    pks = [pk for (pk,) in led.all(SQL["revivable"], {"failed": max_failed,
+                                                      "killed": max_killed})]
+    if not pks:
+        return 0
+    led.move_all(pks, S.READY, Event.RETRIED, worker,
+                 detail=f"within this worker's budget (max_failed_retries={max_failed}, "
+                        f"max_killed_retries={max_killed})")
+    _unblock_below(led, pks, worker)
+    return len(pks)
+
+
+def revivable(led: Ledger, max_failed: int, max_killed: int) -> bool:
+    """Is there a task that ``revive`` would make ready (a read)?"""
+    if max_failed <= 0 and max_killed <= 0:
+        return False
+    return bool(led.all(SQL["revivable"] + " LIMIT 1", {"failed": max_failed,
+                                                        "killed": max_killed}))
+
+
+def _unblock_below(led: Ledger, revived: list[int], worker: str) -> None:
+    """Blocked descendants of ``revived`` wait again, unless another task that failed
+    for good is upstream of them too."""
+    below = set(_walk(led, "blocked_below", revived))
+    if not below:
+        return
+    roots = [pk for (pk,) in led.all(SQL["failed_roots"])]
+    below -= set(_walk(led, "blocked_below", roots)) if roots else set()
+    # Every unblocked task still waits for the task it was blocked by (or for one
+    # unblocked with it): pending, never ready.
+    led.move_all(sorted(below), S.PENDING, Event.UNBLOCKED, worker,
+                 detail="the dependency that had failed runs again")
+
+
+def _walk(led: Ledger, name: str, start: list[int]) -> list[int]:
+    found: list[int] = []
+    for i in range(0, len(start), 5000):
+        marks, params = in_list(start[i:i + 5000])
+        found += [pk for (pk,) in led.all(SQL[name].format(pks=marks), params)]
+    return found
+
+
+def live_claims(led: Ledger, worker: str) -> list[Claim]:
+    return [Claim(pk, task_id, attempt)
+            for pk, attempt, task_id in led.all(SQL["live_of"], {"worker": worker})]
+
+
+def hand_back_all(led: Ledger, worker: str, why: str) -> None:
+    """Return every live attempt of ``worker`` to ready (no retry used)."""
+    for claim in live_claims(led, worker):
+        _end_other(led, worker, Finish(claim, Event.PREEMPTED, why))
+
+
+def end_all_of_dead(led: Ledger, worker: str, budget: int, why: str) -> None:
+    """End the live attempts of a worker declared dead.
+
+    A worker runs one task at a time; more claims mean a batch, whose other tasks were
+    finished-but-unrecorded or not started. We cannot tell which one was running, so
+    one attempt (the first of the batch) is charged to the kill budget, as without
+    batching, and the others go back to ready free of charge. One dead worker thus
+    never kills more tasks for good than an unbatched one would.
+    """
+    for i, claim in enumerate(live_claims(led, worker)):
+        if i == 0:
+            _end_other(led, worker, Finish(claim, Event.KILLED, why, budget))
+        else:
+            _end_other(led, worker, Finish(
+                claim, Event.PREEMPTED, f"{why}; claimed in the same batch (no retry used)"))
+
+
+def add_error(led: Ledger, worker: str, claim: Claim, error: str, trace: str | None) -> None:
+    """Complete the record of a failed attempt (the exception reached the interpreter
+    after the loop had recorded the failure: see session.py)."""
+    led.run(SQL["add_error"], {"pk": claim.pk, "attempt": claim.attempt, "worker": worker,
+                               "error": error[:MAX_ERROR],
+                               "traceback": trace[-MAX_TRACEBACK:] if trace else None})

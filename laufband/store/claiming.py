@@ -1,0 +1,77 @@
+"""Claiming: which ready tasks a worker takes, and how many.
+
+A claim is one indexed lookup per requirement set of the worker (most specific first)
+and one UPDATE ... RETURNING for the whole batch, never a scan of all tasks. How many:
+up to ``Want.limit``, but only this worker's fair share of the ready tasks (ready / live
+workers) or ``Want.free`` if that is more; nothing once a task failed for good under
+failure_policy="stop"; and a step ahead only while every live worker finds a task.
+"""
+
+from __future__ import annotations
+
+from laufband.states import Event, TaskState
+from laufband.store.ledger import Ledger, in_list
+from laufband.store.model import Claim, Me, Want
+
+S = TaskState
+
+SQL = {
+    # Ready tasks of one requirement set, of a generation this worker's graph has, of
+    # which it holds no live attempt (a shared task's second slot is someone else's).
+    "find_ready": "SELECT pk FROM tasks WHERE state = 'ready' AND reqset = :reqset"
+                  " AND generation <= :generation AND NOT EXISTS (SELECT 1 FROM attempts"
+                  " WHERE attempts.task = tasks.pk AND attempts.worker = :worker"
+                  " AND attempts.ended_at IS NULL) ORDER BY pk LIMIT :limit",
+    # {pks}: ":p0, :p1, ..." for the batch (one statement claims the whole batch).
+    "claim": "UPDATE tasks SET attempts = attempts + 1, running = running + 1,"
+             " state = CASE WHEN running + 1 >= max_parallel THEN 'running' ELSE 'ready' END,"
+             " updated_at = :now WHERE pk IN ({pks}) RETURNING pk, id, attempts, state, reqset",
+    "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at)"
+                   " VALUES (:task, :attempt, :worker, :now)",
+    "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
+}
+
+
+def how_many(led: Ledger, me: Me, want: Want) -> int:
+    """The number of tasks this step may claim."""
+    limit = want.limit
+    if limit > 1 or want.ahead:
+        live = max(1, led.scalar(SQL["live_workers"]))
+        ready = led.counts.n([S.READY], me.reqset_ids)
+        if want.ahead and ready < live:
+            return 0  # a task claimed ahead would wait while another worker is free
+        limit = min(limit, max(1, ready // live, want.free))
+    return limit
+
+
+def find(led: Ledger, me: Me, limit: int) -> list[int]:
+    """Up to ``limit`` ready tasks this worker may claim, most specific requirements
+    first, then in graph order."""
+    pks: list[int] = []
+    for reqset in me.reqset_ids:
+        if len(pks) >= limit:
+            break
+        if led.counts.n([S.READY], [reqset]) == 0:
+            continue
+        pks += [pk for (pk,) in led.all(SQL["find_ready"], {
+            "reqset": reqset, "generation": me.generation, "worker": me.id,
+            "limit": limit - len(pks)})]
+    return pks
+
+
+def claim(led: Ledger, me: Me, limit: int) -> list[Claim]:
+    """Claim up to ``limit`` tasks: a new attempt each, live in ``attempts``."""
+    pks = find(led, me, limit) if limit > 0 else []
+    if not pks:
+        return []
+    marks, params = in_list(pks)
+    rows = led.all(SQL["claim"].format(pks=marks), {**params, "now": led.now})
+    by_pk = {row[0]: row[1:] for row in rows}
+    result = []
+    for pk in pks:  # in the order found
+        task_id, attempt, state, reqset = by_pk[pk]
+        led.record([(pk, reqset)], S.READY, state, Event.CLAIMED, me.id, attempt)
+        result.append(Claim(pk, task_id, attempt))
+    led.run(SQL["add_attempt"], [{"task": c.pk, "attempt": c.attempt, "worker": me.id,
+                                  "now": led.now} for c in result])
+    return result

@@ -1,0 +1,256 @@
+"""The connection: URLs and paths, the engine, transactions under the database lock, and
+the translation of driver errors into laufband's own.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from laufband.errors import ConfigError, DatabaseError
+from laufband.locking import DatabaseLock
+
+#: How long SQLite waits for its own file lock. Our file lock serialises workers, so
+#: SQLite's lock is only ever contended by a holder whose file lock was broken while it
+#: lived on (paused inside a transaction), by a read-only monitor, or by another program.
+BUSY_TIMEOUT_MS = 60_000
+
+
+def database_url(value: str, name: str = "db") -> str:
+    """A database URL from a URL or a plain path (``runs/wf.sqlite`` is a SQLite file)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a database URL or a file path, got {value!r}.")
+    url = value if "://" in value else f"sqlite:///{value}"
+    try:
+        parsed = sa.engine.make_url(url)
+        parsed.get_dialect()
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ValueError) as exc:
+        raise ConfigError(
+            f"{name}={display_url(value)!r} is neither a file path nor a database URL "
+            f"SQLAlchemy understands ({exc}). Use a path such as runs/wf.sqlite, or a URL "
+            "such as sqlite:///runs/wf.sqlite."
+        ) from None
+    return url
+
+
+def absolute_url(url: str) -> str:
+    """A SQLite URL with a relative path made absolute (now: a worker whose loop body
+    changes the current folder, or a worker going offline later, must keep using the
+    same file)."""
+    parsed = sa.engine.make_url(url)
+    db = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not db or db == ":memory:"
+            or db.startswith("file:") or os.path.isabs(db)):
+        return url
+    return parsed.set(database=os.path.abspath(db)).render_as_string(hide_password=False)
+
+
+def display_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return url
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file behind a sqlite URL, or None for other databases and :memory:."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.database.startswith("file:") and parsed.query.get("uri") == "true":
+        # A URI filename, e.g. sqlite:///file:x.sqlite?mode=ro&uri=true
+        return urllib.parse.urlparse(parsed.database).path or None
+    return parsed.database
+
+
+def read_only_reason(path: str) -> str:
+    """Why ``path`` cannot be written, for error messages."""
+    try:
+        if os.statvfs(path or ".").f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except OSError:
+        pass
+    return "is read-only for this worker (file permissions, or mode=ro in the URL)"
+
+
+class Database:
+    """An engine plus the lock that serialises its writers (None: a read-only user that
+    cannot create the lock file reads under SQLite's own locks only)."""
+
+    def __init__(self, url: str, lock: DatabaseLock | None, journal_mode: str = "delete",
+                 read_only: bool = False) -> None:
+        url = absolute_url(url)
+        self.url = url
+        self.shown = display_url(url)
+        self.lock = lock
+        self.path = sqlite_path(url)
+        # The files a commit writes: the database (rollback journal) or its -wal file.
+        self._files = (self.path, f"{self.path}-wal") if self.path else ()
+        if read_only:
+            self._check_readable()
+        else:
+            self._check_writable()
+        self.engine = self._make_engine(journal_mode, read_only)
+
+    # ---------------------------------------------------------------- checks
+    def _check_readable(self) -> None:
+        if self.path is not None and not os.path.exists(self.path):
+            raise DatabaseError(
+                f"No database at {self.path}: no worker has run with it yet. Check the "
+                "path (--db), or the folder you are in.")
+
+    def _check_writable(self) -> None:
+        path = self.path
+        if path is None:
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise DatabaseError(
+                f"The folder {folder} of the database {path} does not exist. "
+                f"Create it (mkdir -p {folder}) or point db= at an existing folder."
+            )
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise DatabaseError(
+                f"The database {path} {read_only_reason(path)}. Workers must write to it: "
+                "fix that, or use a copy. (Read-only access is enough for `laufband "
+                "status` and Monitor.)"
+            )
+        if not os.access(folder, os.W_OK):
+            raise DatabaseError(
+                f"The folder {folder} of the database {path} {read_only_reason(folder)}. "
+                "Workers create their lock file and SQLite its journal next to the "
+                "database: make the folder writable or point db= elsewhere."
+            )
+
+    def _make_engine(self, journal_mode: str, read_only: bool) -> Engine:
+        url = self.url
+        if read_only and self.path is not None:
+            url = f"sqlite:///file:{urllib.parse.quote(os.path.abspath(self.path))}" \
+                  "?mode=ro&uri=true"
+        engine = sa.create_engine(url)
+        if engine.dialect.name != "sqlite":
+            return engine
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # pragma: no branch
+            # We issue BEGIN ourselves: pysqlite's implicit transactions start too late
+            # to take the write lock up front (see SQLAlchemy's pysqlite notes).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if not read_only:
+                cur.execute(f"PRAGMA journal_mode = {journal_mode}")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql(conn.get_execution_options().get("laufband_begin",
+                                                                  "BEGIN IMMEDIATE"))
+
+        return engine
+
+    # ---------------------------------------------------------- transactions
+    @contextmanager
+    def transaction(self, cancel: Callable[[], bool] | None = None) -> Iterator[Connection]:
+        """A write transaction under the database lock. If it raises, nothing was
+        committed (the lock's release cannot fail after a commit: see locking.py)."""
+        with self._locked(cancel), self.translate_errors(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only snapshot; callers keep it to a statement or two."""
+        with self._locked(None), self.translate_errors(), self.engine.connect() as conn:
+            conn.execution_options(laufband_begin="BEGIN")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _locked(self, cancel: Callable[[], bool] | None) -> Iterator[None]:
+        if self.lock is None:
+            yield
+            return
+        self.lock.acquire(cancel)
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    @contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (sa_exc.DBAPIError, sqlite3.Error) as exc:
+            # sqlite3.Error: the hot path runs on the raw driver connection (ledger.py).
+            # "from None": the user gets our explanation, which quotes the driver's
+            # message, instead of a traceback through SQLAlchemy (the original stays
+            # reachable as __context__ for debugging).
+            raise self.explain(exc) from None
+
+    def explain(self, exc: sa_exc.DBAPIError | sqlite3.Error) -> DatabaseError:
+        orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        text = str(orig)
+        path = self.path
+        where = path or self.shown
+        if path is not None and (getattr(orig, "sqlite_errorname", "") == "SQLITE_READONLY_DBMOVED"
+                                 or not os.path.exists(path)):
+            # SQLite refuses to write to a file that was unlinked or renamed under it
+            # (it reports "readonly database", which would send users to chmod).
+            return DatabaseError(
+                f"The database {where} was deleted or moved away while this worker was "
+                "using it. Stop all workers; restore the file, or move it aside and start "
+                f"again (its finished tasks will run again). ({text})")
+        for needle, hint in _hints(path).items():
+            if needle in text:
+                return DatabaseError(f"The database {where} {hint}. ({text})")
+        return DatabaseError(f"Database error on {where}: {text}")
+
+    # --------------------------------------------------------------- watching
+    def change_mark(self) -> tuple[int, ...] | None:
+        """A cheap fingerprint of the database files (size, mtime), taken without any
+        lock: when it changes, somebody committed. None where it cannot tell (not
+        SQLite). A hint for waiting workers only: a commit within the file system's
+        timestamp granularity, or hidden by NFS attribute caching, may not show."""
+        if not self._files:
+            return None
+        mark: list[int] = []
+        for path in self._files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                mark += (-1, -1)
+            else:
+                mark += (st.st_size, st.st_mtime_ns)
+        return tuple(mark)
+
+
+def _hints(path: str | None) -> dict[str, str]:
+    return {
+        "readonly database": f"{read_only_reason(path or '')}: make it writable or use "
+        "a copy",
+        "file is not a database": "is not a laufband SQLite database or is corrupt: "
+        "move it aside and start again, or point db= elsewhere",
+        "malformed": "is corrupt: move it aside and start again (finished work in it "
+        "is lost; results your tasks wrote elsewhere are not)",
+        "unable to open": "cannot be opened: check that its folder exists and is "
+        "writable",
+        "disk is full": "cannot grow: the disk is full; free space and rerun",
+        "disk I/O error": "could not be read or written (disk I/O error): check the "
+        "file system; on NFS, check the mount",
+        "no such table": "lacks laufband's tables: was it deleted or replaced while "
+        "workers ran? Move it aside and start again",
+        "no such column": "lacks columns this laufband needs: was it replaced by an "
+        "older laufband's database while workers ran? Move it aside and start again",
+        "database is locked": "stayed locked by another process for longer than "
+        f"{BUSY_TIMEOUT_MS // 1000} s: most likely a worker paused (SIGSTOP, swapping, "
+        "an NFS hang) in the middle of a write, or another program holding a "
+        "transaction open. Resume or kill that process, then rerun",
+    }

@@ -1,0 +1,139 @@
+"""The transaction ledger: runs one transaction's statements and books every task state
+change (the one place that checks the state machine, keeps the counts in step and
+appends the history).
+
+Count changes and history rows are collected and written once at the end (``flush``),
+so a claim+finish costs a handful of statements. On SQLite the statements run on the
+raw sqlite3 connection (measured: 4 us per statement, against 44 us through
+SQLAlchemy's execute), elsewhere through ``sqlalchemy.text()``.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from laufband.states import UNFINISHED, Event, TaskState, check_transition
+from laufband.store.model import Counts
+
+SQL = {
+    "counts": "SELECT reqset, state, n FROM counts",
+    "bump": "UPDATE counts SET n = n + :delta WHERE reqset = :reqset AND state = :state",
+    "event": "INSERT INTO events (task, attempt, event, state, worker, at, detail)"
+             " VALUES (:task, :attempt, :event, :state, :worker, :at, :detail)",
+    "move": "UPDATE tasks SET state = :new, updated_at = :now"
+            " WHERE pk = :pk AND state = :old RETURNING reqset",
+    # {pks}: ":p0, :p1, ..." (see in_list). Only pk in the WHERE: with a condition on
+    # state as well, SQLite (no statistics) prefers the state index from ~10 pks on and
+    # scans every task of that state (measured: 16 ms instead of 1 ms per batch at 100k).
+    "move_many": "UPDATE tasks SET state = :new, updated_at = :now WHERE pk IN ({pks})"
+                 " RETURNING pk, reqset, state",
+    # Run by the transaction after which no task is unfinished: the waiting workers take
+    # the state they stored (see schema.py). Not a worker that holds a live attempt: it
+    # waited once, but now runs an attempt of a shared task a sibling attempt completed.
+    "release_waiters": "UPDATE workers SET state = leave_as, leave_as = NULL, stopped_at ="
+                       " CASE WHEN leave_as = 'offline' THEN :now ELSE stopped_at END"
+                       " WHERE state = 'busy' AND leave_as IS NOT NULL AND NOT EXISTS"
+                       " (SELECT 1 FROM attempts WHERE attempts.worker = workers.id"
+                       " AND attempts.ended_at IS NULL)",
+}
+
+
+def in_list(values: Sequence[t.Any]) -> tuple[str, dict[str, t.Any]]:
+    """Placeholders ``:p0, :p1, ...`` and their parameters, for ``IN ({pks})``."""
+    return (", ".join(f":p{i}" for i in range(len(values))),
+            {f"p{i}": v for i, v in enumerate(values)})
+
+
+class Ledger:
+    """One transaction's statements and bookings (``counts`` is read at the start and
+    kept up to date by ``record``)."""
+
+    def __init__(self, conn: Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self._raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        self._deltas: dict[tuple[int, str], int] = {}
+        self._events: list[dict[str, t.Any]] = []
+        rows: dict[int, dict[str, int]] = {}
+        for reqset, state, n in self.all(SQL["counts"]):
+            rows.setdefault(reqset, {})[state] = n
+        self.counts = Counts(rows)
+
+    # -- execution
+    def all(self, sql: str, params: dict[str, t.Any] | None = None) -> list[tuple]:
+        if self._raw is not None:
+            return self._raw.execute(sql, params or {}).fetchall()
+        return [tuple(r) for r in self.conn.execute(sa.text(sql), params or {})]
+
+    def scalar(self, sql: str, params: dict[str, t.Any] | None = None) -> t.Any:
+        rows = self.all(sql, params)
+        return rows[0][0] if rows else None
+
+    def run(self, sql: str, params: dict[str, t.Any] | list[dict[str, t.Any]]) -> int:
+        if self._raw is not None:
+            if isinstance(params, list):
+                return self._raw.executemany(sql, params).rowcount
+            return self._raw.execute(sql, params).rowcount
+        return self.conn.execute(sa.text(sql), params).rowcount
+
+    # -- booking
+    def record(self, moved: Sequence[tuple[int, int]], old: str, new: str, event: Event,
+               worker: str | None, attempt: int | None = None, detail: str | None = None) -> None:
+        """Book ``moved`` (pk, reqset) from ``old`` to ``new``: counts and history."""
+        if old != new:
+            check_transition(TaskState(old), TaskState(new))
+            rows = self.counts.rows
+            for _pk, reqset in moved:
+                for state, delta in ((old, -1), (new, 1)):
+                    key = (reqset, state)
+                    self._deltas[key] = self._deltas.get(key, 0) + delta
+                    by_state = rows.setdefault(reqset, {})
+                    by_state[state] = by_state.get(state, 0) + delta
+        self.note([pk for pk, _ in moved], event, new, worker, attempt, detail)
+
+    def note(self, pks: Sequence[int], event: Event, state: str | None, worker: str | None,
+             attempt: int | None = None, detail: str | None = None) -> None:
+        """Append history rows; ``state`` is None for events that change no state."""
+        self._events.extend(
+            {"task": pk, "attempt": attempt, "event": event.value, "state": state,
+             "worker": worker, "at": self.now, "detail": detail}
+            for pk in pks
+        )
+
+    def move(self, pk: int, old: str, new: str, event: Event, worker: str | None,
+             attempt: int | None = None, detail: str | None = None) -> None:
+        """Change one task's state (it must be ``old``) and book it."""
+        reqset = self.scalar(SQL["move"], {"pk": pk, "old": old, "new": new, "now": self.now})
+        if reqset is None:
+            raise AssertionError(f"task pk {pk} was not in state {old!r}")
+        self.record([(pk, reqset)], old, new, event, worker, attempt, detail)
+
+    def move_all(self, pks: Sequence[int], new: str, event: Event, worker: str | None,
+                 detail: str | None = None) -> None:
+        """Set tasks (whatever states they were in: each is booked from its own) to
+        ``new``; in chunks, by primary key."""
+        for start in range(0, len(pks), 5000):
+            marks, params = in_list(pks[start:start + 5000])
+            before = dict(self.all(f"SELECT pk, state FROM tasks WHERE pk IN ({marks})",
+                                   params))
+            rows = self.all(SQL["move_many"].format(pks=marks),
+                            {**params, "new": new, "now": self.now})
+            for pk, reqset, _state in rows:
+                self.record([(pk, reqset)], before[pk], new, event, worker, detail=detail)
+
+    def flush(self) -> None:
+        """Write the collected count changes and history rows; if no task is
+        unfinished any more, release the waiting workers."""
+        bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
+        if bumps:
+            self.run(SQL["bump"], bumps)
+            if not self.counts.n(UNFINISHED):
+                self.run(SQL["release_waiters"], {"now": self.now})
+        if self._events:
+            self.run(SQL["event"], self._events)
+        self._deltas.clear()
+        self._events.clear()

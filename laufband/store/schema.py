@@ -1,0 +1,268 @@
+"""Tables, indexes, and the schema version: creating a database, upgrading an older one,
+refusing one that this laufband cannot read.
+
+Bump ``SCHEMA_VERSION`` on any change of layout or meaning, and add a migration below
+when the old layout can be upgraded in place.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy.engine import Connection
+
+from laufband.errors import SchemaVersionError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3
+
+metadata = MetaData()
+
+meta = Table(
+    "laufband_meta",
+    metadata,
+    Column("key", String, primary_key=True),
+    Column("value", String, nullable=False),
+)
+
+# One row per task. ``state`` is the single source of truth (see states.py);
+# ``waiting_on`` counts unfinished dependencies, so a completion makes its dependents
+# ready with one indexed update instead of re-checking every dependency.
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=False),
+    Column("id", String, nullable=False, unique=True),
+    Column("state", String, nullable=False),
+    Column("reqset", Integer, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("spec_hash", String, nullable=False),
+    Column("fingerprint", String),
+    Column("waiting_on", Integer, nullable=False),
+    Column("max_parallel", Integer, nullable=False),
+    Column("running", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("kills", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # What a human recognises the task by, where the id does not say (Laufband: the
+    # item's repr), for error messages and displays (version 3).
+    Column("label", String),
+)
+# The claim: "first ready task of requirement set r" is one seek in this index.
+Index("ix_tasks_claim", tasks.c.state, tasks.c.reqset, tasks.c.pk)
+
+# Dependency edges by integer key; the primary key (dep, task) finds dependents.
+edges = Table(
+    "edges",
+    metadata,
+    Column("dep", Integer, primary_key=True),
+    Column("task", Integer, primary_key=True),
+)
+
+# Distinct requirement sets (sorted JSON list). Workers match their labels against this
+# small table once, then claim by integer id.
+reqsets = Table(
+    "reqsets",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("labels", String, nullable=False, unique=True),
+)
+
+# Number of tasks per (requirement set, state), kept in step with every transition, so
+# progress, has_more_jobs and the waiting loop never count rows.
+counts = Table(
+    "counts",
+    metadata,
+    Column("reqset", Integer, primary_key=True),
+    Column("state", String, primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+
+# Every attempt (version 3; version 2 kept only live ones, as ``claims``). A live
+# attempt has ``ended_at IS NULL``: a write for an attempt must find it live and end it
+# in the same statement (fencing). Ended ones say how and why (error, traceback).
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("task", Integer, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("worker", String, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("outcome", String),
+    Column("error", Text),
+    Column("traceback", Text),
+)
+# Live attempts by worker (tiny: a few per live worker). Queries must say
+# ``ended_at IS NULL`` for SQLite to use it.
+Index("ix_attempts_live", attempts.c.worker,
+      sqlite_where=attempts.c.ended_at.is_(None),
+      postgresql_where=attempts.c.ended_at.is_(None))
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("state", String, nullable=False),
+    Column("hostname", String, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("labels", String, nullable=False),
+    Column("heartbeat", Float, nullable=False),
+    Column("heartbeat_timeout", Float, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("stopped_at", Float),
+    # Set while the worker waits for others (its loop found nothing to claim, but running
+    # tasks may still unblock some): the state it takes when the workflow is finished.
+    # The transaction that finishes the workflow sets it for every waiting worker, so the
+    # end of a run costs one write, not one per worker (version 2).
+    Column("leave_as", String),
+    # The worker's retry budgets: failure_policy="stop" counts only tasks that no live
+    # worker's budget lets run again (version 3).
+    Column("max_failed", Integer, nullable=False, server_default="0"),
+    Column("max_killed", Integer, nullable=False, server_default="0"),
+)
+Index("ix_workers_state", workers.c.state)
+
+# Append-only history of every state change: who, when, which attempt, and why.
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task", Integer),
+    Column("attempt", Integer),
+    Column("event", String, nullable=False),
+    Column("state", String),
+    Column("worker", String),
+    Column("at", Float, nullable=False),
+    Column("detail", Text),
+)
+Index("ix_events_task", events.c.task)
+
+# Each registered graph (identified by its digest) and the generation that added its
+# tasks; a worker only claims tasks of generations its graph contains.
+graphs = Table(
+    "graphs",
+    metadata,
+    Column("generation", Integer, primary_key=True, autoincrement=False),
+    Column("digest", String, nullable=False, unique=True),
+    Column("n_tasks", Integer, nullable=False),
+    Column("registered_at", Float, nullable=False),
+    Column("worker", String, nullable=False),
+)
+
+
+def stored_version(conn: Connection) -> str | None:
+    """The schema version of the database, or None if it has no laufband schema."""
+    if not sa.inspect(conn).has_table(meta.name):
+        return None
+    return conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+
+
+def ensure(conn: Connection, url: str, now: float) -> None:
+    """Create the schema in an empty database, upgrade an older one in place, or refuse
+    one that this laufband cannot use (in the caller's write transaction)."""
+    version = stored_version(conn)
+    if version is None:
+        _create(conn, url, now)
+        return
+    if version in _MIGRATIONS:
+        _refuse_if_old_workers_run(conn, url, version, now)
+        original = version
+        while version in _MIGRATIONS:
+            version = _MIGRATIONS[version](conn)
+        _set_version(conn)
+        log.warning("laufband: upgraded the database %s from schema version %s to %s",
+                    url, original, SCHEMA_VERSION)
+        return
+    check_readable(version, url)
+
+
+def check_readable(version: str | None, url: str) -> None:
+    """Refuse a database this version cannot read as it is (read-only users never
+    upgrade: they tell the user how)."""
+    if version is None:
+        raise SchemaVersionError(
+            f"The database {url} has no laufband tables. Is it the right file? "
+            "(A worker creates them on its first start.)")
+    if version in _MIGRATIONS:
+        raise SchemaVersionError(
+            f"The database {url} uses laufband schema version {version}; this laufband "
+            f"uses version {SCHEMA_VERSION}. The first worker of this version upgrades it "
+            "in place when it starts (read-only commands do not). To look at it now, use "
+            "the laufband version that wrote it.")
+    if version != str(SCHEMA_VERSION):
+        raise SchemaVersionError(
+            f"The database {url} was written by a laufband with schema version "
+            f"{version}; this laufband uses version {SCHEMA_VERSION}. Finish the "
+            "workflow with the laufband version that started it, or use a new db file.")
+
+
+def _create(conn: Connection, url: str, now: float) -> None:
+    names = sa.inspect(conn).get_table_names()
+    if names:
+        raise SchemaVersionError(
+            f"The database {url} holds tables {sorted(names)[:5]} but no laufband "
+            "schema (written by laufband 0.2.x or another program). Use a new db file "
+            "or move this one aside."
+        )
+    metadata.create_all(conn)
+    conn.execute(meta.insert(), [
+        {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+        {"key": "created_at", "value": repr(now)},
+    ])
+    _set_version(conn)
+
+
+def _set_version(conn: Connection) -> None:
+    conn.execute(meta.update().where(meta.c.key == "schema_version")
+                 .values(value=str(SCHEMA_VERSION)))
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _refuse_if_old_workers_run(conn: Connection, url: str, version: str, now: float) -> None:
+    """Version 2 -> 3 replaces the claims table: a worker of version 2 still running
+    would fail at its next claim. Refuse until they are gone."""
+    if version == "1":
+        return  # version 1 workers cannot be running here: 1 -> 2 kept them working
+    live = conn.execute(sa.text(
+        "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')"
+        " AND heartbeat + heartbeat_timeout >= :now"), {"now": now}).scalar()
+    if live:
+        raise SchemaVersionError(
+            f"The database {url} uses laufband schema version {version}, and {live} "
+            "worker(s) of that older laufband are still running on it. Let them finish "
+            "(or stop them), then start the workers of this version: the first one "
+            f"upgrades the database to version {SCHEMA_VERSION}.")
+
+
+def _from_1(conn: Connection) -> str:
+    """Version 1 -> 2 added ``workers.leave_as`` (nullable)."""
+    # PostgreSQL: workers on other hosts do not share our lock file and may migrate at
+    # the same time; SQLite's is taken (BEGIN IMMEDIATE under the file lock).
+    exists = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
+    conn.exec_driver_sql(f"ALTER TABLE workers ADD COLUMN{exists} leave_as VARCHAR")
+    return "2"
+
+
+def _from_2(conn: Connection) -> str:
+    """Version 2 -> 3: every attempt is kept (``attempts`` replaces ``claims``, whose
+    rows become the live attempts), tasks get a label, workers their retry budgets, and
+    the unused index on edges(task) goes."""
+    attempts.create(conn)
+    conn.exec_driver_sql("INSERT INTO attempts (task, attempt, worker, started_at)"
+                         " SELECT task, attempt, worker, started_at FROM claims")
+    conn.exec_driver_sql("DROP TABLE claims")
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_edges_task")
+    conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN label VARCHAR")
+    for column in ("max_failed", "max_killed"):
+        conn.exec_driver_sql(
+            f"ALTER TABLE workers ADD COLUMN {column} INTEGER DEFAULT '0' NOT NULL")
+    return "3"
+
+
+_MIGRATIONS = {"1": _from_1, "2": _from_2}

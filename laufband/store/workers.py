@@ -1,0 +1,191 @@
+"""Worker rows: registering, heartbeats, declaring silent workers dead (and ending their
+attempts), the states a worker takes, and when a waiting worker may leave.
+
+A worker is ``idle`` (online, not in a loop), ``busy`` (in a loop), ``offline`` (gone
+cleanly) or ``dead`` (declared so by a peer). Claims are reaped by their holder's
+heartbeat whatever its row says: a worker declared dead that woke up and claimed again
+before its own heartbeat revived it is reaped like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from laufband.errors import WorkerIdentityError
+from laufband.states import ALIVE, WorkerState
+from laufband.store import attempts
+from laufband.store.ledger import Ledger
+from laufband.store.model import Me, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+SQL = {
+    "row": "SELECT state, hostname, pid, heartbeat, heartbeat_timeout FROM workers"
+           " WHERE id = :worker",
+    "insert": "INSERT INTO workers (id, state, hostname, pid, labels, heartbeat,"
+              " heartbeat_timeout, started_at, stopped_at, leave_as, max_failed, max_killed)"
+              " VALUES (:worker, 'idle', :hostname, :pid, :labels, :now, :timeout, :now,"
+              " NULL, NULL, :max_failed, :max_killed)",
+    "reuse": "UPDATE workers SET state = 'idle', hostname = :hostname, pid = :pid,"
+             " labels = :labels, heartbeat = :now, heartbeat_timeout = :timeout,"
+             " started_at = :now, stopped_at = NULL, leave_as = NULL,"
+             " max_failed = :max_failed, max_killed = :max_killed WHERE id = :worker",
+    "last_beat": "SELECT heartbeat FROM workers WHERE id = :worker",
+    "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
+    "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL, heartbeat = :now"
+              " WHERE id = :worker AND state = 'dead'",
+    # Holders of live attempts are judged whatever their state; idle/busy ones always.
+    "find_dead": "SELECT id FROM workers WHERE heartbeat + heartbeat_timeout < :now"
+                 " AND id != :me AND (state IN ('idle', 'busy') OR EXISTS (SELECT 1 FROM"
+                 " attempts WHERE attempts.worker = workers.id AND attempts.ended_at IS NULL))",
+    "mark_dead": "UPDATE workers SET state = 'dead', stopped_at = :now, leave_as = NULL"
+                 " WHERE id = :worker",
+    "busy": "UPDATE workers SET state = 'busy', leave_as = NULL"
+            " WHERE id = :worker AND state = 'idle'",
+    "wait": "UPDATE workers SET leave_as = :leave WHERE id = :worker AND state = 'busy'",
+    "left_as": "SELECT state, leave_as FROM workers WHERE id = :worker",
+    "leave": "UPDATE workers SET state = :state, stopped_at = :stopped, leave_as = NULL"
+             " WHERE id = :worker AND state != 'dead'",
+    "reqsets": "SELECT id, labels FROM reqsets",
+    "live_labels": "SELECT DISTINCT labels FROM workers WHERE state IN ('idle', 'busy')"
+                   " AND id != :me",
+    # Tasks failed or killed for good that no live worker's own budget lets run again.
+    "final_failures": "SELECT (SELECT count(*) FROM tasks WHERE state = 'failed' AND failures >"
+                      " (SELECT coalesce(max(max_failed), 0) FROM workers"
+                      " WHERE state IN ('idle', 'busy')))"
+                      " + (SELECT count(*) FROM tasks WHERE state = 'killed' AND kills >"
+                      " (SELECT coalesce(max(max_killed), 0) FROM workers"
+                      " WHERE state IN ('idle', 'busy')))",
+}
+
+
+def register(led: Ledger, info: WorkerInfo, is_gone: Callable[[str, int], bool]) -> None:
+    """Add (or reuse) this worker's row; refuse an identifier a live worker uses. A
+    previous holder of the identifier that is not alive any more (a requeued job, a
+    crashed earlier run) has its live attempts ended first."""
+    row = led.all(SQL["row"], {"worker": info.id})
+    if row:
+        state, hostname, pid, beat, timeout = row[0]
+        age = led.now - beat
+        if state in ALIVE and age <= timeout and not is_gone(hostname, pid):
+            raise WorkerIdentityError(
+                f"Worker with id {info.id!r} already exists with status {state!r}: a live "
+                f"worker uses this identifier (pid {pid} on {hostname}, last heartbeat "
+                f"{age:.0f} s ago). Give each worker a unique identifier (or unset "
+                "LAUFBAND_IDENTIFIER); an identifier becomes free when its worker exits "
+                "or is declared dead."
+            )
+        if state in ALIVE or attempts.live_claims(led, info.id):
+            how = "ended without going offline" if state in ALIVE else f"was {state}"
+            declare_dead(led, info.id, info.max_killed,
+                         f"the previous worker with this identifier (pid {pid} on "
+                         f"{hostname}) {how}; a new one took the identifier over")
+    led.run(SQL["reuse" if row else "insert"], {
+        "worker": info.id, "hostname": info.hostname, "pid": info.pid,
+        "labels": json.dumps(sorted(info.labels)), "now": led.now,
+        "timeout": info.heartbeat_timeout, "max_failed": info.max_failed,
+        "max_killed": info.max_killed})
+
+
+def declare_dead(led: Ledger, worker: str, budget: int, why: str) -> None:
+    led.run(SQL["mark_dead"], {"worker": worker, "now": led.now})
+    attempts.end_all_of_dead(led, worker, budget, why)
+
+
+def heartbeat(led: Ledger, worker: str, budget: int, stalled_after: float) -> bool:
+    """Refresh our heartbeat and reap dead workers. False if we had been declared dead.
+
+    If our own previous beat is older than ``stalled_after`` seconds, we were stalled
+    ourselves (waiting for a lock whose holder died, a file system hang, a suspended
+    job), and so, likely, were the others: this beat judges nobody, and the next one,
+    an interval later, does, once the live ones have beaten again. Both stamps come
+    from our own clock, so clock skew plays no part here.
+    """
+    last = led.scalar(SQL["last_beat"], {"worker": worker})
+    state = led.scalar(SQL["beat"], {"now": led.now, "worker": worker})
+    if state == WorkerState.DEAD:
+        led.run(SQL["revive"], {"worker": worker, "now": led.now})
+    if last is not None and led.now - last > stalled_after:
+        log.info("worker %s could not beat for %.0f s; not judging others this time",
+                 worker, led.now - last)
+    else:
+        reap(led, worker, budget)
+    return state != WorkerState.DEAD
+
+
+def reap(led: Ledger, me: str, budget: int) -> None:
+    for (dead,) in led.all(SQL["find_dead"], {"now": led.now, "me": me}):
+        age = led.now - led.scalar(SQL["last_beat"], {"worker": dead})
+        log.warning("worker %s missed its heartbeat; declaring it dead", dead)
+        declare_dead(led, dead, budget,
+                     f"worker {dead} was declared dead by {me}: no heartbeat for {age:.0f} s")
+
+
+def ensure_alive(led: Ledger, worker: str) -> None:
+    """Before claiming: a worker that was declared dead (paused past its timeout, now
+    running again) renews its heartbeat first, in the same transaction, so that its
+    new claims are reaped like anyone's if it dies again."""
+    if led.run(SQL["revive"], {"worker": worker, "now": led.now}):
+        log.warning("worker %s had been declared dead (paused longer than its heartbeat "
+                    "timeout?); it is back and claims again", worker)
+
+
+def set_state(led: Ledger, worker: str, state: WorkerState) -> None:
+    """Set a worker's state, unless it was declared dead; offline stamps the stop."""
+    stopped = led.now if state == WorkerState.OFFLINE else None
+    led.run(SQL["leave"], {"state": state.value, "stopped": stopped, "worker": worker})
+
+
+def start_loop(led: Ledger, worker: str) -> None:
+    led.run(SQL["busy"], {"worker": worker})
+
+
+def wait(led: Ledger, worker: str, leave: WorkerState) -> None:
+    """Store the state this waiting worker takes when the workflow is finished."""
+    led.run(SQL["wait"], {"leave": leave.value, "worker": worker})
+
+
+def released(led: Ledger, worker: str, leave: WorkerState) -> bool:
+    """Did the transaction that finished the workflow set this waiting worker's state to
+    ``leave`` (ledger.SQL["release_waiters"])?"""
+    row = led.all(SQL["left_as"], {"worker": worker})
+    return bool(row) and row[0] == (leave.value, None)
+
+
+def done_for(led: Ledger, me: Me) -> bool:
+    """Can nothing this worker could run become claimable any more?"""
+    return not led.counts.can_change(me.reqset_ids, lambda: _live_reqsets(led, me.id))
+
+
+def leave_if_done(led: Ledger, me: Me, leave: WorkerState | None) -> bool:
+    """Set the worker's state to ``leave`` if nothing it could run can become claimable
+    any more; True if it did."""
+    if leave is None or not done_for(led, me):
+        return False
+    set_state(led, me.id, leave)
+    return True
+
+
+def _live_reqsets(led: Ledger, exclude: str) -> set[int]:
+    """Requirement sets that some live worker other than ``exclude`` can run."""
+    live = [frozenset(json.loads(raw))
+            for (raw,) in led.all(SQL["live_labels"], {"me": exclude})]
+    return {rid for rid, raw in led.all(SQL["reqsets"])
+            if any(set(json.loads(raw)) <= have for have in live)}
+
+
+def reqsets_for(led: Ledger, labels: frozenset[str]) -> list[int]:
+    """Requirement sets a worker with ``labels`` may run, most specific first."""
+    usable = [(len(req), rid) for rid, raw in led.all(SQL["reqsets"])
+              if (req := set(json.loads(raw))) <= labels]
+    return [rid for _, rid in sorted(usable, key=lambda x: (-x[0], x[1]))]
+
+
+def final_failures(led: Ledger) -> int:
+    """Tasks that failed or were killed for good and that no live worker's budget lets
+    run again (failure_policy="stop" stops for these only)."""
+    if not led.counts.n(["failed", "killed"]):
+        return 0
+    return int(led.scalar(SQL["final_failures"]) or 0)
