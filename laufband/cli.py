@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import typing as t
 
 from laufband.errors import LaufbandError
 from laufband.states import TaskState
@@ -36,7 +37,8 @@ def default_db() -> str:
     return found[0]
 
 
-def status(store: Store, out=sys.stdout) -> None:
+def status(store: Store, out: t.TextIO | None = None) -> None:
+    out = out or sys.stdout
     counts = store.counts()
     total = counts.total
     done = counts.n([TaskState.COMPLETED])
@@ -66,7 +68,8 @@ def status(store: Store, out=sys.stdout) -> None:
             print(f"  {group.count:>6} x {group.error}  ({examples}{more})", file=out)
 
 
-def workers_table(store: Store, out=sys.stdout) -> None:
+def workers_table(store: Store, out: t.TextIO | None = None) -> None:
+    out = out or sys.stdout
     now = time.time()
     print(f"{'worker':<30} {'state':<8} {'host':<20} {'pid':>7} {'heartbeat':>10}  labels",
           file=out)
@@ -78,11 +81,15 @@ def workers_table(store: Store, out=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="laufband", description=__doc__.splitlines()[0])
-    parser.add_argument("--db", help="database path or URL (default: $LAUFBAND_DB, or "
-                        "graphband.sqlite / laufband.sqlite in this folder)")
+    db_help = ("database path or URL (default: $LAUFBAND_DB, or graphband.sqlite / "
+               "laufband.sqlite in this folder)")
+    parser.add_argument("--db", help=db_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="progress by state, workers, running and failed tasks")
-    sub.add_parser("workers", help="every worker with its state and last heartbeat")
+    for name, text in (("status", "progress by state, workers, running and failed tasks"),
+                       ("workers", "every worker with its state and last heartbeat")):
+        # --db after the command too (then it wins)
+        sub.add_parser(name, help=text).add_argument("--db", default=argparse.SUPPRESS,
+                                                     help=db_help)
     args = parser.parse_args(argv)
     try:
         store = open_store(args.db or default_db())

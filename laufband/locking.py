@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from flufl.lock import Lock, LockState, TimeOutError
+from flufl.lock import AlreadyLockedError, Lock, LockState, TimeOutError
 from flufl.lock._lockfile import CLOCK_SLOP
 
 from laufband.errors import DatabaseError, LockTimeoutError
@@ -188,6 +188,10 @@ class DatabaseLock:
         self.file_lock._laufband_tries = 0
         try:
             self.file_lock.lock(timeout=timedelta(seconds=DEFAULT_TIMEOUT))
+        except AlreadyLockedError:
+            # The lock file still names us: our last release could not remove it (see
+            # release). No other thread of ours holds it (we hold _turns): it is ours.
+            self.file_lock.refresh(unconditionally=True)
         except TimeOutError:
             raise LockTimeoutError(
                 f"Could not acquire the database lock {self.lockfile} within "

@@ -89,9 +89,9 @@ class Database:
                  read_only: bool = False) -> None:
         url = absolute_url(url)
         self.url = url
-        self.shown = display_url(url)
         self.lock = lock
         self.path = sqlite_path(url)
+        self.shown = self.path or display_url(url)  # for messages: a path, or no password
         # The files a commit writes: the database (rollback journal) or its -wal file.
         self._files = (self.path, f"{self.path}-wal") if self.path else ()
         if read_only:

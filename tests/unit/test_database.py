@@ -241,3 +241,44 @@ def test_batch_statements_look_tasks_up_by_primary_key(name, batch):
     on_tasks = [line for line in plan if " tasks " in f"{line} " or line.endswith(" t")
                 or " t USING" in line]
     assert on_tasks and all("INTEGER PRIMARY KEY" in line for line in on_tasks), plan
+
+
+def test_a_large_registration_keeps_the_lock_fresh(monkeypatch):
+    """Registering a huge graph holds the lock for long: it is refreshed after every
+    chunk of rows, so nobody breaks it (shown with chunks of 100 rows)."""
+    from laufband.locking import DatabaseLock
+    from laufband.store import registration
+
+    monkeypatch.setattr(registration, "CHUNK", 100)
+    refreshes = []
+    refresh = DatabaseLock.refresh
+    monkeypatch.setattr(DatabaseLock, "refresh",
+                        lambda self: refreshes.append(self._depth) or refresh(self))
+    make([Task(f"t{i}", dependencies={f"t{i - 1}"} if i else set()) for i in range(1000)])
+    assert len([depth for depth in refreshes if depth]) >= 10  # while held
+
+
+def test_laufband_status_does_not_upgrade_an_older_database(capsys):
+    """A read-only command never writes: on a version-1 database it says what to do."""
+    from laufband import cli
+
+    shutil.copy(os.path.join(DATA, "schema1.sqlite"), "g.sqlite")
+    before = snapshot_file("g.sqlite")
+    assert cli.main(["--db", "g.sqlite", "status"]) == 2
+    err = capsys.readouterr().err
+    assert "uses laufband schema version 1" in err
+    assert "The first worker of this version upgrades it in place" in err
+    assert snapshot_file("g.sqlite") == before
+
+
+def test_laufband_status_takes_a_path_or_a_url(capsys, monkeypatch):
+    from laufband import cli
+
+    list(make([Task("a"), Task("b")]))
+    for argv in (["--db", "g.sqlite", "status"], ["--db", "sqlite:///g.sqlite", "status"],
+                 ["status", "--db", "g.sqlite"]):
+        assert cli.main(argv) == 0
+        assert "tasks: 2/2 completed (100.0 %)" in capsys.readouterr().out
+    monkeypatch.setenv("LAUFBAND_DB", os.path.abspath("g.sqlite"))
+    assert cli.main(["workers"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("w ")

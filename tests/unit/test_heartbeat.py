@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from helpers import beat, history, make, rows, states
+import sqlite3
+
+import pytest
+from helpers import beat, history, live, make, rows, states
 
 from laufband import Task
 from laufband.clock import FakeClock
@@ -145,3 +148,46 @@ def test_dead_worker_with_a_batch_is_charged_one_kill():
     assert [s[f"t{i}"] for i in range(1, 4)] == ["ready"] * 3  # the rest go back free
     assert [e for e, *_ in history("t1")] == ["claimed", "preempted"]
     assert sorted(t.id for t in b) == [f"t{i}" for i in range(1, 8)]
+
+
+def test_a_worker_declared_dead_beats_before_it_claims_again():
+    """A was paused past its timeout and declared dead; it wakes up and its loop steps
+    before its heartbeat thread revives it. It may claim, but only after renewing its
+    heartbeat in that transaction, so if it dies now its new claim is reaped (the old
+    code left the claim with a row marked dead, which nobody reaped: a hang)."""
+    clock = FakeClock()
+    tasks = [Task(f"t{i}") for i in range(3)]
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "batch_size": 1}
+    a, b = make(tasks, name="A", **kw), make(tasks, name="B", **kw)
+    it = iter(a)
+    assert next(it).id == "t0"  # A pauses inside t0
+    outlive(clock, b)
+    assert dict(rows("SELECT id, state FROM workers"))["A"] == "dead"
+    assert next(it).id == "t0"  # A wakes: t0 attempt 1 is fenced; it claims t0 again
+    assert rows("SELECT state, heartbeat FROM workers WHERE id = 'A'") == [
+        ("busy", clock.now())]
+    assert live("A") == 1
+    outlive(clock, b)  # A dies for good
+    assert live("A") == 0
+    assert sorted(t.id for t in b) == ["t0", "t1", "t2"]
+    assert set(states().values()) == {"completed"}
+
+
+@pytest.mark.parametrize("state", ["dead", "offline"])
+def test_claims_are_reaped_whatever_their_holders_row_says(state):
+    clock = FakeClock()
+    tasks = [Task("t0"), Task("t1")]
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "batch_size": 1}
+    a, b = make(tasks, name="A", **kw), make(tasks, name="B", **kw)
+    it = iter(a)
+    assert next(it).id == "t0"
+    conn = sqlite3.connect("g.sqlite")  # what older versions could leave behind
+    conn.execute(f"UPDATE workers SET state = '{state}' WHERE id = 'A'")
+    conn.commit()
+    conn.close()
+    outlive(clock, b)
+    assert live("A") == 0
+    assert rows("SELECT outcome FROM attempts WHERE worker = 'A'") == [("killed",)]
+    assert sorted(t.id for t in b) == ["t0", "t1"]

@@ -403,3 +403,56 @@ def test_a_give_back_that_fails_keeps_the_claims():
     assert settled.error is None
     assert settled.result.claims == [Claim(1, "a", 1)]  # they run when the task ends
     prefetch.shutdown()
+
+
+def fail_next_unlock(worker, errno_=5) -> list[str]:
+    """The next release of the database lock file fails once (after its commit)."""
+    file_lock = worker._db_lock.file_lock
+    unlock = file_lock.unlock
+    failed = []
+
+    def broken(*args, **kwargs):
+        if not failed:
+            failed.append("unlock")
+            raise OSError(errno_, "injected: cannot remove the lock file")
+        return unlock(*args, **kwargs)
+
+    file_lock.unlock = broken
+    return failed
+
+
+def test_a_lock_release_that_fails_after_a_commit_does_not_undo_the_step(caplog):
+    """The transaction committed; the lock file could not be removed. The step's result
+    stands (before, the error made it look unrecorded), and the next transaction takes
+    the lock file that still names us."""
+    worker = flat_worker(range(3), clock=FakeClock(), batch_size=1)
+    failed = fail_next_unlock(worker)
+    assert list(worker) == [0, 1, 2]
+    assert failed == ["unlock"]
+    assert "Cannot remove the lock file" in caplog.text
+    assert set(states().values()) == {"completed"}
+    assert rows("SELECT count(*) FROM events WHERE event IN ('fenced', 'failed')") == [(0,)]
+
+
+def test_a_give_back_whose_lock_release_fails_is_still_a_give_back():
+    """The give-back committed (the task claimed ahead is ready for others again), then
+    the lock release failed: the worker must not run that task as its own."""
+    clock = FakeClock()
+    worker = flat_worker(range(4), clock=clock)
+    for item in worker:
+        if item == 0:
+            clock.advance(0.05)
+        elif item == 1:
+            wait_for_claims(2)
+            failed = fail_next_unlock(worker)
+            run_on_until(clock, lambda: claims_of() == 1)
+            assert failed == ["unlock"]
+        else:
+            clock.advance(1.0)
+    assert history("2") == [
+        ("claimed", "running", "w", 1),
+        ("preempted", "ready", "w", 1),
+        ("claimed", "running", "w", 2),
+        ("completed", "completed", "w", 2),
+    ]
+    assert rows("SELECT count(*) FROM events WHERE event = 'fenced'") == [(0,)]

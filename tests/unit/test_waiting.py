@@ -127,3 +127,27 @@ def test_a_worker_running_an_attempt_is_not_released():
     assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
     a.close()
     b.close()
+
+
+def test_a_waiting_worker_of_an_older_graph_sees_a_task_it_may_claim():
+    """OLD's graph is {a, b(a)}; NEW's adds c. OLD waited while c (not its generation)
+    was ready. NEW claims c and a's completion makes b ready: the number of ready tasks
+    is what OLD saw when it began to wait, so the old comparison with that number did
+    not see b, and OLD left when c completed although b was ready for it."""
+    g1 = [Task("a"), Task("b", dependencies=["a"])]
+    old, holder = make(g1, name="OLD"), make(g1, name="H")
+    new = make([*g1, Task("c")], name="NEW")
+    w = {"OLD": old, "H": holder, "NEW": new}
+    [a] = step(w["H"], [], 1, start=True).claims
+    waits = step(w["OLD"], [], 1, start=True, leave=OFFLINE)
+    assert (waits.claims, waits.left) == ([], False)  # c is ready, but not OLD's
+    [c] = step(w["NEW"], [], 1, start=True).claims
+    step(w["H"], [Finish(a, Event.COMPLETED)], 0)  # b ready
+    seen = poll(w["OLD"], OFFLINE)
+    assert seen.claimable and not seen.left
+    step(w["NEW"], [Finish(c, Event.COMPLETED)], 0)
+    seen = poll(w["OLD"], OFFLINE)
+    assert seen.claimable and not seen.left
+    assert [t.id for t in old] == ["b"]
+    for worker in w.values():
+        worker.close()

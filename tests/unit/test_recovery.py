@@ -1,0 +1,212 @@
+"""After something went wrong: fix and rerun (the claiming worker's own retry budget
+decides), failure_policy="stop" counting only failures final for every live worker,
+shared tasks whose attempts fail or are killed, and what is recorded about failures."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from helpers import beat, history, live, make, rows, states
+from test_heartbeat import outlive
+
+from laufband import Task, TaskFailedError
+from laufband.cli import open_store, status
+from laufband.clock import FakeClock
+
+CHAIN = [Task("a"), Task("b", dependencies={"a"}), Task("c", dependencies={"b"}), Task("d")]
+
+
+def fail_at(worker, task_id: str) -> list[str]:
+    """Run ``worker``'s loop, leaving it (break) at ``task_id``; the ids it ran."""
+    ran = []
+    for task in worker:
+        ran.append(task.id)
+        if task.id == task_id:
+            break
+    return ran
+
+
+def test_fix_and_rerun_with_a_larger_budget_runs_the_failed_task_and_its_dependents():
+    assert fail_at(make(CHAIN, name="first"), "a") == ["a"]
+    list(make(CHAIN, name="first-again"))  # d; a stays failed under a budget of 0
+    assert states() == {"a": "failed", "b": "blocked", "c": "blocked", "d": "completed"}
+    assert [t.id for t in make(CHAIN, name="zero")] == []  # the same budget: nothing
+    # The fix is in; the rerun's own budget allows another attempt (0.2.1's rule).
+    assert [t.id for t in make(CHAIN, name="fixed", max_failed_retries=1)] == ["a", "b", "c"]
+    assert set(states().values()) == {"completed"}
+    assert [e for e, *_ in history("a")] == [
+        "claimed", "failed", "retried", "claimed", "completed"]
+    assert [e for e, *_ in history("b")] == ["blocked", "unblocked", "ready", "claimed",
+                                             "completed"]
+    # It failed once and ran once more: failures are counted across reruns, so a task
+    # that keeps failing stops after max_failed_retries + 1 attempts in all.
+    assert rows("SELECT attempts, failures FROM tasks WHERE id = 'a'") == [(2, 1)]
+
+
+def test_a_rerun_whose_budget_is_used_up_leaves_the_task_failed():
+    fail_at(make(CHAIN, name="first"), "a")
+    fail_at(make(CHAIN, name="second", max_failed_retries=1), "a")  # failures: 2
+    assert [t.id for t in make(CHAIN, name="third", max_failed_retries=1)] == ["d"]
+    assert states()["a"] == "failed"
+    assert [t.id for t in make(CHAIN, name="fourth", max_failed_retries=2)] == [
+        "a", "b", "c"]
+
+
+def test_failure_policy_stop_rerun_raises_only_while_no_budget_allows_a_retry():
+    fail_at(make(CHAIN, name="first"), "a")
+    with pytest.raises(TaskFailedError, match=r"1 task\(s\).*'a'.*max_failed_retries"):
+        list(make(CHAIN, name="same", failure_policy="stop"))
+    fixed = make(CHAIN, name="fixed", failure_policy="stop", max_failed_retries=1)
+    assert [t.id for t in fixed] == ["a", "d", "b", "c"]
+
+
+def test_fix_and_rerun_after_a_kill():
+    clock = FakeClock()
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30}
+    a = make(CHAIN, name="A", max_killed_retries=0, **kw)
+    b = make(CHAIN, name="B", max_killed_retries=0, **kw)
+    it = iter(a)
+    assert next(it).id == "a"  # A dies here (think OOM)
+    outlive(clock, b)
+    assert states()["a"] == "killed" and states()["b"] == "blocked"
+    assert [t.id for t in b] == ["d"]
+    assert [t.id for t in make(CHAIN, name="C", max_killed_retries=1, **kw)] == [
+        "a", "b", "c"]
+    assert rows("SELECT attempts, kills FROM tasks WHERE id = 'a'") == [(2, 1)]
+
+
+def test_the_default_budget_redoes_the_task_of_a_dead_worker():
+    """One crashed node must not block a workflow (max_killed_retries=2 by default)."""
+    clock = FakeClock()
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30}
+    a, b = make(CHAIN, name="A", **kw), make(CHAIN, name="B", **kw)
+    it = iter(a)
+    assert next(it).id == "a"
+    outlive(clock, b)
+    assert [t.id for t in b] == ["a", "d", "b", "c"]
+    assert set(states().values()) == {"completed"}
+
+
+def test_a_task_that_keeps_killing_its_worker_stops_after_three_attempts():
+    clock = FakeClock()
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30}
+    survivor = make([Task("oom")], name="S", **kw)
+    paused = []  # the loops stay suspended (a closed one would record a failure)
+    for n in range(3):
+        paused.append(iter(make([Task("oom")], name=f"V{n}", **kw)))
+        assert next(paused[-1]).id == "oom"
+        outlive(clock, survivor)
+    assert states() == {"oom": "killed"}
+    assert rows("SELECT attempts, kills FROM tasks") == [(3, 3)]
+    assert rows("SELECT error FROM attempts WHERE attempt = 3") == [
+        ("worker V2 was declared dead by S: no heartbeat for 31 s",)]
+
+
+def test_a_live_worker_with_a_larger_budget_retries_what_another_failed():
+    """A (budget 0) fails t; B (budget 2) is running: B's next step makes t ready again
+    and runs it. A, with failure_policy="stop", does not stop: t is not final for B."""
+    clock = FakeClock()
+    graph = [Task("t"), Task(f"u{0}"), Task("u1"), Task("after", dependencies={"t"})]
+    a = make(graph, name="A", clock=clock, failure_policy="stop", batch_size=1)
+    b = make(graph, name="B", clock=clock, max_failed_retries=2, batch_size=1)
+    ia, ib = iter(a), iter(b)
+    assert next(ia).id == "t"
+    assert next(ib).id == "u0"
+    ia.close()  # A left its loop in t (break): t failed under A's budget
+    assert states()["t"] == "failed" and states()["after"] == "blocked"
+    assert [t.id for t in ib] == ["t", "u1", "after"]
+    assert set(states().values()) == {"completed"}
+    a2 = make(graph, name="A2", clock=clock, failure_policy="stop")
+    assert list(a2) == []  # nothing failed for good: no error
+
+
+def test_failure_policy_stop_with_a_killed_task():
+    clock = FakeClock()
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "max_killed_retries": 0}
+    graph = [Task(f"t{i}") for i in range(4)]
+    dying = iter(make(graph, name="D", **kw))
+    assert next(dying).id == "t0"
+    stopper = make(graph, name="S", failure_policy="stop", **kw)
+    outlive(clock, stopper)  # t0 killed for good: nobody's budget allows a retry
+    with pytest.raises(TaskFailedError, match="'t0'"):
+        list(stopper)
+    assert states()["t1"] == "ready"  # it stopped before claiming anything
+
+
+@pytest.mark.parametrize("how", ["failed", "killed"])
+def test_a_shared_tasks_attempt_ending_badly_frees_only_its_slot(how):
+    """Two workers run a task with max_parallel_workers=2; one attempt fails (or its
+    worker dies). The other attempt goes on and completes the task."""
+    clock = FakeClock()
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "max_killed_retries": 0}
+    graph = [Task("wide", max_parallel_workers=2), Task("next", dependencies={"wide"})]
+    a, b = make(graph, name="A", **kw), make(graph, name="B", **kw)
+    ia, ib = iter(a), iter(b)
+    assert next(ia).id == "wide" and next(ib).id == "wide"
+    if how == "failed":
+        ia.close()
+    else:
+        clock.advance(20)
+        beat(b)
+        clock.advance(11)
+        beat(b)  # A is dead
+    assert states()["wide"] == "ready"  # a slot is free, the task is not finished
+    assert rows("SELECT failures, kills FROM tasks WHERE id = 'wide'") == [
+        (1, 0) if how == "failed" else (0, 1)]
+    assert [t.id for t in ib] == ["next"]  # B completes wide, then runs next
+    assert set(states().values()) == {"completed"}
+    assert live() == 0
+
+
+def test_both_attempts_of_a_shared_task_failing_fail_it():
+    graph = [Task("wide", max_parallel_workers=2), Task("next", dependencies={"wide"})]
+    a, b = make(graph, name="A"), make(graph, name="B")
+    ia, ib = iter(a), iter(b)
+    assert next(ia).id == "wide" and next(ib).id == "wide"
+    ia.close()
+    ib.close()
+    assert states() == {"wide": "failed", "next": "blocked"}
+
+
+def test_a_task_blocked_by_two_failures_waits_until_both_run_again():
+    graph = [Task("x"), Task("y"), Task("z", dependencies={"x", "y"})]
+    clock = FakeClock()
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "max_killed_retries": 0}
+    fail_at(make(graph, name="F", **kw), "x")  # x failed
+    dying = iter(make(graph, name="D", **kw))
+    assert next(dying).id == "y"
+    outlive(clock, make(graph, name="S", **kw))  # y killed
+    assert states() == {"x": "failed", "y": "killed", "z": "blocked"}
+    # A budget for failures only: x runs again, z stays blocked by y.
+    assert [t.id for t in make(graph, name="R1", max_failed_retries=1, **kw)] == ["x"]
+    assert states() == {"x": "completed", "y": "killed", "z": "blocked"}
+    kw["max_killed_retries"] = 1
+    assert [t.id for t in make(graph, name="R2", **kw)] == ["y", "z"]
+
+
+def test_why_a_task_failed_is_recorded():
+    """break (or an exception the loop body did not let reach the interpreter): where
+    the loop was left. A killed attempt: who declared its worker dead, and why."""
+    fail_at(make(CHAIN, name="first"), "a")
+    [(outcome, error, trace)] = rows(
+        "SELECT outcome, error, traceback FROM attempts WHERE worker = 'first'")
+    assert outcome == "failed"
+    assert error.startswith("the loop body raised an exception or left the loop (break) at ")
+    assert "test_recovery.py:" in error and "in fail_at" in error
+    assert trace is None  # only an exception that reaches the interpreter has one
+
+
+def test_status_groups_failures_by_error():
+    graph = [Task("x"), Task("y"), Task("z")]
+    for name in ("x", "y", "z"):
+        fail_at(make(graph, name=f"w{name}"), name)
+    out = io.StringIO()
+    status(open_store("g.sqlite"), out=out)
+    text = out.getvalue()
+    assert "failed or killed for good, by error:" in text
+    assert "     3 x the loop body raised an exception" in text  # one line, same place
+    assert "in fail_at  ('x', 'y', 'z')" in text
