@@ -166,7 +166,7 @@ class Session:
         if pending is None or exc.__traceback__ is None:
             return
         claim, code, frame_id = pending
-        frames = [tb.tb_frame for tb, _ in traceback.walk_tb(exc.__traceback__)]
+        frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
         if not any(f.f_code is code and id(f) == frame_id for f in frames):
             return  # another exception than the one that left the loop
         error = traceback.format_exception_only(exc)[-1].strip()
@@ -218,15 +218,20 @@ def _install_hooks() -> None:
         return
     _previous["sys"], _previous["threading"] = sys.excepthook, threading.excepthook
 
-    def excepthook(exc_type, exc, tb) -> None:
+    def record(exc: BaseException | None) -> None:
         for session in list(_SESSIONS):
-            session.add_exception(exc)
+            try:
+                session.add_exception(exc)  # type: ignore[arg-type]
+            except Exception as err:  # never in the way of the user's own report
+                log.error("laufband: could not record the error: %s", err)
+
+    def excepthook(exc_type, exc, tb) -> None:
+        record(exc)
         _previous["sys"](exc_type, exc, tb)
 
     def thread_excepthook(args: threading.ExceptHookArgs) -> None:
         if args.exc_value is not None:
-            for session in list(_SESSIONS):
-                session.add_exception(args.exc_value)
+            record(args.exc_value)
         _previous["threading"](args)
 
     sys.excepthook = excepthook

@@ -33,6 +33,7 @@ class Run:
     exits: list[dict]
     returncodes: list[int]
     stderr: list[str]
+    failures: list[dict] = dataclasses.field(default_factory=list)  # bodies that raised
 
     def by_task(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
@@ -81,13 +82,16 @@ class Workers:
                 msg = f"worker {proc.pid} did not exit within {timeout} s"
                 raise AssertionError(msg) from None
         stderr = [out.with_suffix(".err").read_text() for out in self.outs]
-        records, exits = [], []
+        records, exits, failures = [], [], []
         for out in self.outs:
             if out.exists():
                 for line in out.read_text().splitlines():
                     rec = json.loads(line)
-                    (exits if "exit" in rec else records).append(rec)
-        return Run(records, exits, [p.returncode for p in self.procs], stderr)
+                    if "failing" in rec:
+                        failures.append(rec)
+                    else:
+                        (exits if "exit" in rec else records).append(rec)
+        return Run(records, exits, [p.returncode for p in self.procs], stderr, failures)
 
     def kill_all(self) -> None:
         for proc in self.procs:
@@ -159,7 +163,13 @@ class Faults:
         return rows[0][0] if rows else None
 
     def state_counts(self) -> dict[str, int]:
-        return dict(query(self.db, "SELECT state, count(*) FROM tasks GROUP BY state"))
+        """Tasks per state ({} until the database exists)."""
+        return dict(peek(self.db, "SELECT state, count(*) FROM tasks GROUP BY state") or [])
+
+    def live_claims(self) -> int:
+        """Live attempts (-1 until the database exists)."""
+        rows = peek(self.db, "SELECT count(*) FROM attempts WHERE ended_at IS NULL")
+        return -1 if rows is None else rows[0][0]
 
     def assert_consistent(self) -> None:
         """Every task completed once, by its latest attempt, whose side effect exists
@@ -179,7 +189,8 @@ class Faults:
         # The counts table (what progress and waiting read) matches the task rows.
         counted = {s: n for s, n in query(self.db, "SELECT state, sum(n) FROM counts"
                                           " GROUP BY state") if n}
-        assert counted == self.state_counts()
+        assert counted == dict(query(self.db, "SELECT state, count(*) FROM tasks"
+                                     " GROUP BY state"))
         done = {p.name for p in (self.effects / "done").iterdir()}
         doubles = sorted(name for name in done if ".DOUBLE." in name)
         assert not doubles, f"side effects committed twice for one attempt: {doubles}"
@@ -203,15 +214,29 @@ def wait_until(condition, timeout: float = 60.0, interval: float = 0.02, what: s
 
 
 def query(db_file: Path, sql: str, params=()) -> list[tuple]:
-    """Read the database directly (for checks); [] while it does not exist yet."""
+    """Read the database directly (for checks). Any error raises: a check must never
+    pass because the database is not there (yet)."""
     import sqlite3
 
     if not Path(db_file).exists():
-        return []
+        raise AssertionError(f"no database at {db_file}")
     conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=30)
     try:
         return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:
-        return []  # tables not created yet
     finally:
         conn.close()
+
+
+def peek(db_file: Path, sql: str, params=()) -> list[tuple] | None:
+    """``query`` for conditions polled while workers start: None until the database and
+    its tables exist."""
+    import sqlite3
+
+    try:
+        return query(db_file, sql, params)
+    except AssertionError:
+        return None
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise

@@ -41,6 +41,7 @@ def main() -> int:
     for task in worker:
         start = time.monotonic_ns()
         if task.id in fail:
+            out.write(json.dumps({"failing": task.id, "at": start}) + "\n")
             raise RuntimeError(f"task {task.id} failed on purpose")
         if args.barrier and task.id == args.barrier:
             wait_for_peers(Path(args.out).parent / "barrier", args.barrier_size)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Faults, query, wait_until
+from conftest import Faults, peek, query, wait_until
 from graphs import build
 
 pytestmark = pytest.mark.processes
@@ -26,18 +26,24 @@ def identifier_of(proc) -> str:
     return f"{socket.gethostname()}:{proc.pid}"
 
 
-def test_torture_sigkill_random_workers_every_300ms(workers):
-    """8 workers over a 500-task DAG; a driver SIGKILLs a random worker every ~0.3 s
-    and starts a replacement. Everything completes once per attempt, nothing twice."""
+def completed(faults) -> int:
+    return faults.state_counts().get("completed", 0)
+
+
+def test_torture_sigkill_random_workers(workers):
+    """8 workers over a 500-task DAG; a driver SIGKILLs a random worker after every 5 to
+    15 completions and starts a replacement. Everything completes once per attempt,
+    nothing twice, in dependency order (from what the workers recorded)."""
     # Batches of 4: a killed worker holds several claims, all of which must come back.
     faults = Faults(workers, "layered:5x100", LAUFBAND_MAX_KILLED_RETRIES="1000",
                     LAUFBAND_LOCK_LIFETIME="1", LAUFBAND_BATCH_SIZE="4")
     live = faults.start(8, sleep=0.04)
     rng = random.Random(4)
     kills = 0
-    wait_until(lambda: faults.state_counts().get("completed", 0) > 0, what="first completion")
-    while kills < 25 and faults.state_counts().get("completed", 0) < 500:
-        time.sleep(rng.uniform(0.2, 0.4))  # the pace of the fault injection, not a sync
+    wait_until(lambda: completed(faults) > 0, what="first completion")
+    while kills < 25 and completed(faults) < 500:
+        target = min(500, completed(faults) + rng.randint(5, 15))
+        wait_until(lambda n=target: completed(faults) >= n, what=f"{target} completions")
         running = [p for p in live if p.poll() is None]
         if not running:
             break
@@ -58,16 +64,15 @@ def test_torture_sigkill_random_workers_every_300ms(workers):
                    " WHERE event IN ('killed', 'preempted') GROUP BY worker, at")
     assert all(killed == 1 for killed, _ in deaths), deaths
     assert any(n > 1 for _, n in deaths), "no dead worker held several claims: batches untested"
-    # Dependency order: every completing attempt was claimed after its dependencies
-    # completed (one host, one clock: the stored stamps are comparable).
-    claimed_at = dict(query(faults.db, "SELECT tasks.id, events.at FROM events JOIN tasks ON"
-                            " tasks.pk = events.task WHERE event = 'claimed'"
-                            " AND events.attempt = tasks.attempts"))
-    completed_at = dict(query(faults.db, "SELECT tasks.id, events.at FROM events JOIN tasks"
-                              " ON tasks.pk = events.task WHERE event = 'completed'"))
+    # Dependency order, from the workers' own records (one host: monotonic_ns agree):
+    # the body of each task's completing attempt started after the bodies of the
+    # completing attempts of its dependencies ended.
+    latest = dict(query(faults.db, "SELECT id, attempts FROM tasks"))
+    body = {tid: next(r for r in recs if r["attempt"] == latest[tid])
+            for tid, recs in run.by_task().items()}
     for task in build(faults.graph):
         for dep in task.dependencies:
-            assert completed_at[dep] <= claimed_at[task.id], (task.id, dep)
+            assert body[dep]["end"] <= body[task.id]["start"], (task.id, dep)
     # One attempt at a time (max_parallel_workers=1): two bodies of a task overlapped
     # only if the earlier attempt's worker had been declared dead (killed) meanwhile.
     killed = set(query(faults.db, "SELECT tasks.id, events.attempt FROM events JOIN tasks"
@@ -78,6 +83,64 @@ def test_torture_sigkill_random_workers_every_300ms(workers):
             for later in recs[i + 1:]:
                 if later["start"] < first["end"]:
                     assert (tid, first["attempt"]) in killed, (first, later)
+
+
+def test_one_kill_9_with_the_default_settings_does_not_block_the_workflow(workers):
+    """Three workers, default retry budgets; the one running the head of a chain is
+    SIGKILLed. Its task runs again once it is declared dead, and everything completes
+    (before, the default budget of 0 left it killed and everything downstream blocked)."""
+    faults = Faults(workers, "chain:20")
+    [a] = faults.start(hold="c0")
+    wait_until(lambda: faults.started("c0"), what="A inside c0")
+    faults.release()  # for the attempt that redoes c0; A is held already
+    others = faults.start(2)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    run = workers.wait(timeout=60)
+    assert run.returncodes == [-signal.SIGKILL, 0, 0], run.stderr
+    assert all(p.returncode == 0 for p in others)
+    assert query(faults.db, "SELECT attempts, kills FROM tasks WHERE id = 'c0'") == [(2, 1)]
+    faults.assert_consistent()
+
+
+def test_paused_past_the_timeout_resumed_and_killed_at_once_strands_nothing(workers):
+    """A worker is stopped until declared dead, resumed, and killed a few ms later:
+    perhaps after its loop claimed again, perhaps before. Repeated with a fresh worker
+    each time: the workflow completes, no claim stays with a dead worker, every worker
+    ends (before, a claim made while the row said dead was never reaped: a hang)."""
+    # Each round charges a kill, perhaps to the same task: budgets are not the point here.
+    faults = Faults(workers, "layered:4x50", LAUFBAND_LOCK_LIFETIME="1",
+                    LAUFBAND_MAX_KILLED_RETRIES="100")
+    live = faults.start(3, sleep=0.2)
+    rng = random.Random(7)
+    rounds = 0
+    while rounds < 4 and completed(faults) < 150:
+        victim = wait_until(lambda procs=live: holding_a_claim(faults, procs),
+                            what="a worker at work")
+        victim.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda v=victim: faults.worker_state(identifier_of(v)) == "dead",
+                       timeout=30, what="the stopped worker declared dead")
+        finally:
+            victim.send_signal(signal.SIGCONT)
+        time.sleep(rng.uniform(0, 0.02))  # the instant of the kill, not a synchronisation
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        live.remove(victim)
+        live += faults.start(1, sleep=0.2)
+        rounds += 1
+    run = workers.wait(timeout=150)
+    assert rounds >= 3, f"only {rounds} rounds before the workflow ended"
+    assert run.returncodes.count(-signal.SIGKILL) == rounds
+    assert set(run.returncodes) == {0, -signal.SIGKILL}, run.stderr
+    faults.assert_consistent()
+
+
+def holding_a_claim(faults, procs):
+    """A running worker process that holds a live attempt, if any."""
+    rows = peek(faults.db, "SELECT DISTINCT worker FROM attempts WHERE ended_at IS NULL")
+    holders = {w for (w,) in rows or []}
+    return next((p for p in procs if p.poll() is None and identifier_of(p) in holders), None)
 
 
 def test_paused_worker_is_declared_dead_and_its_late_completion_fenced(workers):
@@ -119,11 +182,10 @@ def test_stop_signal_mid_task_hands_it_back_at_once(workers, sig):
     [b] = faults.start()
     wait_until(lambda: ("completed", 1) in [e[:2] for e in faults.events("t3")],
                what="B done with t3 and waiting for A's tasks")
-    sent = time.monotonic()
     a.send_signal(sig)
+    # Within 10 s, far below the heartbeat timeout of 60 s: only a hand-back does it.
     wait_until(lambda: ("claimed", 2) in [e[:2] for e in faults.events("t0")], timeout=10,
                interval=0.01, what="t0 claimed again")
-    redo = time.monotonic() - sent
     run = workers.wait(timeout=30)
     # Documented exit code 128 + signal number; a clear message.
     assert run.returncodes == [128 + sig, 0], run.stderr
@@ -137,7 +199,6 @@ def test_stop_signal_mid_task_hands_it_back_at_once(workers, sig):
     assert faults.worker_state(a_id) == "offline"
     # Preemption used no retry budget (both are 0 here) and nothing was killed.
     assert query(faults.db, "SELECT sum(failures), sum(kills) FROM tasks") == [(0, 0)]
-    assert redo < 5, f"redo took {redo:.1f} s"
     assert b.returncode == 0
     faults.assert_consistent()
 
@@ -185,9 +246,7 @@ def test_sigkill_inside_a_write_transaction_holding_the_lock(workers):
     faults = Faults(workers, "layered:3x20", LAUFBAND_MAX_KILLED_RETRIES="1",
                     LAUFBAND_LOCK_LIFETIME="1")
     others = faults.start(2, sleep=0.1)
-    wait_until(lambda: query(faults.db, "SELECT count(*) FROM attempts"
-                             " WHERE ended_at IS NULL") != [(0,)],
-               what="the others at work")
+    wait_until(lambda: faults.live_claims() > 0, what="the others at work")
     # A's 3rd loop transaction: registration, first claim, then a step that records
     # the completion of A's first task and claims more. It hangs before its COMMIT.
     [a] = faults.start(hang_in_write=3, sleep=0.1)
@@ -197,13 +256,10 @@ def test_sigkill_inside_a_write_transaction_holding_the_lock(workers):
     assert Path(f"{faults.db}-journal").exists()  # the transaction is really open
     a.send_signal(signal.SIGKILL)
     a.wait()
-    killed_at = time.monotonic()
-    wait_until(lambda: faults.state_counts().get("completed", 0) == 60, timeout=60,
+    wait_until(lambda: completed(faults) == 60, timeout=60,
                what="the others finish the workflow")
     run = workers.wait(timeout=30)
     assert run.returncodes == [0, 0, -signal.SIGKILL], run.stderr
-    elapsed = time.monotonic() - killed_at
-    assert elapsed < 30, elapsed
     assert any("breaking" in err for err in run.stderr[:2]), "the dead lock was broken"
     # A's completion of its first task was rolled back with the rest of the
     # transaction: the task was redone by the others as attempt 2.
@@ -243,11 +299,12 @@ def test_live_worker_keeps_a_long_held_lock(workers, interval):
     lockfile = Path(f"{faults.db}.lock")
     holder = lockfile.read_text()
     [b] = faults.start()
-    # Past lifetime + slop (1 + 5 s), B would break a lock that was not refreshed.
-    deadline = time.monotonic() + lifetime + 5 + 2
-    while time.monotonic() < deadline:
-        assert lockfile.read_text() == holder, "a live holder's lock was broken"
-        assert a.poll() is None and b.poll() is None, workers.stderr_of(b)  # B waits
-        time.sleep(0.1)
+    # B breaks a lock whose expiry (the lock file's mtime: last refresh + lifetime) is
+    # more than the slop (5 s) past. Wait until A refreshed it for longer than that.
+    first = lockfile.stat().st_mtime
+    wait_until(lambda: lockfile.stat().st_mtime >= first + lifetime + 5 + 1, timeout=30,
+               interval=0.1, what="the holder's refreshes outlasting lifetime + slop")
+    assert lockfile.read_text() == holder, "a live holder's lock was broken"
+    assert a.poll() is None and b.poll() is None, workers.stderr_of(b)  # B waits
     assert "breaking" not in workers.stderr_of(b)
     assert query(faults.db, "SELECT count(*) FROM workers") == [(1,)]  # B never got in

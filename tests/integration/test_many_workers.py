@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_dependency_order, assert_exactly_once, query, wait_until
+from conftest import assert_dependency_order, assert_exactly_once, peek, query, wait_until
 from graphs import build
+
+from laufband.batching import MAX_DEFERRAL
 
 pytestmark = pytest.mark.processes
 
@@ -64,7 +66,8 @@ def test_labels_route_tasks_and_unrunnable_tasks_do_not_hang(workers):
     # A worker cannot know about workers that have not started yet: let the cpu workers
     # register so the gpu workers know someone will run the cpu tasks they wait for.
     db = workers.folder / "graph.sqlite"
-    wait_until(lambda: len(query(db, "SELECT id FROM workers")) == 2, what="cpu workers")
+    wait_until(lambda: len(peek(db, "SELECT id FROM workers") or []) == 2,
+               what="cpu workers")
     workers.start("labelled", 2, labels="gpu")
     run = workers.wait()
     assert run.returncodes == [0] * 4, run.stderr
@@ -95,9 +98,20 @@ def test_failure_policy_stop_stops_every_worker(workers):
     workers.start("flat:400", 3, fail="t3", sleep=0.02, failure_policy="stop")
     run = workers.wait()
     assert all(code != 0 for code in run.returncodes), run.returncodes
-    assert sum("TaskFailedError" in err for err in run.stderr) >= 2, run.stderr
-    assert any("failed on purpose" in err for err in run.stderr)
-    assert len(run.records) < 399
+    assert sum("TaskFailedError" in err for err in run.stderr) == 2, run.stderr
+    assert sum("failed on purpose" in err for err in run.stderr) == 1
+    [failing] = run.failures
+    # The others stop at their next step: what they started after t3 failed is at most
+    # the rest of a batch (MAX_DEFERRAL of 20 ms tasks) and one claimed ahead, each.
+    per_batch = int(MAX_DEFERRAL / 0.02) + 2
+    later: dict[str, int] = {}
+    for rec in run.records:
+        if rec["start"] > failing["at"]:
+            later[rec["worker"]] = later.get(rec["worker"], 0) + 1
+    assert all(n <= per_batch for n in later.values()), later
+    assert len(run.records) <= 3 + 2 * per_batch + len([r for r in run.records
+                                                        if r["start"] < failing["at"]])
+    assert len(run.records) < 200  # most of the 400 tasks never ran
 
 
 def test_failure_policy_continue_lets_others_finish(workers):
