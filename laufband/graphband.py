@@ -441,7 +441,7 @@ class _Loop:
         detail = f"claimed ahead, but the task before it ran longer than {MAX_HOLD} s"
         back = self.store.step(self.me, [Finish(c, Event.PREEMPTED, detail)
                                          for c in ahead.claims], Want(0), cancel)
-        return StepResult([], back.counts, ahead.fenced or back.fenced)
+        return StepResult([], back.counts)
 
     # -------------------------------------------------------------- the end
     def end_now(self, why: str) -> None:

@@ -149,7 +149,7 @@ class Store:
         with self._ledger(cancel) as led:
             if want.start:
                 workers.start_loop(led, me.id)
-            fenced = not attempts.end(led, me.id, finishes)
+            attempts.end(led, me.id, finishes)
             self._revive(led, me, force=want.start)
             final = workers.final_failures(led) if me.stop_on_failure else 0
             limit = 0 if final else claiming.how_many(led, me, want)
@@ -159,7 +159,7 @@ class Store:
             left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
             if not (claimed or left) and want.leave is not None:
                 workers.wait(led, me.id, want.leave)
-        return StepResult(claimed, led.counts, fenced, left, final_failures=final)
+        return StepResult(claimed, led.counts, left, final_failures=final)
 
     @staticmethod
     def _revive(led: Ledger, me: Me, force: bool) -> None:
@@ -197,17 +197,15 @@ class Store:
         return bool(failures and failures != me.seen_failures
                     and attempts.revivable(led, me.max_failed, me.max_killed))
 
-    def leave(self, worker: str, finishes: list[Finish], state: WorkerState | None
-              ) -> bool:
+    def leave(self, worker: str, finishes: list[Finish], state: WorkerState | None) -> None:
         """The end of a loop, in one transaction: record how its attempts ended, and set
         the worker's state (``None``: keep it). A worker never leaves holding a live
-        attempt: any left is handed back (no retry used). False if a write was fenced."""
+        attempt: any left is handed back (no retry used)."""
         with self._ledger() as led:
-            current = attempts.end(led, worker, finishes)
+            attempts.end(led, worker, finishes)
             if state is not None:
                 workers.set_state(led, worker, state)
                 attempts.hand_back_all(led, worker, f"worker {worker} left holding it")
-        return current
 
     def add_error(self, worker: str, claim: Claim, error: str, trace: str | None) -> None:
         """Complete the record of a failed attempt with its exception."""

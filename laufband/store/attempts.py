@@ -73,21 +73,19 @@ SQL = {
 }
 
 
-def end(led: Ledger, worker: str, finishes: Sequence[Finish]) -> bool:
-    """End attempts: completions as one batch, the rest one by one. False if any was no
-    longer current (fenced)."""
-    completed = [f.claim for f in finishes if f.outcome == Event.COMPLETED]
-    current = end_completed(led, worker, completed)
+def end(led: Ledger, worker: str, finishes: Sequence[Finish]) -> None:
+    """End attempts: completions as one batch, the rest one by one (a write for an
+    attempt that is no longer current is rejected and noted as fenced)."""
+    _end_completed(led, worker, [f.claim for f in finishes if f.outcome == Event.COMPLETED])
     for finish in finishes:
         if finish.outcome != Event.COMPLETED:
-            current &= _end_other(led, worker, finish)
-    return current
+            _end_other(led, worker, finish)
 
 
-def end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> bool:
+def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
     """End attempts that completed, a whole batch in four statements."""
     if not claims:
-        return True
+        return
     pairs = {f"t{i}": c.pk for i, c in enumerate(claims)}
     pairs.update({f"a{i}": c.attempt for i, c in enumerate(claims)})
     values = ", ".join(f"(:t{i}, :a{i})" for i in range(len(claims)))
@@ -101,7 +99,6 @@ def end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> bool:
         marks, params = in_list([c.pk for c in live])
         state_of = dict(led.all(SQL["end_attempts"].format(pks=marks), params))
         _complete(led, worker, [(c, state_of[c.pk]) for c in live])
-    return len(live) == len(claims)
 
 
 def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> None:
@@ -128,7 +125,7 @@ def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> N
         led.record(ready, S.PENDING, S.READY, Event.READY, worker, detail=detail)
 
 
-def _end_other(led: Ledger, worker: str, finish: Finish) -> bool:
+def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
     """An attempt that failed, was killed or was preempted."""
     claim, outcome = finish.claim, finish.outcome
     error = finish.failure.error[:MAX_ERROR] if finish.failure else finish.detail
@@ -138,7 +135,7 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> bool:
             "outcome": outcome.value, "error": error,
             "traceback": trace[-MAX_TRACEBACK:] if trace else None}):
         _fence(led, worker, claim, outcome)
-        return False
+        return
     state, running, failures, kills = led.all(SQL["end_attempt"], {"pk": claim.pk})[0]
     if outcome == Event.FAILED:
         led.run(SQL["count_failure"], {"pk": claim.pk})
@@ -159,7 +156,6 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> bool:
         led.move(claim.pk, state, final, outcome, worker, claim.attempt, detail)
         if final != S.READY:
             block_descendants(led, claim, worker)
-    return True
 
 
 def _fence(led: Ledger, worker: str, claim: Claim, outcome: Event) -> None:

@@ -104,7 +104,6 @@ class Counts:
 class StepResult:
     claims: list[Claim]
     counts: Counts
-    fenced: bool = False
     #: The worker left (was marked ``leave``): nothing it could run can become claimable.
     left: bool = False
     #: A task this worker may claim is ready (waiting: a poll found one).
