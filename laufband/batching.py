@@ -48,8 +48,9 @@ class Batcher:
     def free(self) -> int:
         """Tasks that run in less time than one observed transaction: claiming that many
         delays nobody, since another worker could not claim them sooner. The fair-share
-        cap of a claim never goes below this (measured: without it, 8 workers with few
-        ready tasks fell back to one task per transaction)."""
+        cap of a claim never goes below this (without it, 8 workers with few ready
+        tasks fell back to one task per transaction: SCALING_ANALYSIS.md,
+        'Measurements behind the code')."""
         step, task = self._step_seconds, self._task_seconds
         if step is None or task is None:
             return 1
@@ -61,8 +62,8 @@ class Batcher:
         for tasks short enough that the task claimed ahead is not held back from other
         workers for long (one claimed ahead of a task that runs long after all is handed
         back, see prefetch.py). Not during the first task: every worker steps then, and
-        steps ahead as well delayed the first claims of the others (measured: the last
-        of 8 workers started its first task 120-190 ms after the start, not 40-60)."""
+        steps ahead as well delayed the first claims of the others (SCALING_ANALYSIS.md,
+        'Measurements behind the code')."""
         task = self._task_seconds
         if self.fixed is not None or task is None or task > MAX_DEFERRAL:
             return False

@@ -123,7 +123,8 @@ class Graphband(t.Generic[T]):
         if self._store.generation_of(spec.digest) is None:
             # Not registered yet (a new or a changed graph): check it before going online.
             # If it is, a worker that checked it registered it: joining a big graph skips
-            # the ordering (measured: about half of reading 1M tasks).
+            # the ordering (about half of reading it: SCALING_ANALYSIS.md, 'Measurements
+            # behind the code').
             _ = spec.order
         self._session = Session(self._store, s, self.lock)
         self.db_lock = _UserDbLock(self._db_lock, self._session)
@@ -140,8 +141,8 @@ class Graphband(t.Generic[T]):
         self._refresh_reqsets()
         self._batcher = Batcher(None if s.batch_size == "auto" else int(s.batch_size))
         self._prefetch = Prefetch(self._clock, self._db_lock)
-        # tqdm makes its (multiprocessing) write lock at the first bar: ~10 ms of imports
-        # and a semaphore, which would otherwise delay the first claim of every worker.
+        # tqdm makes its (multiprocessing) write lock at the first bar: imports and a
+        # semaphore, which would otherwise delay the first claim of every worker.
         tqdm.get_lock()
 
     def _refresh_reqsets(self) -> None:

@@ -2,11 +2,11 @@
 made re-entrant and shared by the threads of one process.
 
 flufl.lock sleeps a random 10 ms - 2 s between tries (``Lock._sleep``), so under
-contention every collision costs about a second (measured: 8 workers crawl). We retry
-with full jitter, growing from half a millisecond up to about as long as this process's
-own recent holds of the lock last: a lock held for 2 ms (a local disk) is retried every
-millisecond or so, one held for 50 ms (NFS, where every retry is a network round trip)
-every few tens of milliseconds.
+contention every collision costs about a second (8 workers crawl: see
+SCALING_ANALYSIS.md, 'Measurements behind the code'). We retry with full jitter,
+growing from half a millisecond up to about as long as this process's own recent holds
+of the lock last: a short hold (a local disk) is retried often, a long one (NFS, where
+every retry is a network round trip) less often.
 
 There is exactly one lock per worker process and database (``DatabaseLock``): the
 loop, the heartbeat thread, the step thread and user code (``worker.db_lock``) all take

@@ -3,7 +3,7 @@
 A step (record what finished, claim more) costs a few milliseconds, more on NFS and
 more while other workers hold the lock. For tasks not much longer than that, a worker
 that steps only between tasks spends a good share of its time waiting for the lock
-(measured: 200 x 50 ms tasks on 8 workers ran at 73-80 % of the ideal). So when the
+(SCALING_ANALYSIS.md, 'Measurements behind the code'). So when the
 worker starts the last task it holds, it hands the step to a background thread and the
 transaction overlaps with the task. Only for short tasks (see ``Batcher.prefetch``): a
 task claimed ahead waits, unavailable to other workers, until the current one ends, so

@@ -4,8 +4,9 @@ appends the history).
 
 Count changes and history rows are collected and written once at the end (``flush``),
 so a claim+finish costs a handful of statements. On SQLite the statements run on the
-raw sqlite3 connection (measured: 4 us per statement, against 44 us through
-SQLAlchemy's execute), elsewhere through ``sqlalchemy.text()``.
+raw sqlite3 connection (ten times cheaper per statement than SQLAlchemy's execute:
+SCALING_ANALYSIS.md, 'Measurements behind the code'), elsewhere through
+``sqlalchemy.text()``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ SQL = {
             " WHERE pk = :pk AND state = :old RETURNING reqset",
     # {pks}: ":p0, :p1, ..." (see in_list). Only pk in the WHERE: with a condition on
     # state as well, SQLite (no statistics) prefers the state index from ~10 pks on and
-    # scans every task of that state (measured: 16 ms instead of 1 ms per batch at 100k).
+    # scans every task of that state, a cost that grows with the graph (query-plan
+    # test in tests/unit/test_database.py).
     "move_many": "UPDATE tasks SET state = :new, updated_at = :now WHERE pk IN ({pks})"
                  " RETURNING pk, reqset, state",
     # Run by the transaction after which no task is unfinished: the waiting workers take

@@ -47,7 +47,8 @@ class Registration:
         self.conn, self.now, self.lock, self.url = conn, now, lock, url
         self.spec, self.worker = spec, worker
         # Bulk inserts use the ledger's raw executemany: SQLAlchemy's per-row parameter
-        # handling cost more than SQLite itself here (profiled: 9 of 16 s for 200k tasks).
+        # handling cost more than SQLite itself here (SCALING_ANALYSIS.md, 'Measurements
+        # behind the code').
         self.led = Ledger(conn, now)
         self.existing: dict[str, t.Any] = {}
 
