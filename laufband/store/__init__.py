@@ -165,7 +165,7 @@ class Store:
     def _revive(led: Ledger, me: Me, force: bool) -> None:
         failures = led.counts.n([S.FAILED, S.KILLED])
         if failures and (force or failures != me.seen_failures):
-            attempts.revive(led, me.id, me.max_failed, me.max_killed)
+            attempts.revive(led, me)
         me.seen_failures = led.counts.n([S.FAILED, S.KILLED])
 
     def poll(self, me: Me, leave: WorkerState | None = None) -> StepResult:
@@ -195,7 +195,7 @@ class Store:
             return True
         failures = led.counts.n([S.FAILED, S.KILLED])
         return bool(failures and failures != me.seen_failures
-                    and attempts.revivable(led, me.max_failed, me.max_killed))
+                    and attempts.revivable(led, me))
 
     def leave(self, worker: str, finishes: list[Finish], state: WorkerState | None) -> None:
         """The end of a loop, in one transaction: record how its attempts ended, and set

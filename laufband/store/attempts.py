@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from laufband.states import Event, TaskState
 from laufband.store.ledger import Ledger, in_list
-from laufband.store.model import Claim, Finish
+from laufband.store.model import Claim, Finish, Me
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,13 @@ SQL = {
     # (pending: to block them; blocked: to unblock them). Never a scan of that state.
     "pending_below": _DOWN.replace("{state}", "pending"),
     "blocked_below": _DOWN.replace("{state}", "blocked"),
-    # Tasks a worker's own budget lets run again (by the state index: failed and killed
-    # tasks only).
-    "revivable": "SELECT pk FROM tasks WHERE state = 'failed' AND failures <= :failed"
-                 " UNION ALL SELECT pk FROM tasks WHERE state = 'killed' AND kills <= :killed",
+    # Tasks a worker's own budget lets run again, of the requirement sets {reqsets} and
+    # generations it may claim (by the state index: failed and killed tasks only).
+    "revivable": "SELECT pk FROM tasks WHERE state = 'failed' AND reqset IN ({reqsets})"
+                 " AND generation <= :generation AND failures <= :failed"
+                 " UNION ALL SELECT pk FROM tasks WHERE state = 'killed'"
+                 " AND reqset IN ({reqsets}) AND generation <= :generation"
+                 " AND kills <= :killed",
     "failed_roots": "SELECT pk FROM tasks WHERE state IN ('failed', 'killed')",
     "live_of": "SELECT a.task, a.attempt, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
                " WHERE a.worker = :worker AND a.ended_at IS NULL ORDER BY a.task",
@@ -174,29 +177,32 @@ def block_descendants(led: Ledger, claim: Claim, worker: str) -> None:
                  detail=f"dependency {claim.id!r} did not complete")
 
 
-def revive(led: Ledger, worker: str, max_failed: int, max_killed: int) -> int:
+def revive(led: Ledger, me: Me) -> int:
     """Make ready again the tasks that failed or were killed for good under a smaller
-    budget than this worker's (0.2.1's rule: the claiming worker's own budget decides),
-    and unblock their descendants. Returns how many tasks it revived."""
-    if max_failed <= 0 and max_killed <= 0:
-        return 0
-    pks = [pk for (pk,) in led.all(SQL["revivable"], {"failed": max_failed,
-                                                      "killed": max_killed})]
+    budget than this worker's (0.2.1's rule: the claiming worker's own budget decides)
+    and that it may claim, and unblock their descendants. Returns how many."""
+    pks = _revivable(led, me, limit=None)
     if not pks:
         return 0
-    led.move_all(pks, S.READY, Event.RETRIED, worker,
-                 detail=f"within this worker's budget (max_failed_retries={max_failed}, "
-                        f"max_killed_retries={max_killed})")
-    _unblock_below(led, pks, worker)
+    led.move_all(pks, S.READY, Event.RETRIED, me.id,
+                 detail=f"within this worker's budget (max_failed_retries={me.max_failed}, "
+                        f"max_killed_retries={me.max_killed})")
+    _unblock_below(led, pks, me.id)
     return len(pks)
 
 
-def revivable(led: Ledger, max_failed: int, max_killed: int) -> bool:
+def revivable(led: Ledger, me: Me) -> bool:
     """Is there a task that ``revive`` would make ready (a read)?"""
-    if max_failed <= 0 and max_killed <= 0:
-        return False
-    return bool(led.all(SQL["revivable"] + " LIMIT 1", {"failed": max_failed,
-                                                        "killed": max_killed}))
+    return bool(_revivable(led, me, limit=1))
+
+
+def _revivable(led: Ledger, me: Me, limit: int | None) -> list[int]:
+    if (me.max_failed <= 0 and me.max_killed <= 0) or not me.reqset_ids:
+        return []
+    marks, params = in_list(me.reqset_ids)
+    sql = SQL["revivable"].format(reqsets=marks) + (f" LIMIT {limit}" if limit else "")
+    return [pk for (pk,) in led.all(sql, {**params, "generation": me.generation,
+                                          "failed": me.max_failed, "killed": me.max_killed})]
 
 
 def _unblock_below(led: Ledger, revived: list[int], worker: str) -> None:

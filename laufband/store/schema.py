@@ -225,10 +225,8 @@ def _set_version(conn: Connection) -> None:
 
 
 def _refuse_if_old_workers_run(conn: Connection, url: str, version: str, now: float) -> None:
-    """Version 2 -> 3 replaces the claims table: a worker of version 2 still running
-    would fail at its next claim. Refuse until they are gone."""
-    if version == "1":
-        return  # version 1 workers cannot be running here: 1 -> 2 kept them working
+    """Version 2 -> 3 replaces the claims table: a worker of version 1 or 2 still
+    running would fail at its next claim. Refuse until they are gone."""
     live = conn.execute(sa.text(
         "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')"
         " AND heartbeat + heartbeat_timeout >= :now"), {"now": now}).scalar()

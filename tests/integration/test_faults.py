@@ -47,18 +47,11 @@ def test_torture_sigkill_random_workers(workers):
         running = [p for p in live if p.poll() is None]
         if not running:
             break
-        victim = rng.choice(running)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        live.remove(victim)
-        live += faults.start(1, sleep=0.04)
+        kill_and_replace(faults, live, rng.choice(running), sleep=0.04)
         kills += 1
     run = workers.wait(timeout=150)
     assert kills >= 10, f"the workflow finished after only {kills} kills: too few to test"
-    # The victims died by SIGKILL; every other worker finished its loop normally.
-    assert run.returncodes.count(-signal.SIGKILL) == kills
-    assert set(run.returncodes) == {0, -signal.SIGKILL}, run.stderr
-    faults.assert_consistent()
+    assert_killed_and_consistent(faults, run, kills)
     # A dead worker's batch: one attempt charged as killed, the rest handed back free.
     deaths = query(faults.db, "SELECT sum(event = 'killed'), count(*) FROM events"
                    " WHERE event IN ('killed', 'preempted') GROUP BY worker, at")
@@ -124,14 +117,25 @@ def test_paused_past_the_timeout_resumed_and_killed_at_once_strands_nothing(work
         finally:
             victim.send_signal(signal.SIGCONT)
         time.sleep(rng.uniform(0, 0.02))  # the instant of the kill, not a synchronisation
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        live.remove(victim)
-        live += faults.start(1, sleep=0.2)
+        kill_and_replace(faults, live, victim, sleep=0.2)
         rounds += 1
     run = workers.wait(timeout=150)
     assert rounds >= 3, f"only {rounds} rounds before the workflow ended"
-    assert run.returncodes.count(-signal.SIGKILL) == rounds
+    assert_killed_and_consistent(faults, run, rounds)
+
+
+def kill_and_replace(faults, live: list, victim, sleep: float) -> None:
+    """SIGKILL ``victim`` (one of ``live``) and start a fresh worker in its place."""
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    live.remove(victim)
+    live += faults.start(1, sleep=sleep)
+
+
+def assert_killed_and_consistent(faults, run, kills: int) -> None:
+    """The victims died by SIGKILL; every other worker finished its loop normally; the
+    workflow completed once per task with nothing left claimed."""
+    assert run.returncodes.count(-signal.SIGKILL) == kills
     assert set(run.returncodes) == {0, -signal.SIGKILL}, run.stderr
     faults.assert_consistent()
 

@@ -144,8 +144,9 @@ def test_database_of_an_older_schema_is_upgraded_and_the_workflow_goes_on(versio
         ("killed", "worker Z was declared dead by B: no heartbeat for 100000 s")]
 
 
-def test_upgrade_waits_for_workers_of_the_older_version():
-    shutil.copy(os.path.join(DATA, "schema2.sqlite"), "g.sqlite")
+@pytest.mark.parametrize("version", [1, 2])
+def test_upgrade_waits_for_workers_of_the_older_version(version):
+    shutil.copy(os.path.join(DATA, f"schema{version}.sqlite"), "g.sqlite")
     before = snapshot_file("g.sqlite")
     clock = FakeClock(1_700_000_010.0)  # Z beat 10 s ago: it may be running
     with pytest.raises(SchemaVersionError, match="1 worker.*still running.*Let them finish"):

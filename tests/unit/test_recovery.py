@@ -210,3 +210,17 @@ def test_status_groups_failures_by_error():
     assert "failed or killed for good, by error:" in text
     assert "     3 x the loop body raised an exception" in text  # one line, same place
     assert "in fail_at  ('x', 'y', 'z')" in text
+
+
+def test_a_budget_revives_only_tasks_the_worker_may_run():
+    """A worker without the labels a failed task needs cannot run it, so it does not
+    make it ready (else it would stay ready with nobody to run it, and the next worker
+    with the labels would run it although its own budget is 0)."""
+    graph = [Task("T", requirements={"gpu"}), Task("D", dependencies={"T"})]
+    fail_at(make(graph, name="gpu1", labels={"gpu"}), "T")
+    assert list(make(graph, name="cpu", max_failed_retries=3)) == []
+    assert states() == {"T": "failed", "D": "blocked"}
+    assert list(make(graph, name="gpu2", labels={"gpu"})) == []
+    assert states() == {"T": "failed", "D": "blocked"}
+    assert [t.id for t in make(graph, name="gpu3", labels={"gpu"}, max_failed_retries=1)
+            ] == ["T", "D"]
