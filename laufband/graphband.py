@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import typing as t
 import weakref
 from collections import deque
@@ -203,13 +204,15 @@ class Graphband(t.Generic[T]):
 
     def close(self) -> None:
         """Stop after the current task (which counts as completed); outside a loop,
-        go offline now."""
+        go offline now. (From another thread too: while a loop exists, it only asks
+        the loop to stop.)"""
         self._closing = True
         if self.settings.disabled:
             return
         loop = self._loop
-        if loop is None or loop.ended:
-            self._go_offline()
+        if loop is None or loop.finished:
+            with self._session.library_call():
+                self._go_offline()
 
     def __enter__(self) -> Graphband[T]:
         self._context_managed = True
@@ -218,13 +221,15 @@ class Graphband(t.Generic[T]):
     def __exit__(self, *exc: object) -> None:
         self._context_managed = False
         if not self.settings.disabled:
-            self._go_offline()
+            # A stop signal meanwhile waits for the hand-back, then raises.
+            with self._session.library_call():
+                self._go_offline()
 
     def _go_offline(self) -> None:
         loop = self._loop
-        if loop is not None and not loop.ended:
-            # Left while a loop is suspended mid-task (close() or a with block): the
-            # task goes back, no retry used; the loop, if resumed, just ends.
+        if loop is not None:
+            # Left while a loop is suspended mid-task (a with block): the task goes
+            # back, no retry used; the loop, if resumed, just ends.
             loop.end_now("its worker went offline while the loop was suspended")
         self._prefetch.shutdown()
         self._session.go_offline()
@@ -255,9 +260,13 @@ class Graphband(t.Generic[T]):
                     return
 
     def _iterate(self) -> Iterator[t.Any]:
-        if self._loop is not None and not self._loop.ended:
+        if self._loop is not None and not self._loop.finished:
             raise RuntimeError(f"worker {self.identifier} already runs a loop; a worker "
                                "runs one loop at a time (start another worker instead)")
+        if self._session.signal is not None:
+            # A stop signal came while no loop could act on it (e.g. during the end of
+            # the last one after a break): this worker runs no more loops.
+            raise Preempted(self._session.signal)
         self._closing = False
         self._session.go_online()
         self._bar = tqdm(total=0, **self.tqdm_kwargs)
@@ -339,8 +348,10 @@ class _Loop:
         self.current: Claim | None = None
         self.started = False  # the first step marks the worker busy
         self.left = False  # the store set this worker's state as the loop ended
-        self.ended = False
-        self._exiting = False
+        self.suspended = False  # the generator waits at its yield (user code runs)
+        self.ended = False  # end() has begun
+        self.finished = False  # end() is done
+        self._guard = threading.RLock()  # one end(), also from other threads
 
     # ------------------------------------------------------------- the loop
     def run(self) -> Iterator[t.Any]:
@@ -349,7 +360,9 @@ class _Loop:
                 self.current = claim
                 started = self.clock.monotonic()
                 self.session.enter_user_code()
+                self.suspended = True
                 yield self.w._item(self.w._by_id[claim.id])
+                self.suspended = False
                 self.session.leave_user_code()
                 if self.ended:
                     return  # ended while suspended (the worker went offline)
@@ -357,6 +370,7 @@ class _Loop:
                 self.batcher.observe_task(self.clock.monotonic() - started)
                 self.done.append(Finish(claim, Event.COMPLETED))
         except BaseException as exc:
+            self.suspended = False
             self.session.leave_user_code()
             self.end(exc)
             raise
@@ -446,9 +460,12 @@ class _Loop:
 
     # -------------------------------------------------------------- the end
     def end_now(self, why: str) -> None:
-        """End a loop that is suspended (not running): its task goes back."""
-        if not self.ended:
-            self.end(None, why=why)
+        """End a loop that is suspended (its generator waits while user code runs): its
+        task goes back. A loop that runs on another thread right now is left to end by
+        itself (its claims are reaped if it never does)."""
+        with self._guard:
+            if not self.ended and self.suspended:
+                self.end(None, why=why)
 
     def end_at_exit(self) -> None:
         """The interpreter exits with this loop suspended: its task goes back."""
@@ -458,11 +475,17 @@ class _Loop:
         """The one way out: record what finished, settle how the current task ended,
         hand back everything else, and set the worker's state, in one transaction;
         then report a stop signal (and raise it, if nothing else is raised)."""
-        if self.ended:
-            return
-        self.ended = True
-        signum = self.session.signal
-        current = self._current_outcome(exc, signum, why)
+        with self._guard:
+            if self.ended:
+                return
+            self.ended = True
+            try:
+                self._end(exc, why)
+            finally:
+                self.finished = True
+
+    def _end(self, exc: BaseException | None, why: str | None) -> None:
+        current = self._current_outcome(exc, self.session.signal, why)
         finishes = self._settle() + self._take_done() + ([current] if current else [])
         detail = "claimed in a batch but not started"
         finishes += [Finish(c, Event.PREEMPTED, detail) for c in self.queue]
@@ -470,8 +493,12 @@ class _Loop:
         self._record(finishes, exc)
         if self.w._bar is not None:
             self.w._bar.close()
+        # Read again: a signal may have come while we recorded (it raises no earlier).
+        signum = self.session.signal
         if signum is not None:
-            self._announce(signum, current.claim.id if current else None)
+            handed = current.claim.id if current and current.outcome == Event.PREEMPTED \
+                else None
+            self._announce(signum, handed)
             if exc is None and why is None:
                 raise Preempted(signum)
 

@@ -196,14 +196,16 @@ class Session:
             self._at_exit()
 
     def _at_exit(self) -> None:
-        end = self._loop_end() if self._loop_end is not None else None
-        if end is not None:
-            try:
-                end()
-            except Exception as exc:  # at exit, report and move on
-                log.warning("could not end the loop of worker %s: %s",
-                            self.settings.identifier, exc)
-        self.go_offline()
+        # A stop signal now must not cut the hand-back short: record it only.
+        with self.library_call(raise_pending=False):
+            end = self._loop_end() if self._loop_end is not None else None
+            if end is not None:
+                try:
+                    end()
+                except Exception as exc:  # at exit, report and move on
+                    log.warning("could not end the loop of worker %s: %s",
+                                self.settings.identifier, exc)
+            self.go_offline()
 
 
 _SESSIONS: weakref.WeakSet[Session] = weakref.WeakSet()

@@ -69,3 +69,69 @@ def test_loop_in_a_thread_installs_no_handlers(app_handlers):
     thread.join(timeout=60)
     assert not errors and result == [0, 1, 2]
     assert all(signal.getsignal(s) is mine for s in STOP_SIGNALS)
+
+
+def signal_inside_leave(worker, also=None):
+    """Send SIGTERM to ourselves when the loop's end starts recording (``also``: run
+    something else there first)."""
+    leave = worker._store.leave
+
+    def leave_with_a_signal(*args, **kwargs):
+        if also is not None:
+            also()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return leave(*args, **kwargs)
+
+    worker._store.leave = leave_with_a_signal
+
+
+def test_a_signal_while_the_loop_ends_is_not_swallowed(app_handlers, capsys):
+    """The loop's end had read the signal state before the signal came: it looks
+    again after recording, so the worker still stops with 143 and says so."""
+    worker = flat_worker(range(3), batch_size=1)
+    seen = []
+    with pytest.raises(Preempted) as info:
+        for item in worker:
+            seen.append(item)
+            if item == 1:
+                signal_inside_leave(worker)
+                worker.close()  # the end records the completion of 1
+    assert info.value.code == 143 and seen == [0, 1]
+    assert states() == {"0": "completed", "1": "completed", "2": "ready"}
+    assert "laufband: SIGTERM received: worker w stops" in capsys.readouterr().err
+
+
+def test_a_signal_while_a_with_block_hands_back_a_suspended_loop(app_handlers):
+    """Leaving the with block ends the suspended loop (its task goes back); a signal
+    during that hand-back waits for it to finish, then raises."""
+    with pytest.raises(Preempted), flat_worker(range(3), batch_size=1) as worker:
+        loop = iter(worker)
+        assert next(loop) == 0
+        signal_inside_leave(worker)
+    assert states() == {"0": "ready", "1": "ready", "2": "ready"}
+    assert history("0")[-1][:2] == ("preempted", "ready")
+    assert rows("SELECT state FROM workers") == [("offline",)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
+
+
+def test_close_from_another_thread_while_the_loop_ends_loses_nothing():
+    """close() from a watchdog thread while the loop records its last completion: it
+    only asks the loop to stop (before, it went offline at once and handed the task
+    back under the loop's feet: the completion was fenced and the task ran again)."""
+    worker = flat_worker(range(3), batch_size=1)
+    leave = worker._store.leave
+
+    def leave_after_a_watchdog(*args, **kwargs):
+        watchdog = threading.Thread(target=worker.close)
+        watchdog.start()
+        watchdog.join(10)
+        assert not watchdog.is_alive()
+        return leave(*args, **kwargs)
+
+    for item in worker:
+        if item == 1:
+            worker._store.leave = leave_after_a_watchdog
+            worker.close()
+    assert states() == {"0": "completed", "1": "completed", "2": "ready"}
+    assert rows("SELECT count(*) FROM events WHERE event = 'fenced'") == [(0,)]
+    assert rows("SELECT state FROM workers") == [("offline",)]
