@@ -140,6 +140,11 @@ class DatabaseLock:
             if time.monotonic() - waited >= self.refresh_interval:
                 self.refresh()  # another thread of ours holds it: keep it alive for it
                 waited = time.monotonic()
+        if cancel is not None and cancel():
+            # Called off while we waited for the thread that called it off (it held the
+            # lock): do not start a transaction for a worker that has moved on.
+            self._turns.release()
+            raise Cancelled
         if self._depth == 0:
             try:
                 self._acquire_file()

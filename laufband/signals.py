@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import typing as t
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,15 +30,34 @@ class Preempted(SystemExit):
 def stop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
     """Call ``on_signal(signum)`` on a stop signal while inside; restore the previous
     handlers afterwards. Outside the main thread Python cannot install handlers, so
-    nothing is installed there (the embedding application owns signals then)."""
+    nothing is installed there (the embedding application owns signals then).
+
+    A loop's generator may be closed on another thread (collected there), where the
+    handlers cannot be restored: then ours stay until the next signal, which restores
+    them in the main thread and passes that signal on to them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {}
+    previous: dict[int, t.Any] = {}
+    active = True
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            # None: a handler installed outside Python; the default is the best guess.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    def handler(num: int, _frame: object) -> None:
+        if active:
+            on_signal(num)
+        else:  # the loop is over: this signal was never ours
+            restore()
+            signal.raise_signal(num)
+
     for signum in STOP_SIGNALS:
-        previous[signum] = signal.signal(signum, lambda num, _frame: on_signal(num))
+        previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        active = False
+        if threading.current_thread() is threading.main_thread():
+            restore()

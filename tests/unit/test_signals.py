@@ -3,6 +3,7 @@ back, the exit code is 128 + signal number, and the previous handlers come back.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -135,3 +136,67 @@ def test_close_from_another_thread_while_the_loop_ends_loses_nothing():
     assert states() == {"0": "completed", "1": "completed", "2": "ready"}
     assert rows("SELECT count(*) FROM events WHERE event = 'fenced'") == [(0,)]
     assert rows("SELECT state FROM workers") == [("offline",)]
+
+
+def test_a_loop_collected_on_another_thread_leaves_the_signals_to_the_application():
+    """A suspended loop in a reference cycle is collected by a garbage collection on
+    another thread, where its handlers cannot be restored. The next stop signal goes
+    to the application's handler all the same (and restores it)."""
+    got = []
+    previous = {s: signal.signal(s, lambda num, _f: got.append(num)) for s in STOP_SIGNALS}
+    try:
+        class Holder:
+            pass
+
+        holder = Holder()
+        holder.me = holder
+        holder.loop = iter(flat_worker(range(2)))
+        assert next(holder.loop) == 0
+        del holder
+        gc.disable()
+        try:
+            collector = threading.Thread(target=gc.collect)
+            collector.start()
+            collector.join(30)
+        finally:
+            gc.enable()
+        assert states()["0"] != "running"  # the loop ended there
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert got == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert got == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def test_a_heartbeat_called_off_while_the_body_holds_db_lock_writes_nothing():
+    """stop() does not wait for a beat that waits for the lock the caller holds; that
+    beat must not run its transaction once the lock is free (the worker went offline;
+    at exit it could be cut off mid-transaction)."""
+    from laufband.clock import FakeClock
+
+    clock = FakeClock()
+    worker = flat_worker(range(2), clock=clock)
+    assert list(worker) == [0, 1]
+    stamp = rows("SELECT heartbeat FROM workers")
+    clock.advance(5)
+    asked = threading.Event()
+    acquire = worker._db_lock.acquire
+
+    def watched(cancel=None):
+        if threading.current_thread() is not threading.main_thread():
+            asked.set()
+        acquire(cancel)
+
+    worker._db_lock.acquire = watched
+    stop = threading.Event()
+    with worker.db_lock:
+        beating = threading.Thread(target=worker._session.heartbeat.beat, args=(stop,))
+        beating.start()
+        assert asked.wait(10)  # the beat waits for the lock we hold
+        stop.set()  # what Heartbeat.stop() does when its caller holds the lock
+    beating.join(10)
+    assert not beating.is_alive()
+    assert rows("SELECT heartbeat FROM workers") == stamp
