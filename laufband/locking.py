@@ -25,7 +25,8 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from flufl.lock import AlreadyLockedError, Lock, LockState, TimeOutError
@@ -51,6 +52,24 @@ _BACKOFF_BASE = 0.0005
 #: Bounds of the backoff cap, which follows the smoothed hold time (``DatabaseLock``).
 BACKOFF_CAP_MIN, BACKOFF_CAP_MAX = 0.001, 0.1
 _BACKOFF_CAP = 0.02  # until a hold was measured
+
+
+_local = threading.local()
+
+
+def in_lock_code() -> bool:
+    """Is the calling thread inside DatabaseLock's own bookkeeping? (A signal handler
+    must not raise there: the lock would be left half taken.)"""
+    return getattr(_local, "depth", 0) > 0
+
+
+@contextmanager
+def _lock_code() -> Iterator[None]:
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
 
 
 class Cancelled(Exception):
@@ -131,6 +150,10 @@ class DatabaseLock:
     def acquire(self, cancel: Callable[[], bool] | None = None) -> None:
         """Take the lock; with ``cancel``, a wait for another thread of ours ends with
         ``Cancelled`` as soon as ``cancel()`` is true (checked every 50 ms)."""
+        with _lock_code():
+            self._acquire(cancel)
+
+    def _acquire(self, cancel: Callable[[], bool] | None) -> None:
         if cancel is not None and cancel():
             raise Cancelled
         waited = time.monotonic()
@@ -162,6 +185,10 @@ class DatabaseLock:
         if not self.held_here():
             raise RuntimeError("laufband: the database lock was released by a thread that "
                                "does not hold it")
+        with _lock_code():
+            self._release()
+
+    def _release(self) -> None:
         try:
             if self._depth == 1:
                 self._observe_hold(time.monotonic() - self._acquired_at)

@@ -34,6 +34,7 @@ from flufl.lock import Lock
 from laufband.config import Settings
 from laufband.errors import LaufbandError
 from laufband.heartbeat import Heartbeat
+from laufband.locking import in_lock_code
 from laufband.signals import Preempted
 from laufband.states import WorkerState
 from laufband.store import Claim, Store, WorkerInfo
@@ -125,7 +126,7 @@ class Session:
     def on_signal(self, signum: int) -> None:
         """The stop-signal handler (main thread only)."""
         self.signal = signum
-        if self.in_user_code and self._library == 0:
+        if self.in_user_code and self._library == 0 and not in_lock_code():
             self.in_user_code = False
             raise Preempted(signum)
 

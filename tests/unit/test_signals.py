@@ -200,3 +200,29 @@ def test_a_heartbeat_called_off_while_the_body_holds_db_lock_writes_nothing():
     beating.join(10)
     assert not beating.is_alive()
     assert rows("SELECT heartbeat FROM workers") == stamp
+
+
+def test_a_signal_inside_the_lock_code_of_a_read_in_the_body_leaves_the_lock_sound():
+    """The loop body reads through Monitor (the same database lock, no laufband call
+    around it); a signal lands inside the lock's own bookkeeping. It must not raise
+    there (the lock would stay half taken and hang the worker's threads); the loop acts
+    on it when the task returns."""
+    from laufband import Monitor
+
+    worker = flat_worker(range(3), batch_size=1)
+    lock = worker._db_lock
+    take_file = lock._acquire_file
+    monitor = Monitor(db="g.sqlite")
+    with pytest.raises(Preempted):
+        for item in worker:
+            if item == 1:
+                def take_file_with_a_signal():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    take_file()
+
+                lock._acquire_file = take_file_with_a_signal
+                assert monitor.get_workflow().total_tasks == 3  # the read completes
+                lock._acquire_file = take_file
+    assert not lock.is_locked
+    assert states() == {"0": "completed", "1": "completed", "2": "ready"}
+    assert rows("SELECT state FROM workers") == [("offline",)]
