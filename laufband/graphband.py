@@ -29,7 +29,7 @@ from laufband.clock import Clock, SystemClock
 from laufband.errors import LaufbandError, TaskFailedError
 from laufband.locking import DatabaseLock, FastLock, database_lock, speed_up
 from laufband.prefetch import MAX_HOLD, Prefetch
-from laufband.session import Session, user_frame, where
+from laufband.session import Session, signals_received, user_frame, where
 from laufband.signals import Preempted, stop_signals
 from laufband.states import UNFINISHED, Event, WorkerState
 from laufband.store import (
@@ -352,6 +352,7 @@ class _Loop:
         self.ended = False  # end() has begun
         self.finished = False  # end() is done
         self._guard = threading.RLock()  # one end(), also from other threads
+        self._signals_before = signals_received()
 
     # ------------------------------------------------------------- the loop
     def run(self) -> Iterator[t.Any]:
@@ -479,13 +480,37 @@ class _Loop:
             if self.ended:
                 return
             self.ended = True
+            current = self._current_outcome(exc, self._signal_during_loop(), why)
+            if self.store.db.in_transaction_here():
+                # Collected by a garbage collection inside a transaction of this thread:
+                # recording now would wait for that very transaction. A thread does it.
+                threading.Thread(target=self._end_later, args=(current,),
+                                 name="laufband-end").start()
+                return
             try:
-                self._end(exc, why)
+                self._end(current, exc, why)
             finally:
                 self.finished = True
 
-    def _end(self, exc: BaseException | None, why: str | None) -> None:
-        current = self._current_outcome(exc, self.session.signal, why)
+    def _signal_during_loop(self) -> int | None:
+        """This worker's stop signal, or one another loop of the process got while
+        this one ran."""
+        count, last = signals_received()
+        if self.session.signal is not None:
+            return self.session.signal
+        return last if count != self._signals_before[0] else None
+
+    def _end_later(self, current: Finish | None) -> None:
+        with self._guard:
+            try:
+                self._end(current, GeneratorExit(), "collected")
+            except Exception as err:  # nobody to raise it to
+                log.error("could not record the end of worker %s's loop: %s", self.me.id, err)
+            finally:
+                self.finished = True
+
+    def _end(self, current: Finish | None, exc: BaseException | None,
+             why: str | None) -> None:
         finishes = self._settle() + self._take_done() + ([current] if current else [])
         detail = "claimed in a batch but not started"
         finishes += [Finish(c, Event.PREEMPTED, detail) for c in self.queue]

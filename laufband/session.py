@@ -125,7 +125,9 @@ class Session:
     # --------------------------------------------------------------- signals
     def on_signal(self, signum: int) -> None:
         """The stop-signal handler (main thread only)."""
-        self.signal = signum
+        global _LAST_SIGNAL, _SIGNALS
+        self.signal = _LAST_SIGNAL = signum
+        _SIGNALS += 1
         if self.in_user_code and self._library == 0 and not in_lock_code():
             self.in_user_code = False
             raise Preempted(signum)
@@ -210,6 +212,16 @@ class Session:
 
 
 _SESSIONS: weakref.WeakSet[Session] = weakref.WeakSet()
+#: Stop signals this process received, and the last one: a loop during which one
+#: arrived hands its task back even if another loop's handler got it (an outer loop
+#: whose body ran the inner loop that got it).
+_SIGNALS = 0
+_LAST_SIGNAL: int | None = None
+
+
+def signals_received() -> tuple[int, int | None]:
+    """How many stop signals this process received, and the last one."""
+    return _SIGNALS, _LAST_SIGNAL
 
 
 _previous: dict[str, t.Any] = {}

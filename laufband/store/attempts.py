@@ -69,7 +69,8 @@ SQL = {
                  " AND kills <= :killed",
     "failed_roots": "SELECT pk FROM tasks WHERE state IN ('failed', 'killed')",
     "live_of": "SELECT a.task, a.attempt, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
-               " WHERE a.worker = :worker AND a.ended_at IS NULL ORDER BY a.task",
+               " WHERE a.worker = :worker AND a.ended_at IS NULL"
+               " ORDER BY a.started_at, a.task",
     "add_error": "UPDATE attempts SET error = :error, traceback = :traceback"
                  " WHERE task = :pk AND attempt = :attempt AND worker = :worker"
                  " AND outcome = 'failed'",
@@ -242,9 +243,10 @@ def end_all_of_dead(led: Ledger, worker: str, budget: int, why: str) -> None:
     """End the live attempts of a worker declared dead.
 
     A worker runs one task at a time; more claims mean a batch, whose other tasks were
-    finished-but-unrecorded or not started. We cannot tell which one was running, so
-    one attempt (the first of the batch) is charged to the kill budget, as without
-    batching, and the others go back to ready free of charge. One dead worker thus
+    finished-but-unrecorded or not started, or a task claimed ahead. We cannot tell
+    which one was running, so one attempt is charged to the kill budget, as without
+    batching: the earliest claimed (the first of the batch, which runs first; not the
+    one claimed ahead, later), and the others go back to ready free of charge. One dead worker thus
     never kills more tasks for good than an unbatched one would.
     """
     for i, claim in enumerate(live_claims(led, worker)):

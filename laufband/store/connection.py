@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,6 +80,9 @@ def read_only_reason(path: str) -> str:
     except OSError:
         pass
     return "is read-only for this worker (file permissions, or mode=ro in the URL)"
+
+
+_here = threading.local()
 
 
 class Database:
@@ -162,16 +166,31 @@ class Database:
     def transaction(self, cancel: Callable[[], bool] | None = None) -> Iterator[Connection]:
         """A write transaction under the database lock. If it raises, nothing was
         committed (the lock's release cannot fail after a commit: see locking.py)."""
-        with self._locked(cancel), self.translate_errors(), self.engine.begin() as conn:
+        with (self._locked(cancel), self._inside(), self.translate_errors(),
+              self.engine.begin() as conn):
             yield conn
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only snapshot; callers keep it to a statement or two."""
-        with self._locked(None), self.translate_errors(), self.engine.connect() as conn:
+        with (self._locked(None), self._inside(), self.translate_errors(),
+              self.engine.connect() as conn):
             conn.execution_options(laufband_begin="BEGIN")
             with conn.begin():
                 yield conn
+
+    @contextmanager
+    def _inside(self) -> Iterator[None]:
+        _here.depth = getattr(_here, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _here.depth -= 1
+
+    @staticmethod
+    def in_transaction_here() -> bool:
+        """Is this thread inside a transaction or read of any laufband database?"""
+        return getattr(_here, "depth", 0) > 0
 
     @contextmanager
     def _locked(self, cancel: Callable[[], bool] | None) -> Iterator[None]:

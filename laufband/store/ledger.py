@@ -41,6 +41,13 @@ SQL = {
                        " WHERE state = 'busy' AND leave_as IS NOT NULL AND NOT EXISTS"
                        " (SELECT 1 FROM attempts WHERE attempts.worker = workers.id"
                        " AND attempts.ended_at IS NULL)",
+    # Tasks failed or killed for good that no live worker's own budget lets run again.
+    "final_failures": "SELECT (SELECT count(*) FROM tasks WHERE state = 'failed' AND failures >"
+                      " (SELECT coalesce(max(max_failed), 0) FROM workers"
+                      " WHERE state IN ('idle', 'busy')))"
+                      " + (SELECT count(*) FROM tasks WHERE state = 'killed' AND kills >"
+                      " (SELECT coalesce(max(max_killed), 0) FROM workers"
+                      " WHERE state IN ('idle', 'busy')))",
 }
 
 
@@ -127,13 +134,24 @@ class Ledger:
             for pk, reqset, _state in rows:
                 self.record([(pk, reqset)], before[pk], new, event, worker, detail=detail)
 
+    def final_failures(self) -> int:
+        """Tasks failed or killed for good beyond every live worker's retry budget."""
+        if not self.counts.n([TaskState.FAILED, TaskState.KILLED]):
+            return 0
+        return int(self.scalar(SQL["final_failures"]) or 0)
+
+    def _workflow_over(self) -> bool:
+        """No task is unfinished, and no live worker's budget runs a failed one again."""
+        failed = self.counts.n([TaskState.FAILED, TaskState.KILLED])
+        return not self.counts.n(UNFINISHED) and (not failed or self.final_failures() == failed)
+
     def flush(self) -> None:
         """Write the collected count changes and history rows; if no task is
         unfinished any more, release the waiting workers."""
         bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
         if bumps:
             self.run(SQL["bump"], bumps)
-            if not self.counts.n(UNFINISHED):
+            if self._workflow_over():
                 self.run(SQL["release_waiters"], {"now": self.now})
         if self._events:
             self.run(SQL["event"], self._events)

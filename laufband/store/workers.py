@@ -16,7 +16,7 @@ from collections.abc import Callable
 from laufband.errors import WorkerIdentityError
 from laufband.states import ALIVE, WorkerState
 from laufband.store import attempts
-from laufband.store.ledger import Ledger
+from laufband.store.ledger import Ledger, in_list
 from laufband.store.model import Me, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,24 @@ SQL = {
             " WHERE id = :worker AND state = 'idle'",
     "wait": "UPDATE workers SET leave_as = :leave WHERE id = :worker AND state = 'busy'",
     "left_as": "SELECT state, leave_as FROM workers WHERE id = :worker",
+    # Also over 'dead': a worker that was declared dead while paused and now leaves
+    # cleanly is alive, and says so.
     "leave": "UPDATE workers SET state = :state, stopped_at = :stopped, leave_as = NULL"
-             " WHERE id = :worker AND state != 'dead'",
+             " WHERE id = :worker",
     "reqsets": "SELECT id, labels FROM reqsets",
     "live_labels": "SELECT DISTINCT labels FROM workers WHERE state IN ('idle', 'busy')"
                    " AND id != :me",
-    # Tasks failed or killed for good that no live worker's own budget lets run again.
-    "final_failures": "SELECT (SELECT count(*) FROM tasks WHERE state = 'failed' AND failures >"
-                      " (SELECT coalesce(max(max_failed), 0) FROM workers"
-                      " WHERE state IN ('idle', 'busy')))"
-                      " + (SELECT count(*) FROM tasks WHERE state = 'killed' AND kills >"
-                      " (SELECT coalesce(max(max_killed), 0) FROM workers"
-                      " WHERE state IN ('idle', 'busy')))",
+    "newest_generation": "SELECT max(generation) FROM graphs",
+    # For a worker of an older graph generation: tasks of its generations only (an
+    # older task never depends on a newer one: a rerun may only add tasks).
+    "mine_waiting": "SELECT 1 FROM tasks WHERE state IN ('pending', 'running')"
+                    " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
+    "mine_pending": "SELECT 1 FROM tasks WHERE state = 'pending'"
+                    " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
+    "old_running": "SELECT 1 FROM tasks WHERE state = 'running'"
+                   " AND generation <= :generation LIMIT 1",
+    "old_ready": "SELECT 1 FROM tasks WHERE state = 'ready' AND reqset IN ({live})"
+                 " AND generation <= :generation LIMIT 1",
 }
 
 
@@ -156,7 +162,29 @@ def released(led: Ledger, worker: str, leave: WorkerState) -> bool:
 
 def done_for(led: Ledger, me: Me) -> bool:
     """Can nothing this worker could run become claimable any more?"""
+    if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
+        return not _can_change_up_to(led, me)
     return not led.counts.can_change(me.reqset_ids, lambda: _live_reqsets(led, me.id))
+
+
+def _can_change_up_to(led: Ledger, me: Me) -> bool:
+    """Counts.can_change for a worker of an older generation: the counters span every
+    generation, so ask the tasks of its own (rare: only such a worker about to leave)."""
+    if not me.reqset_ids:
+        return False
+    mine, params = in_list(me.reqset_ids)
+    gen = {"generation": me.generation}
+    if not led.all(SQL["mine_waiting"].format(mine=mine), {**params, **gen}):
+        return False
+    if led.all(SQL["old_running"], gen):
+        return True
+    if not led.all(SQL["mine_pending"].format(mine=mine), {**params, **gen}):
+        return False
+    live = sorted(_live_reqsets(led, me.id))
+    if not live:
+        return False
+    marks, live_params = in_list(live)
+    return bool(led.all(SQL["old_ready"].format(live=marks), {**live_params, **gen}))
 
 
 def leave_if_done(led: Ledger, me: Me, leave: WorkerState | None) -> bool:
@@ -186,6 +214,4 @@ def reqsets_for(led: Ledger, labels: frozenset[str]) -> list[int]:
 def final_failures(led: Ledger) -> int:
     """Tasks that failed or were killed for good and that no live worker's budget lets
     run again (failure_policy="stop" stops for these only)."""
-    if not led.counts.n(["failed", "killed"]):
-        return 0
-    return int(led.scalar(SQL["final_failures"]) or 0)
+    return led.final_failures()

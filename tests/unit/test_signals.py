@@ -10,8 +10,9 @@ import threading
 import time
 
 import pytest
-from helpers import flat_worker, history, rows, states
+from helpers import flat_worker, history, make, rows, states
 
+from laufband import Task
 from laufband.signals import STOP_SIGNALS, Preempted
 
 
@@ -226,3 +227,42 @@ def test_a_signal_inside_the_lock_code_of_a_read_in_the_body_leaves_the_lock_sou
     assert not lock.is_locked
     assert states() == {"0": "completed", "1": "completed", "2": "ready"}
     assert rows("SELECT state FROM workers") == [("offline",)]
+
+
+def test_a_signal_in_an_inner_loop_hands_the_outer_task_back_too(tmp_path):
+    """Nested loops (datasets, then items): the inner loop's handler gets SIGTERM. The
+    outer loop, whose body the Preempted left, hands its task back as well; it did not
+    fail."""
+    outer = make([Task("dataset1"), Task("dataset2")], name="outer", db="outer.sqlite")
+    with pytest.raises(Preempted):
+        for _dataset in outer:
+            for item in flat_worker(range(3), name="inner", db="inner.sqlite"):
+                if item == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+    assert states("outer.sqlite") == {"dataset1": "ready", "dataset2": "ready"}
+    assert history("dataset1", "outer.sqlite")[-1][:2] == ("preempted", "ready")
+    assert states("inner.sqlite") == {"0": "completed", "1": "ready", "2": "ready"}
+
+
+def test_a_loop_collected_inside_a_transaction_of_its_thread_records_later():
+    """A suspended loop in a reference cycle is collected in the middle of a
+    transaction on the same thread (a heartbeat, say). Recording its end there would
+    wait for that very transaction (a minute of SQLite's busy timeout, holding the lock
+    every worker needs): a thread records it once the transaction is over."""
+    worker = flat_worker(range(2))
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.me = holder
+    holder.loop = iter(worker)
+    assert next(holder.loop) == 0
+    del holder
+    with worker._store.db.transaction():
+        gc.collect()
+    ender = next(t for t in threading.enumerate() if t.name == "laufband-end")
+    ender.join(30)
+    assert not ender.is_alive()
+    assert states()["0"] == "failed"  # dropped mid-task, as a break
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]

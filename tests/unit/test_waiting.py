@@ -4,7 +4,7 @@ workflow releases the waiting workers (driven through the store, one process).""
 from __future__ import annotations
 
 import pytest
-from helpers import make, rows
+from helpers import beat, make, rows
 
 from laufband import Task
 from laufband.states import Event, WorkerState
@@ -151,3 +151,100 @@ def test_a_waiting_worker_of_an_older_graph_sees_a_task_it_may_claim():
     assert [t.id for t in old] == ["b"]
     for worker in w.values():
         worker.close()
+
+
+def test_workers_of_an_older_generation_leave_when_only_newer_tasks_remain():
+    """U1 and U2 run graph {x, y}; a rerun (V) added R and D(R) and went away. Neither
+    U may claim them: when x and y are done, both leave (before, each counted the newer
+    ready task as one the other could run, and both waited forever)."""
+    g1 = [Task("x"), Task("y")]
+    u1, u2 = make(g1, name="U1"), make(g1, name="U2")
+    make([*g1, Task("R"), Task("D", dependencies=["R"])], name="V").close()
+    w = {"U1": u1, "U2": u2}
+    [x] = step(w["U1"], [], 1, start=True, leave=OFFLINE).claims
+    [y] = step(w["U2"], [], 1, start=True, leave=OFFLINE).claims
+    # y runs: if it failed, U1 could run it again, so U1 waits.
+    assert not step(w["U1"], [Finish(x, Event.COMPLETED)], 1, leave=OFFLINE).left
+    assert step(w["U2"], [Finish(y, Event.COMPLETED)], 1, leave=OFFLINE).left
+    assert poll(w["U1"], OFFLINE).left
+    assert worker_row("U1")[0] == worker_row("U2")[0] == "offline"
+    assert rows("SELECT id, state FROM tasks WHERE generation = 2") == [
+        ("R", "ready"), ("D", "pending")]
+
+
+def test_a_waiting_worker_whose_budget_runs_the_last_task_again_is_not_released():
+    """X dies holding T; SMALL (no kill budget) reaps it, so T is killed for good under
+    SMALL's budget, and no task is unfinished. BIG, waiting, would run T again: the
+    transaction must not release it (before, it did, and T stayed killed)."""
+    from laufband.clock import FakeClock
+
+    clock = FakeClock()
+    graph = [Task("T")]
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30}
+    x = iter(make(graph, name="X", max_killed_retries=0, **kw))
+    assert next(x).id == "T"
+    big = make(graph, name="BIG", max_killed_retries=3, **kw)
+    small = make(graph, name="SMALL", max_killed_retries=0, **kw)
+    w = {"BIG": big, "SMALL": small}
+    assert not step(w["BIG"], [], 1, start=True, leave=OFFLINE).left  # waits for T
+    assert not step(w["SMALL"], [], 1, start=True, leave=OFFLINE).left
+    for _ in range(2):  # 31 s in which BIG and SMALL beat and X does not
+        clock.advance(20 if _ == 0 else 11)
+        beat(small)  # the second declares X dead: T killed for good for SMALL
+        beat(big)
+    assert rows("SELECT state FROM tasks") == [("killed",)]
+    assert worker_row("BIG")[0] == "busy"  # not released
+    assert poll(w["BIG"], OFFLINE).claimable
+    assert [t.id for t in big] == ["T"]
+    assert rows("SELECT state FROM tasks") == [("completed",)]
+
+
+def test_a_waiting_worker_declared_dead_leaves_offline():
+    """B waited, was paused past its timeout (declared dead), and resumes after the
+    workflow ended: it leaves, and its row says offline (before: dead, or busy)."""
+    from test_heartbeat import outlive
+
+    from laufband.clock import FakeClock
+
+    clock = FakeClock()
+    graph = [Task("a"), Task("b", dependencies=["a"])]
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30}
+    a, b = make(graph, name="A", **kw), make(graph, name="B", **kw)
+    w = {"A": a, "B": b}
+    [ta] = step(w["A"], [], 1, start=True, leave=OFFLINE).claims
+    assert not step(w["B"], [], 1, start=True, leave=OFFLINE).left
+    outlive(clock, a)  # B (paused) is declared dead
+    assert worker_row("B")[0] == "dead"
+    [tb] = step(w["A"], [Finish(ta, Event.COMPLETED)], 1, leave=OFFLINE).claims
+    assert step(w["A"], [Finish(tb, Event.COMPLETED)], 1, leave=OFFLINE).left
+    assert poll(w["B"], OFFLINE).left  # B resumes
+    assert worker_row("B") == ("offline", None, 1)
+
+
+def test_a_dead_workers_kill_is_charged_to_its_earliest_claim():
+    """A holds z (claimed first: it runs) and y (claimed later, ahead of it, with a
+    lower key). A dies: z is the kill, y goes back free (before, the lowest key was
+    charged: a task that never started was killed, the one that killed the worker not)."""
+    from laufband.clock import FakeClock
+
+    clock = FakeClock()
+    graph = [Task("x"), Task("y"), Task("z", dependencies=["x"])]
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "max_killed_retries": 0}
+    a, b, c = (make(graph, name=n, **kw) for n in "ABC")
+    w = {"A": a, "B": b, "C": c}
+    [x] = step(w["B"], [], 1, start=True).claims
+    [y] = step(w["C"], [], 1, start=True).claims
+    step(w["B"], [Finish(x, Event.COMPLETED)], 0)
+    clock.advance(1)
+    [z] = step(w["A"], [], 1, start=True).claims
+    clock.advance(1)
+    step(w["C"], [Finish(y, Event.PREEMPTED)], 0)
+    [y2] = step(w["A"], [], 1, ahead=False).claims
+    assert (z.id, y2.id) == ("z", "y") and y2.pk < z.pk
+    for _ in range(2):  # A goes silent
+        clock.advance(20 if _ == 0 else 11)
+        beat(b)
+        beat(c)
+    assert dict(rows("SELECT id, state FROM tasks")) == {
+        "x": "completed", "y": "ready", "z": "killed"}
