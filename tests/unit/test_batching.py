@@ -40,7 +40,10 @@ def test_claim_takes_at_most_a_fair_share_of_ready_tasks():
     next(it)
     claimed = live("greedy")
     assert claimed == 10  # 40 ready / 4 live workers
-    assert len(others) == 3
+    # The others are live (they count for the share) and hold nothing.
+    assert rows("SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')") == [(4,)]
+    assert [live(w.identifier) for w in others] == [0, 0, 0]
+    assert rows("SELECT count(*) FROM tasks WHERE state = 'ready'") == [(30,)]
 
 
 def test_close_mid_batch_records_completed_and_returns_unstarted():
@@ -90,7 +93,8 @@ def test_fair_share_never_drops_below_the_free_batch():
     next(it)
     claimed = live("fast")
     assert claimed == 20  # not 40 // 8 = 5
-    assert len(others) == 7
+    assert rows("SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')") == [(8,)]
+    assert sum(live(w.identifier) for w in others) == 0
 
 
 def test_dependent_of_two_tasks_completed_in_one_step_is_released_once():
