@@ -363,7 +363,8 @@ class _Loop:
                 self.session.enter_user_code()
                 self.suspended = True
                 yield self.w._item(self.w._by_id[claim.id])
-                self.suspended = False
+                with self._guard:  # an end_now() on another thread finishes first
+                    self.suspended = False
                 self.session.leave_user_code()
                 if self.ended:
                     return  # ended while suspended (the worker went offline)
