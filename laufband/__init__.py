@@ -1,5 +1,10 @@
 """laufband: run a DAG of tasks across many worker processes through one shared database."""
 
+import logging
+import sys
+
+from tqdm import tqdm
+
 from laufband.errors import (
     ConfigError,
     DatabaseError,
@@ -17,6 +22,22 @@ from laufband.monitor import Monitor
 from laufband.task import GraphTraversalProtocol, SizedGraphTraversalProtocol, Task
 
 __version__ = "0.3.0.dev0"
+
+
+class _LastResort(logging.Handler):
+    """Where the application configured no logging, laufband's warnings go to stderr as
+    Python's last resort would, but through tqdm: not onto a progress bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return  # the application's handlers get it (the record propagates)
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+logging.getLogger("laufband").addHandler(_LastResort(logging.WARNING))
 
 __all__ = [
     "ConfigError",

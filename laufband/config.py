@@ -101,7 +101,10 @@ def _bool(src: _Source) -> bool:
 def _batch(src: _Source) -> int | str:
     if isinstance(src.value, str) and src.value.strip().lower() == "auto":
         return "auto"
-    return _number(src, int, 1, strict=False)
+    try:
+        return _number(src, int, 1, strict=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} Use auto or an integer >= 1.") from None
 
 
 def _labels(labels: Iterable[str] | None) -> frozenset[str]:

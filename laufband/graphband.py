@@ -92,6 +92,7 @@ class Graphband(t.Generic[T]):
         self.tqdm_kwargs = dict(tqdm_kwargs or {})
         self._clock = clock or SystemClock()
         self._bar: tqdm | None = None
+        self._last_counts: Counts | None = None
         self._closing = False
         self._loop: _Loop | None = None
         self._context_managed = False
@@ -283,6 +284,7 @@ class Graphband(t.Generic[T]):
     def _observe(self, result: StepResult) -> None:
         """Update the progress bar and enforce the failure policy."""
         counts = result.counts
+        self._last_counts = counts
         self._see_reqsets(counts)
         bar = self._bar
         if bar is not None:
@@ -295,10 +297,11 @@ class Graphband(t.Generic[T]):
             raise TaskFailedError(
                 f"{result.final_failures} task(s) of this workflow failed for good "
                 f"({', '.join(map(repr, names))}) and failure_policy='stop': this worker "
-                "stops. Fix the cause and rerun with a larger max_failed_retries (or "
-                "max_killed_retries) than the attempts those tasks used: a worker whose "
-                "own budget allows another attempt runs them again, and their dependents "
-                "after them. Completed tasks are kept."
+                "stops. Fix the cause and rerun with max_failed_retries (or "
+                "max_killed_retries, e.g. LAUFBAND_MAX_FAILED_RETRIES) at least the number "
+                "of times those tasks failed (were killed): a worker whose own budget "
+                "allows another attempt runs them again, and their dependents after them. "
+                "Completed tasks are kept."
             )
 
 
@@ -519,6 +522,8 @@ class _Loop:
         self._record(finishes, exc)
         if self.w._bar is not None:
             self.w._bar.close()
+        if exc is None and why is None:
+            self._hint_failures()
         # Read again: a signal may have come while we recorded (it raises no earlier).
         signum = self.session.signal
         if signum is not None:
@@ -572,6 +577,21 @@ class _Loop:
             if offline:
                 self.w._prefetch.shutdown()
                 self.session.went_offline()
+
+    def _hint_failures(self) -> None:
+        """A loop that ends with tasks failed for good says so, and how to rerun them
+        (a rerun with the same budget would end at once, silently)."""
+        counts = self.w._last_counts
+        failed = counts.n(["failed", "killed"]) if counts is not None else 0
+        if failed:
+            blocked = counts.n(["blocked"])  # type: ignore[union-attr]
+            log.warning(
+                "laufband: %d task(s) of this workflow failed or were killed for good%s "
+                "(`laufband status` shows why). After fixing the cause, rerun with "
+                "max_failed_retries / max_killed_retries (LAUFBAND_MAX_FAILED_RETRIES) at "
+                "least the number of times they failed: they run again, and then what "
+                "waits for them.", failed, f", {blocked} more wait behind them" if blocked
+                else "")
 
     def _announce(self, signum: int, task: str | None) -> None:
         name = signal.Signals(signum).name

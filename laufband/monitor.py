@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timedelta
 
 from laufband.clock import Clock, SystemClock
+from laufband.states import TaskState
 from laufband.store import Store, database_url
 from laufband.store.reads import TaskRow
 
@@ -44,6 +45,7 @@ class TaskView:
     active_workers: int  # attempts running now
     runtime: float  # seconds of the attempt that completed it; -1 if not completed
     last_error: str | None  # how its latest attempt ended, if not by completing
+    last_traceback: str | None  # ... and the traceback, if the exception reached Python
     label: str | None  # Laufband: the item
     current_status: StatusEntry
 
@@ -119,6 +121,9 @@ class Monitor:
         """Tasks in graph order; ``state``: only those in it; ``worker`` (a WorkerView
         or an id): only those it ran an attempt of."""
         worker_id = worker.id if isinstance(worker, WorkerView) else worker
+        if state is not None and str(state) not in set(TaskState):
+            raise ValueError(f"state={state!r} is not a task state; use one of "
+                             f"{', '.join(TaskState)}.")
         return [_task_view(row) for row in self._store.tasks(
             None if state is None else str(state), worker_id)]
 
@@ -135,6 +140,7 @@ def _task_view(row: TaskRow) -> TaskView:
         max_parallel_workers=row.max_parallel_workers, attempts=row.attempts,
         failed_retries=row.failures, killed_retries=row.kills, active_workers=row.active,
         runtime=row.runtime if row.runtime is not None else -1.0,
-        last_error=row.error if ended else None, label=row.label,
+        last_error=row.error if ended else None,
+        last_traceback=row.traceback if ended else None, label=row.label,
         current_status=StatusEntry(row.state, row.worker, _when(stamp)),  # type: ignore[arg-type]
     )

@@ -70,7 +70,8 @@ class Task(t.Generic[T]):
         if not isinstance(self.id, str) or not self.id:
             raise GraphError(
                 f"Task ids must be non-empty strings, got {type(self.id).__name__} {self.id!r}."
-                " Convert it with str() if it is a number."
+                + (" Convert it with str() if it is a number." if not isinstance(self.id, str)
+                   else " Give the task a name.")
             )
         deps = _string_set(self.dependencies, "dependencies", self.id)
         object.__setattr__(self, "dependencies", deps)

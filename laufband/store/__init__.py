@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import sqlalchemy as sa
+
 from laufband.clock import Clock, SystemClock
 from laufband.locking import DatabaseLock, FastLock, database_lock
 from laufband.states import TaskState, WorkerState
@@ -60,10 +62,12 @@ class Store:
         self.db = Database(url, lock, journal_mode, read_only)
         if read_only:
             with self.db.read() as conn:
-                schema.check_readable(schema.stored_version(conn), self.shown)
+                schema.check_readable(schema.stored_version(conn), self.shown,
+                                      sa.inspect(conn).get_table_names())
         else:
             with self.db.transaction() as conn:
                 schema.ensure(conn, self.shown, clock.now())
+        self.db.opened = True
 
     @classmethod
     def open_read_only(cls, url: str, clock: Clock | None = None) -> Store:

@@ -96,6 +96,7 @@ class Database:
         self.lock = lock
         self.path = sqlite_path(url)
         self.shown = self.path or display_url(url)  # for messages: a path, or no password
+        self.opened = False  # the schema was read or made once (the file exists)
         # The files a commit writes: the database (rollback journal) or its -wal file.
         self._files = (self.path, f"{self.path}-wal") if self.path else ()
         if read_only:
@@ -109,7 +110,7 @@ class Database:
         if self.path is not None and not os.path.exists(self.path):
             raise DatabaseError(
                 f"No database at {self.path}: no worker has run with it yet. Check the "
-                "path (--db), or the folder you are in.")
+                "path, or the folder you are in.")
 
     def _check_writable(self) -> None:
         path = self.path
@@ -219,6 +220,10 @@ class Database:
         text = str(orig)
         path = self.path
         where = path or self.shown
+        if path is not None and not self.opened and not os.path.exists(path):
+            return DatabaseError(
+                f"The database {where} does not exist and cannot be created (a read-only "
+                f"URL, mode=ro, opens existing files only). Check the path. ({text})")
         if path is not None and (getattr(orig, "sqlite_errorname", "") == "SQLITE_READONLY_DBMOVED"
                                  or not os.path.exists(path)):
             # SQLite refuses to write to a file that was unlinked or renamed under it

@@ -34,6 +34,7 @@ class TaskRow:
     ended_at: float | None
     outcome: str | None
     error: str | None
+    traceback: str | None
     runtime: float | None  # of the attempt that completed it
 
 
@@ -69,7 +70,7 @@ _TASKS = (
     "SELECT t.id, t.state, t.attempts, t.failures, t.kills, r.labels, t.max_parallel,"
     " t.label, t.updated_at,"
     " (SELECT count(*) FROM attempts l WHERE l.task = t.pk AND l.ended_at IS NULL),"
-    " a.worker, a.started_at, a.ended_at, a.outcome, a.error,"
+    " a.worker, a.started_at, a.ended_at, a.outcome, a.error, a.traceback,"
     " (SELECT c.ended_at - c.started_at FROM attempts c WHERE c.task = t.pk"
     "  AND c.outcome = 'completed' ORDER BY c.attempt LIMIT 1)"
     " FROM tasks t JOIN reqsets r ON r.id = t.reqset"

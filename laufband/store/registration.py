@@ -92,8 +92,9 @@ class Registration:
             raise GraphMismatchError(
                 f"The database {self.url} holds {stored - len(self.existing)} task(s) "
                 "that this worker's graph lacks. All workers must yield the same tasks (a "
-                "rerun may add tasks, but not drop them); to change the graph, start a new "
-                "db file."
+                "rerun may add tasks, but not drop them; ids must stay the same: e.g. "
+                "Laufband with and without key= gives other ids); to change the graph, "
+                "start a new db file."
             )
 
     def _adopt(self, row: t.Any) -> bool:

@@ -181,9 +181,11 @@ def ensure(conn: Connection, url: str, now: float) -> None:
     check_readable(version, url)
 
 
-def check_readable(version: str | None, url: str) -> None:
+def check_readable(version: str | None, url: str, tables: list[str] | None = None) -> None:
     """Refuse a database this version cannot read as it is (read-only users never
     upgrade: they tell the user how)."""
+    if version is None and tables:
+        raise SchemaVersionError(_foreign(url, tables))
     if version is None:
         raise SchemaVersionError(
             f"The database {url} has no laufband tables. Is it the right file? "
@@ -204,17 +206,22 @@ def check_readable(version: str | None, url: str) -> None:
 def _create(conn: Connection, url: str, now: float) -> None:
     names = sa.inspect(conn).get_table_names()
     if names:
-        raise SchemaVersionError(
-            f"The database {url} holds tables {sorted(names)[:5]} but no laufband "
-            "schema (written by laufband 0.2.x or another program). Use a new db file "
-            "or move this one aside."
-        )
+        raise SchemaVersionError(_foreign(url, names))
     metadata.create_all(conn)
     conn.execute(meta.insert(), [
         {"key": "schema_version", "value": str(SCHEMA_VERSION)},
         {"key": "created_at", "value": repr(now)},
     ])
     _set_version(conn)
+
+
+def _foreign(url: str, tables: list[str]) -> str:
+    old = "workflows" in tables and "task_statuses" in tables
+    who = "laufband 0.2.x" if old else "another program (or laufband 0.2.x)"
+    return (f"The database {url} holds tables {sorted(tables)[:5]} but no laufband schema: "
+            f"it was written by {who}. This laufband cannot take over such a workflow: "
+            "finish it with the laufband that started it, or start it anew with a new db "
+            "file (or move this one aside).")
 
 
 def _set_version(conn: Connection) -> None:

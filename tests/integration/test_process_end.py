@@ -67,6 +67,11 @@ def test_an_exception_in_the_loop_body_is_recorded_with_its_traceback(tmp_path, 
     assert read(db, "SELECT id, state FROM tasks ORDER BY pk") == [
         ("0", "completed"), ("1", "failed"), ("2", "ready")]
     assert read(db, "SELECT state FROM workers") == [("offline",)]
+    from laufband import Monitor
+
+    [task] = Monitor(db=str(db)).get_tasks(state="failed")
+    assert (task.label, task.last_error) == ("'bad'", "RuntimeError: cannot convert 'bad'")
+    assert task.last_traceback == trace
 
 
 def test_a_loop_left_suspended_at_exit_hands_its_task_back_quietly(tmp_path):

@@ -84,6 +84,9 @@ def test_monitor_methods_of_0_2_1():
     assert tasks[running.id].runtime == -1
     assert tasks["bad"].status == "failed" and tasks["bad"].failed_retries == 1
     assert "left the loop (break)" in tasks["bad"].last_error
+    assert tasks["bad"].last_traceback is None  # the break never reached the interpreter
+    with pytest.raises(ValueError, match="'done' is not a task state; use one of pending"):
+        monitor.get_tasks(state="done")
     assert [t.id for t in monitor.get_tasks(state="failed")] == ["bad"]
     by_first = monitor.get_tasks(worker=workers["first"])
     assert sorted(t.id for t in by_first) == ["a", "bad", "c"]

@@ -56,10 +56,23 @@ def test_database_of_another_schema_version():
 def test_database_of_laufband_0_2():
     conn = sqlite3.connect("g.sqlite")
     conn.execute("CREATE TABLE workflows (id TEXT PRIMARY KEY, total_tasks INTEGER)")
+    conn.execute("CREATE TABLE task_statuses (id INTEGER PRIMARY KEY)")
     conn.commit()
     conn.close()
-    with pytest.raises(SchemaVersionError, match="0.2.x"):
+    before = snapshot_file("g.sqlite")
+    with pytest.raises(SchemaVersionError, match="written by laufband 0.2.x.*new db file"):
         make([Task("a")])
+    from laufband import Monitor  # reading it says the same, and writes nothing
+
+    with pytest.raises(SchemaVersionError, match="written by laufband 0.2.x"):
+        Monitor(db="g.sqlite")
+    assert snapshot_file("g.sqlite") == before
+
+
+def test_a_read_only_url_to_a_missing_file_says_it_does_not_exist():
+    with pytest.raises(DatabaseError, match="does not exist and cannot be created"):
+        Graphband([Task("a")], db="sqlite:///file:none.sqlite?mode=ro&uri=true",
+                  tqdm_kwargs={"disable": True})
 
 
 def test_contradicting_graph_is_rejected_and_database_unchanged():

@@ -27,11 +27,14 @@ def fail_at(worker, task_id: str) -> list[str]:
     return ran
 
 
-def test_fix_and_rerun_with_a_larger_budget_runs_the_failed_task_and_its_dependents():
+def test_fix_and_rerun_with_a_larger_budget_runs_the_failed_task_and_its_dependents(caplog):
     assert fail_at(make(CHAIN, name="first"), "a") == ["a"]
     list(make(CHAIN, name="first-again"))  # d; a stays failed under a budget of 0
     assert states() == {"a": "failed", "b": "blocked", "c": "blocked", "d": "completed"}
-    assert [t.id for t in make(CHAIN, name="zero")] == []  # the same budget: nothing
+    with caplog.at_level("WARNING"):
+        assert [t.id for t in make(CHAIN, name="zero")] == []  # the same budget: nothing
+    assert "1 task(s) of this workflow failed or were killed for good, 2 more" in caplog.text
+    assert "LAUFBAND_MAX_FAILED_RETRIES" in caplog.text
     # The fix is in; the rerun's own budget allows another attempt (0.2.1's rule).
     assert [t.id for t in make(CHAIN, name="fixed", max_failed_retries=1)] == ["a", "b", "c"]
     assert set(states().values()) == {"completed"}
