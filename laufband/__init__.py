@@ -29,12 +29,23 @@ class _LastResort(logging.Handler):
     Python's last resort would, but through tqdm: not onto a progress bar's line."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if logging.getLogger().handlers:
-            return  # the application's handlers get it (the record propagates)
+        if self._others_handle(record):
+            return  # the application configured logging: its handlers get it
         try:
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
             self.handleError(record)
+
+    def _others_handle(self, record: logging.LogRecord) -> bool:
+        """Would another handler see the record (as Python decides on its last resort)?"""
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return True
+            if not logger.propagate:
+                return False
+            logger = logger.parent  # type: ignore[assignment]
+        return False
 
 
 logging.getLogger("laufband").addHandler(_LastResort(logging.WARNING))

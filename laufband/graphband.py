@@ -228,10 +228,12 @@ class Graphband(t.Generic[T]):
 
     def _go_offline(self) -> None:
         loop = self._loop
-        if loop is not None:
-            # Left while a loop is suspended mid-task (a with block): the task goes
-            # back, no retry used; the loop, if resumed, just ends.
-            loop.end_now("its worker went offline while the loop was suspended")
+        if loop is not None and not loop.end_now(
+                "its worker went offline while the loop was suspended"):
+            # The loop runs on another thread: it stops after its current task, and
+            # its end takes the worker offline (it is not context managed any more).
+            self._closing = True
+            loop.wait_finished()
         self._prefetch.shutdown()
         self._session.go_offline()
 
@@ -261,6 +263,8 @@ class Graphband(t.Generic[T]):
                     return
 
     def _iterate(self) -> Iterator[t.Any]:
+        if self._loop is not None and self._loop.ended:
+            self._loop.wait_finished()  # its end may still be recording on a thread
         if self._loop is not None and not self._loop.finished:
             raise RuntimeError(f"worker {self.identifier} already runs a loop; a worker "
                                "runs one loop at a time (start another worker instead)")
@@ -273,6 +277,7 @@ class Graphband(t.Generic[T]):
         self._bar = tqdm(total=0, **self.tqdm_kwargs)
         loop = self._loop = _Loop(self)
         self._session.track(loop.end_at_exit)
+        self._session.loop_active = True
         with stop_signals(self._session.on_signal):
             yield from loop.run()
 
@@ -354,6 +359,7 @@ class _Loop:
         self.suspended = False  # the generator waits at its yield (user code runs)
         self.ended = False  # end() has begun
         self.finished = False  # end() is done
+        self._finished = threading.Event()  # ... for other threads to wait on
         self._guard = threading.RLock()  # one end(), also from other threads
         self._signals_before = signals_received()
 
@@ -388,6 +394,8 @@ class _Loop:
         """The next task to run, or None when the loop is over."""
         if self._stopping() or (not self.queue and not self._refill()):
             return None
+        if self._stopping():
+            return None  # asked to stop while we stepped: what we claimed goes back
         claim = self.queue.popleft()
         if not self.queue:
             self._step_ahead()
@@ -464,17 +472,28 @@ class _Loop:
         return StepResult([], back.counts)
 
     # -------------------------------------------------------------- the end
-    def end_now(self, why: str) -> None:
+    def end_now(self, why: str) -> bool:
         """End a loop that is suspended (its generator waits while user code runs): its
-        task goes back. A loop that runs on another thread right now is left to end by
-        itself (its claims are reaped if it never does)."""
+        task goes back. True once the loop has ended (here, or on another thread: then
+        waited for); False if it runs on another thread right now."""
         with self._guard:
-            if not self.ended and self.suspended:
+            if not self.ended:
+                if not self.suspended:
+                    return False
                 self.end(None, why=why)
+        self.wait_finished()
+        return True
+
+    def wait_finished(self) -> None:
+        self._finished.wait()
 
     def end_at_exit(self) -> None:
-        """The interpreter exits with this loop suspended: its task goes back."""
-        self.end_now("the process exited while the loop was suspended")
+        """The interpreter exits with this loop suspended: its task goes back. (One
+        that runs on a thread that is still alive is not waited for: the process ends;
+        going offline hands back what it holds.)"""
+        with self._guard:
+            if not self.ended and self.suspended:
+                self.end(None, why="the process exited while the loop was suspended")
 
     def end(self, exc: BaseException | None, why: str | None = None) -> None:
         """The one way out: record what finished, settle how the current task ended,
@@ -494,7 +513,7 @@ class _Loop:
             try:
                 self._end(current, exc, why)
             finally:
-                self.finished = True
+                self._finish()
 
     def _signal_during_loop(self) -> int | None:
         """This worker's stop signal, or one another loop of the process got while
@@ -511,7 +530,12 @@ class _Loop:
             except Exception as err:  # nobody to raise it to
                 log.error("could not record the end of worker %s's loop: %s", self.me.id, err)
             finally:
-                self.finished = True
+                self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.session.loop_active = False
+        self._finished.set()
 
     def _end(self, current: Finish | None, exc: BaseException | None,
              why: str | None) -> None:

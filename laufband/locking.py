@@ -63,6 +63,23 @@ def in_lock_code() -> bool:
     return getattr(_local, "depth", 0) > 0
 
 
+#: Called (on the releasing thread) after a thread let go of every database lock it
+#: held: where a stop signal deferred by ``in_lock_code`` may be raised (session.py).
+#: Weak references to bound methods: a collected owner's hook is dropped.
+after_release: list[weakref.WeakMethod] = []
+
+
+def _released_all() -> None:
+    if getattr(_local, "held", 0):
+        return
+    for ref in list(after_release):
+        hook = ref()
+        if hook is None:
+            after_release.remove(ref)
+        else:
+            hook()
+
+
 @contextmanager
 def _lock_code() -> Iterator[None]:
     _local.depth = getattr(_local, "depth", 0) + 1
@@ -176,6 +193,7 @@ class DatabaseLock:
                 raise
             self._acquired_at = time.monotonic()
             self._owner = threading.get_ident()
+            _local.held = getattr(_local, "held", 0) + 1
         self._depth += 1
 
     def release(self) -> None:
@@ -187,6 +205,7 @@ class DatabaseLock:
                                "does not hold it")
         with _lock_code():
             self._release()
+        _released_all()
 
     def _release(self) -> None:
         try:
@@ -197,6 +216,7 @@ class DatabaseLock:
             self._depth -= 1
             if self._depth == 0:
                 self._owner = None
+                _local.held -= 1
             self._turns.release()
 
     def __enter__(self) -> DatabaseLock:

@@ -34,7 +34,7 @@ from flufl.lock import Lock
 from laufband.config import Settings
 from laufband.errors import LaufbandError
 from laufband.heartbeat import Heartbeat
-from laufband.locking import in_lock_code
+from laufband.locking import after_release, in_lock_code
 from laufband.signals import Preempted
 from laufband.states import WorkerState
 from laufband.store import Claim, Store, WorkerInfo
@@ -89,9 +89,18 @@ class Session:
         self._library = 0  # laufband calls in progress from the loop body
         self._main = threading.main_thread().ident
         self._loop_end: weakref.WeakMethod | None = None
+        #: A loop has started and not finished its end: its end goes offline itself.
+        self.loop_active = False
         self._failure: tuple[Claim, types.CodeType, int] | None = None
         _install_hooks()
         _SESSIONS.add(self)
+        # A signal that came inside the lock's own code (a Monitor read in the loop
+        # body, say) is raised once this thread holds no database lock any more.
+        after_release.append(weakref.WeakMethod(self._raise_if_safe_at_release))
+
+    def _raise_if_safe_at_release(self) -> None:
+        if not in_lock_code():
+            self._raise_if_safe()
 
     # ---------------------------------------------------------------- online
     def go_online(self) -> None:
@@ -128,9 +137,17 @@ class Session:
         global _LAST_SIGNAL, _SIGNALS
         self.signal = _LAST_SIGNAL = signum
         _SIGNALS += 1
-        if self.in_user_code and self._library == 0 and not in_lock_code():
+        self._raise_if_safe()
+
+    def _raise_if_safe(self) -> None:
+        """Raise the stop signal received, if the main thread runs user code outside
+        any laufband call and outside the database lock's own code (else a later safe
+        point does: the end of the laufband call, the release of the lock, the task's
+        end)."""
+        if (self.signal is not None and self.in_user_code and self._library == 0
+                and not in_lock_code() and threading.get_ident() == self._main):
             self.in_user_code = False
-            raise Preempted(signum)
+            raise Preempted(self.signal)
 
     def enter_user_code(self) -> None:
         """Right before the loop yields a task: from here a signal raises at once."""
@@ -208,6 +225,11 @@ class Session:
                 except Exception as exc:  # at exit, report and move on
                     log.warning("could not end the loop of worker %s: %s",
                                 self.settings.identifier, exc)
+            elif self.loop_active:
+                # The loop was collected with the worker: its own end (perhaps on a
+                # thread of its own) records what finished and goes offline. Going
+                # offline here first would hand its completions back.
+                return
             self.go_offline()
 
 

@@ -11,6 +11,7 @@ SCALING_ANALYSIS.md, 'Measurements behind the code'), elsewhere through
 
 from __future__ import annotations
 
+import json
 import typing as t
 from collections.abc import Sequence
 
@@ -41,13 +42,13 @@ SQL = {
                        " WHERE state = 'busy' AND leave_as IS NOT NULL AND NOT EXISTS"
                        " (SELECT 1 FROM attempts WHERE attempts.worker = workers.id"
                        " AND attempts.ended_at IS NULL)",
-    # Tasks failed or killed for good that no live worker's own budget lets run again.
-    "final_failures": "SELECT (SELECT count(*) FROM tasks WHERE state = 'failed' AND failures >"
-                      " (SELECT coalesce(max(max_failed), 0) FROM workers"
-                      " WHERE state IN ('idle', 'busy')))"
-                      " + (SELECT count(*) FROM tasks WHERE state = 'killed' AND kills >"
-                      " (SELECT coalesce(max(max_killed), 0) FROM workers"
-                      " WHERE state IN ('idle', 'busy')))",
+    # Tasks failed or killed for good, by how often and what they need (by the state
+    # index: failed and killed tasks only), and what live workers may run again.
+    "failure_groups": "SELECT t.state, t.failures, t.kills, r.labels, count(*) FROM tasks t"
+                      " JOIN reqsets r ON r.id = t.reqset WHERE t.state IN ('failed', 'killed')"
+                      " GROUP BY t.state, t.failures, t.kills, r.labels",
+    "live_budgets": "SELECT labels, max_failed, max_killed FROM workers"
+                    " WHERE state IN ('idle', 'busy')",
 }
 
 
@@ -135,10 +136,20 @@ class Ledger:
                 self.record([(pk, reqset)], before[pk], new, event, worker, detail=detail)
 
     def final_failures(self) -> int:
-        """Tasks failed or killed for good beyond every live worker's retry budget."""
+        """Tasks failed or killed for good that no live worker may run again (its labels
+        cover the task's requirements and its budget its failures or kills)."""
         if not self.counts.n([TaskState.FAILED, TaskState.KILLED]):
             return 0
-        return int(self.scalar(SQL["final_failures"]) or 0)
+        live = [(frozenset(json.loads(labels)), failed, killed)
+                for labels, failed, killed in self.all(SQL["live_budgets"])]
+        final = 0
+        for state, failures, kills, labels, n in self.all(SQL["failure_groups"]):
+            needs = frozenset(json.loads(labels))
+            if not any(needs <= has and (budget_f >= failures if state == TaskState.FAILED
+                                         else budget_k >= kills)
+                       for has, budget_f, budget_k in live):
+                final += n
+        return final
 
     def _workflow_over(self) -> bool:
         """No task is unfinished, and no live worker's budget runs a failed one again."""

@@ -227,3 +227,43 @@ def test_a_budget_revives_only_tasks_the_worker_may_run():
     assert states() == {"T": "failed", "D": "blocked"}
     assert [t.id for t in make(graph, name="gpu3", labels={"gpu"}, max_failed_retries=1)
             ] == ["T", "D"]
+
+
+def test_failure_policy_stop_counts_only_budgets_of_workers_that_may_run_the_task():
+    """An idle worker with a large budget but without the labels of the failed task
+    cannot run it again: the failure is final, and a stop-policy worker stops."""
+    graph = [Task("X", requirements={"gpu"}), Task("Y", requirements={"gpu"})]
+    idle = make(graph, name="cpu", max_failed_retries=5)
+    stopper = make(graph, name="gpu", labels={"gpu"}, failure_policy="stop", batch_size=1)
+    with pytest.raises(RuntimeError, match="X fails"):
+        for task in stopper:
+            if task.id == "X":
+                raise RuntimeError("X fails")
+    with pytest.raises(TaskFailedError, match=r"1 task\(s\).*'X'"):
+        list(make(graph, name="gpu2", labels={"gpu"}, failure_policy="stop"))
+    assert states() == {"X": "failed", "Y": "ready"}
+    assert idle.identifier == "cpu"
+
+
+LOG_ONCE = """
+import logging, sys
+import laufband
+if sys.argv[1] == "app":
+    logging.getLogger("laufband").addHandler(logging.StreamHandler(sys.stdout))
+logging.getLogger("laufband.store.workers").warning("worker Z missed its heartbeat")
+"""
+
+
+@pytest.mark.parametrize("setup", ["none", "app"])
+def test_laufbands_warnings_are_printed_once(setup):
+    """Without logging configured, laufband prints its warnings itself (through tqdm,
+    so not onto a progress bar's line); with a handler of the application, only that
+    handler gets them."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LOG_ONCE, setup], capture_output=True,
+                         text=True, check=True)
+    text = out.stdout + out.stderr
+    assert text.count("worker Z missed its heartbeat") == 1, text
+    assert ("missed" in out.stdout) == (setup == "app")

@@ -206,26 +206,30 @@ def test_a_heartbeat_called_off_while_the_body_holds_db_lock_writes_nothing():
 def test_a_signal_inside_the_lock_code_of_a_read_in_the_body_leaves_the_lock_sound():
     """The loop body reads through Monitor (the same database lock, no laufband call
     around it); a signal lands inside the lock's own bookkeeping. It must not raise
-    there (the lock would stay half taken and hang the worker's threads); the loop acts
-    on it when the task returns."""
+    there (the lock would stay half taken and hang the worker's threads): it raises as
+    soon as the read let go of the lock (not only when the task returns)."""
     from laufband import Monitor
 
     worker = flat_worker(range(3), batch_size=1)
     lock = worker._db_lock
     take_file = lock._acquire_file
     monitor = Monitor(db="g.sqlite")
+    read = []
     with pytest.raises(Preempted):
         for item in worker:
             if item == 1:
                 def take_file_with_a_signal():
+                    lock._acquire_file = take_file  # once
                     os.kill(os.getpid(), signal.SIGTERM)
                     take_file()
+                    read.append("lock taken")
 
                 lock._acquire_file = take_file_with_a_signal
-                assert monitor.get_workflow().total_tasks == 3  # the read completes
-                lock._acquire_file = take_file
-    assert not lock.is_locked
-    assert states() == {"0": "completed", "1": "completed", "2": "ready"}
+                monitor.get_workflow()
+                raise AssertionError("the read did not raise when it let go of the lock")
+    assert read == ["lock taken"]  # the signal did not cut the acquisition short
+    assert not lock.is_locked and lock._depth == 0
+    assert states() == {"0": "completed", "1": "ready", "2": "ready"}
     assert rows("SELECT state FROM workers") == [("offline",)]
 
 
@@ -266,3 +270,90 @@ def test_a_loop_collected_inside_a_transaction_of_its_thread_records_later():
     assert not ender.is_alive()
     assert states()["0"] == "failed"  # dropped mid-task, as a break
     assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
+
+
+def test_leaving_the_with_block_while_the_loop_steps_on_another_thread():
+    """The loop runs on a thread and is inside its claim step (not in the body) when
+    the main thread leaves the with block: the loop stops there (what it claimed goes
+    back), its end takes the worker offline, and the with block waits for that (before,
+    the worker went offline under the running loop, which went on claiming without a
+    heartbeat, and peers reaped every claim as a kill)."""
+    worker = make([Task(f"t{i}") for i in range(4)], batch_size=1)
+    stepping, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+    step = worker._store.step
+
+    def held_step(*args, **kwargs):
+        if ran:  # the step after t0
+            stepping.set()
+            assert release.wait(30)
+        return step(*args, **kwargs)
+
+    worker._store.step = held_step
+    with worker:
+        thread = threading.Thread(target=lambda: ran.extend(t.id for t in worker))
+        thread.start()
+        assert stepping.wait(30)
+        loop = worker._loop
+        wait_finished = loop.wait_finished
+
+        def release_then_wait():
+            release.set()  # the with block now waits: let the step go on
+            wait_finished()
+
+        loop.wait_finished = release_then_wait
+    thread.join(30)
+    assert not thread.is_alive()
+    assert ran == ["t0"]
+    assert states() == {"t0": "completed", "t1": "ready", "t2": "ready", "t3": "ready"}
+    assert rows("SELECT state FROM workers") == [("offline",)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
+    assert rows("SELECT count(*) FROM events WHERE event IN ('killed', 'fenced')") == [(0,)]
+
+
+def test_a_worker_collected_with_its_suspended_loop_inside_a_transaction():
+    """The worker and its suspended loop are collected together, inside a transaction
+    of this thread: the loop's end (on a thread of its own) records the completion of
+    the task before, and takes the worker offline; the worker's finaliser must not go
+    offline first (it would hand that completion back), and a new loop of another
+    worker waits for nothing."""
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.me = holder
+    holder.worker = flat_worker(range(3), batch_size=1)
+    holder.loop = iter(holder.worker)
+    assert next(holder.loop) == 0
+    assert next(holder.loop) == 1  # 0 is done, recorded with 1's claim ... or not yet
+    store = holder.worker._store
+    del holder
+    with store.db.transaction():
+        gc.collect()
+    for thread in [t for t in threading.enumerate() if t.name.startswith("laufband-")]:
+        if thread.name in ("laufband-end", "laufband-offline"):
+            thread.join(30)
+    assert states()["0"] == "completed"
+    assert rows("SELECT count(*) FROM events WHERE event = 'fenced'") == [(0,)]
+    assert rows("SELECT state FROM workers") == [("offline",)]
+    assert rows("SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
+
+
+def test_a_new_loop_waits_for_the_end_of_a_collected_one():
+    """The last loop was collected inside a read and records its end on a thread: the
+    next loop of the same worker waits for it instead of raising 'already runs a loop'."""
+    worker = flat_worker(range(4), batch_size=1)
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.me = holder
+    holder.loop = iter(worker)
+    assert next(holder.loop) == 0
+    del holder
+    with worker._store.db.read():
+        gc.collect()
+    assert list(worker) == [1, 2, 3]
+    assert states()["0"] == "failed"  # dropped mid-task: as a break
