@@ -139,6 +139,20 @@ def test_close_from_another_thread_while_the_loop_ends_loses_nothing():
     assert rows("SELECT state FROM workers") == [("offline",)]
 
 
+def suspend_in_a_cycle(worker) -> object:
+    """Start ``worker``'s loop, let it yield its first task, and keep it only in a
+    reference cycle: the cyclic garbage collector closes it, at any allocation, on any
+    thread. Returns the first item."""
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.me = holder
+    holder.loop = iter(worker)
+    return next(holder.loop)
+
+
 def test_a_loop_collected_on_another_thread_leaves_the_signals_to_the_application():
     """A suspended loop in a reference cycle is collected by a garbage collection on
     another thread, where its handlers cannot be restored. The next stop signal goes
@@ -146,14 +160,7 @@ def test_a_loop_collected_on_another_thread_leaves_the_signals_to_the_applicatio
     got = []
     previous = {s: signal.signal(s, lambda num, _f: got.append(num)) for s in STOP_SIGNALS}
     try:
-        class Holder:
-            pass
-
-        holder = Holder()
-        holder.me = holder
-        holder.loop = iter(flat_worker(range(2)))
-        assert next(holder.loop) == 0
-        del holder
+        assert suspend_in_a_cycle(flat_worker(range(2))) == 0
         gc.disable()
         try:
             collector = threading.Thread(target=gc.collect)
@@ -254,15 +261,7 @@ def test_a_loop_collected_inside_a_transaction_of_its_thread_records_later():
     wait for that very transaction (a minute of SQLite's busy timeout, holding the lock
     every worker needs): a thread records it once the transaction is over."""
     worker = flat_worker(range(2))
-
-    class Holder:
-        pass
-
-    holder = Holder()
-    holder.me = holder
-    holder.loop = iter(worker)
-    assert next(holder.loop) == 0
-    del holder
+    assert suspend_in_a_cycle(worker) == 0
     with worker._store.db.transaction():
         gc.collect()
     ender = next(t for t in threading.enumerate() if t.name == "laufband-end")
@@ -344,15 +343,7 @@ def test_a_new_loop_waits_for_the_end_of_a_collected_one():
     """The last loop was collected inside a read and records its end on a thread: the
     next loop of the same worker waits for it instead of raising 'already runs a loop'."""
     worker = flat_worker(range(4), batch_size=1)
-
-    class Holder:
-        pass
-
-    holder = Holder()
-    holder.me = holder
-    holder.loop = iter(worker)
-    assert next(holder.loop) == 0
-    del holder
+    assert suspend_in_a_cycle(worker) == 0
     with worker._store.db.read():
         gc.collect()
     assert list(worker) == [1, 2, 3]
