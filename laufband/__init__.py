@@ -16,8 +16,10 @@ from laufband.errors import (
     TaskFailedError,
     WorkerIdentityError,
 )
+from laufband.fingerprints import fingerprint
 from laufband.graphband import Graphband
 from laufband.laufband import Laufband
+from laufband.maintenance import prune
 from laufband.monitor import Monitor
 from laufband.task import GraphTraversalProtocol, SizedGraphTraversalProtocol, Task
 
@@ -67,4 +69,6 @@ __all__ = [
     "TaskFailedError",
     "WorkerIdentityError",
     "__version__",
+    "fingerprint",
+    "prune",
 ]

@@ -13,6 +13,7 @@ import time
 import typing as t
 
 from laufband.errors import LaufbandError
+from laufband.maintenance import prune
 from laufband.states import TaskState
 from laufband.store import Store, database_url
 
@@ -47,7 +48,11 @@ def status(store: Store, out: t.TextIO | None = None) -> None:
     for state in TaskState:
         n = counts.n([state])
         if n:
-            print(f"  {state.value:<10} {n:>9}", file=out)
+            note = "  (not in the graph any more)" if state == TaskState.REMOVED else ""
+            print(f"  {state.value:<10} {n:>9}{note}", file=out)
+    rerun = store.invalidated()
+    if rerun:
+        print(f"  of which {rerun} run again: invalidated (fingerprints)", file=out)
     workers = store.workers()
     by_state: dict[str, int] = {}
     for w in workers:
@@ -85,14 +90,25 @@ def main(argv: list[str] | None = None) -> int:
                "laufband.sqlite in this folder)")
     parser.add_argument("--db", help=db_help)
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, text in (("status", "progress by state, workers, running and failed tasks"),
-                       ("workers", "every worker with its state and last heartbeat")):
+                       ("workers", "every worker with its state and last heartbeat"),
+                       ("prune", "delete old history (safe while workers run)")):
         # --db after the command too (then it wins)
-        sub.add_parser(name, help=text).add_argument("--db", default=argparse.SUPPRESS,
-                                                     help=db_help)
+        commands[name] = sub.add_parser(name, help=text)
+        commands[name].add_argument("--db", default=argparse.SUPPRESS, help=db_help)
+    commands["prune"].add_argument("--keep", type=int, default=10, help="history rows to "
+                                   "keep per task, newest first (default 10)")
+    commands["prune"].add_argument("--vacuum", action="store_true",
+                                   help="then shrink the file (workers wait meanwhile)")
     args = parser.parse_args(argv)
     try:
-        store = open_store(args.db or default_db())
+        db = args.db or default_db()
+        if args.command == "prune":
+            pruned = prune(db, keep=args.keep, vacuum=args.vacuum)
+            print(f"deleted {pruned.events} history rows and {pruned.attempts} attempts")
+            return 0
+        store = open_store(db)
         {"status": status, "workers": workers_table}[args.command](store)
     except LaufbandError as exc:
         print(f"laufband: {exc}", file=sys.stderr)

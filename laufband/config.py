@@ -40,6 +40,8 @@ class Settings:
     journal_mode: str
     batch_size: int | str
     lock_lifetime: float
+    enable_fingerprints: bool = False
+    invalidate_downstream: bool = True
 
 
 class _Source(t.NamedTuple):
@@ -140,6 +142,8 @@ def resolve(
     labels: Iterable[str] | None,
     journal_mode: str | None,
     batch_size: int | str | None = None,
+    enable_fingerprints: bool | None = None,
+    invalidate_downstream: bool | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if env is None else env
@@ -174,4 +178,7 @@ def resolve(
         # the heartbeat thread (which refreshes it every third) cannot keep up.
         lock_lifetime=_number(pick(None, "lock_lifetime", DEFAULT_LIFETIME), float, 0.3,
                               False),
+        enable_fingerprints=_bool(pick(enable_fingerprints, "enable_fingerprints", False)),
+        invalidate_downstream=_bool(pick(invalidate_downstream, "invalidate_downstream",
+                                         True)),
     )

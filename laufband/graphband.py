@@ -79,6 +79,8 @@ class Graphband(t.Generic[T]):
         labels: Iterable[str] | None = None,
         journal_mode: str | None = None,
         batch_size: int | t.Literal["auto"] | None = None,
+        enable_fingerprints: bool | None = None,
+        invalidate_downstream: bool | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.settings = config.resolve(
@@ -87,6 +89,8 @@ class Graphband(t.Generic[T]):
             heartbeat_interval=heartbeat_interval, max_killed_retries=max_killed_retries,
             max_failed_retries=max_failed_retries, disabled=disabled, labels=labels,
             journal_mode=journal_mode, batch_size=batch_size,
+            enable_fingerprints=enable_fingerprints,
+            invalidate_downstream=invalidate_downstream,
         )
         self._tasks_input = tasks
         self.tqdm_kwargs = dict(tqdm_kwargs or {})
@@ -105,7 +109,7 @@ class Graphband(t.Generic[T]):
     # ------------------------------------------------------------------ set-up
     def _read_graph(self) -> GraphSpec:
         """The graph as this worker yields it (Laufband adds its items' identity)."""
-        return read_graph(self._tasks_input)
+        return read_graph(self._tasks_input, fingerprints=self.settings.enable_fingerprints)
 
     def _open(self, lock: Lock | None, db_lock: Lock | None) -> None:
         s = self.settings
@@ -122,7 +126,7 @@ class Graphband(t.Generic[T]):
             f"{base}.lock", lifetime=s.lock_lifetime)
         self._db_lock = database_lock(file_lock)
         self._store = Store(s.db, self._db_lock, self._clock, s.journal_mode)
-        if self._store.generation_of(spec.digest) is None:
+        if self._store.generation_of(spec) is None:
             # Not registered yet (a new or a changed graph): check it before going online.
             # If it is, a worker that checked it registered it: joining a big graph skips
             # the ordering (about half of reading it: SCALING_ANALYSIS.md, 'Measurements
@@ -135,7 +139,7 @@ class Graphband(t.Generic[T]):
         self._finalizer = weakref.finalize(self, self._session.at_exit)
         # Register now, so a worker started before a rerun added tasks keeps claiming
         # only the generation of the graph it has data for.
-        generation = self._store.register_graph(spec, s.identifier)
+        generation = self._store.register_graph(spec, s.identifier, s.invalidate_downstream)
         self._by_id = spec.by_id
         self._me = Me(s.identifier, [], generation, s.max_failed_retries,
                       s.max_killed_retries, s.failure_policy == "stop")

@@ -69,10 +69,12 @@ class Laufband(Graphband[T]):
         super().__init__(_Items(data, key), **kwargs)
 
     def _read_graph(self) -> GraphSpec:
+        fingerprints = self.settings.enable_fingerprints
         if self._key is not None:
-            spec = read_graph(self._tasks_input)
+            spec = read_graph(self._tasks_input, fingerprints=fingerprints)
         else:
-            spec = read_graph(self._tasks_input, identity=lambda task: item_digest(task.data))
+            spec = read_graph(self._tasks_input, identity=lambda task: item_digest(task.data),
+                              fingerprints=fingerprints)
             spec.positional = True
         spec.labels = {tid: _repr.repr(task.data) for tid, task in spec.by_id.items()}
         return spec

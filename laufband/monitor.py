@@ -127,6 +127,11 @@ class Monitor:
         return [_task_view(row) for row in self._store.tasks(
             None if state is None else str(state), worker_id)]
 
+    def why(self, task_id: str) -> list[str]:
+        """Why a task runs (or will run) again: what invalidated, changed or removed it
+        since it last completed, e.g. ["invalidated: fingerprint changed v1 -> v2"]."""
+        return self._store.why(task_id)
+
     def get_workflow(self) -> WorkflowView:
         counts = self._store.counts()
         return WorkflowView("main", counts.total, counts.by_state())

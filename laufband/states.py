@@ -5,6 +5,11 @@
     running ──> ready      (failure or kill with retries left, or preemption by a signal)
     running ──> failed | killed     (retries used up; descendants become blocked)
     pending ──> blocked    (an ancestor failed or was killed for good)
+    completed ──> ready | pending  (invalidated: its fingerprint or dependencies changed,
+                                    or an upstream task's did; fingerprints enabled)
+    ready ──> pending      (a dependency was invalidated)
+    any but running ──> removed    (gone from the graph; running: when its attempt ends)
+    removed ──> pending | ready    (back in the graph)
     failed | killed ──> ready   (a worker whose own retry budget allows another attempt:
                                  "fix and rerun"; its blocked descendants go back to pending)
     blocked ──> pending    (no ancestor is failed or killed for good any more)
@@ -26,23 +31,26 @@ class TaskState(StrEnum):
     FAILED = "failed"
     KILLED = "killed"
     BLOCKED = "blocked"
+    REMOVED = "removed"  # not in the graph any more (fingerprints enabled)
 
 
 #: Allowed transitions; ``Ledger.record`` (store/ledger.py) refuses anything else.
+_S = TaskState
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.PENDING: frozenset({TaskState.READY, TaskState.BLOCKED}),
+    _S.PENDING: frozenset({_S.READY, _S.BLOCKED, _S.REMOVED}),
     # ready -> completed/failed/killed: a shared task (max_parallel_workers > 1) with
     # free slots is still ready while one of its attempts ends.
-    TaskState.READY: frozenset(
-        {TaskState.RUNNING, TaskState.COMPLETED, TaskState.FAILED, TaskState.KILLED}
-    ),
-    TaskState.RUNNING: frozenset(
-        {TaskState.COMPLETED, TaskState.READY, TaskState.FAILED, TaskState.KILLED}
-    ),
-    TaskState.COMPLETED: frozenset(),
-    TaskState.FAILED: frozenset({TaskState.READY}),
-    TaskState.KILLED: frozenset({TaskState.READY}),
-    TaskState.BLOCKED: frozenset({TaskState.PENDING}),
+    _S.READY: frozenset({_S.RUNNING, _S.COMPLETED, _S.FAILED, _S.KILLED, _S.PENDING,
+                         _S.BLOCKED, _S.REMOVED}),
+    # running -> ready/pending/removed: the attempt ended, but the task was invalidated
+    # or removed meanwhile (its ``dirty`` mark).
+    _S.RUNNING: frozenset({_S.COMPLETED, _S.READY, _S.PENDING, _S.FAILED, _S.KILLED,
+                           _S.REMOVED}),
+    _S.COMPLETED: frozenset({_S.READY, _S.PENDING, _S.REMOVED}),
+    _S.FAILED: frozenset({_S.READY, _S.REMOVED}),
+    _S.KILLED: frozenset({_S.READY, _S.REMOVED}),
+    _S.BLOCKED: frozenset({_S.PENDING, _S.READY, _S.REMOVED}),
+    _S.REMOVED: frozenset({_S.PENDING, _S.READY, _S.BLOCKED}),
 }
 
 #: States in which a task still has work ahead of it.
@@ -63,6 +71,10 @@ class Event(StrEnum):
     BLOCKED = "blocked"
     RETRIED = "retried"  # failed/killed -> ready: a worker's own retry budget allows it
     UNBLOCKED = "unblocked"  # blocked -> pending: the ancestor that failed is retried
+    INVALIDATED = "invalidated"  # runs again: what it depends on changed (the detail says)
+    WAITS = "waits"  # ready -> pending: a dependency was invalidated
+    CHANGED = "changed"  # its dependencies changed (a graph that evolves)
+    REMOVED = "removed"  # gone from the graph (or back, with the state it then gets)
 
 
 class WorkerState(StrEnum):

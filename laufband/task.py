@@ -160,6 +160,7 @@ class GraphSpec:
     digest: str
     labels: dict[str, str] | None = None
     positional: bool = False
+    fingerprints: bool = False
 
     @functools.cached_property
     def order(self) -> list[Task]:
@@ -176,12 +177,14 @@ class GraphSpec:
         return _topological_order(self.by_id)
 
 
-def read_graph(tasks: Iterable[Task], identity: Callable[[Task], str] | None = None
-               ) -> GraphSpec:
+def read_graph(tasks: t.Any, identity: Callable[[Task], str] | None = None,
+               fingerprints: bool = False) -> GraphSpec:
     """Read all tasks (type and unique ids checked) and hash them; no graph checks yet.
-    ``identity(task)``: more that workers must agree on for a task (see spec_hash)."""
+    ``tasks``: an iterable of Task, or an ``nx.DiGraph``. ``identity(task)``: more that
+    workers must agree on for a task (see spec_hash). ``fingerprints``: the graph's
+    digest covers the tasks' fingerprints too (a changed one is a changed graph)."""
     by_id: dict[str, Task] = {}
-    for task in tasks:
+    for task in graph_tasks(tasks):
         if not isinstance(task, Task):
             raise GraphError(
                 f"Graphband expects an iterable of laufband.Task, got {type(task).__name__} "
@@ -197,8 +200,51 @@ def read_graph(tasks: Iterable[Task], identity: Callable[[Task], str] | None = N
     else:
         hashes = {tid: spec_hash(task, identity(task)) for tid, task in by_id.items()}
     # Order-independent, so that workers reading the tasks in different orders agree.
-    total = sum(int(h, 16) for h in hashes.values()) % (1 << 128)
-    return GraphSpec(by_id=by_id, hashes=hashes, digest=f"{total:032x}:{len(by_id)}")
+    if fingerprints:
+        parts = (_with_fingerprint(h, by_id[tid].fingerprint) for tid, h in hashes.items())
+        total = sum(int(h, 16) for h in parts) % (1 << 128)
+        digest = f"{total:032x}:{len(by_id)}:fp"
+    else:
+        total = sum(int(h, 16) for h in hashes.values()) % (1 << 128)
+        digest = f"{total:032x}:{len(by_id)}"
+    return GraphSpec(by_id=by_id, hashes=hashes, digest=digest, fingerprints=fingerprints)
+
+
+def _with_fingerprint(spec_hash: str, fingerprint: str | None) -> str:
+    text = f"{spec_hash}\0{fingerprint if fingerprint is not None else '-'}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+#: Node attributes of an nx.DiGraph that fill Task fields; the others go to Task.info.
+NODE_FIELDS = ("data", "requirements", "fingerprint", "max_parallel_workers")
+
+
+def graph_tasks(source: t.Any) -> Iterable[Task]:
+    """The tasks of ``source``: an iterable of Task as it is, or an ``nx.DiGraph`` (a
+    node is a task id, its attributes fill the Task's fields, an edge u -> v makes u a
+    dependency of v)."""
+    kind = type(source)
+    if not kind.__module__.startswith("networkx"):
+        return source
+    import networkx as nx
+
+    if not isinstance(source, nx.DiGraph):
+        raise GraphError(
+            f"Graphband takes a directed graph, got a networkx {kind.__name__}. Use an "
+            "nx.DiGraph whose edges point from a task to the tasks that depend on it.")
+    return _from_networkx(source)
+
+
+def _from_networkx(graph: t.Any) -> Iterator[Task]:
+    for node, attrs in graph.nodes(data=True):
+        if type(node) is not str or not node:
+            raise GraphError(
+                f"Node {node!r} ({type(node).__name__}) of the graph: task ids must be "
+                "non-empty strings. Relabel the graph first, e.g. "
+                "graph = nx.relabel_nodes(graph, str).")
+        fields = {key: attrs[key] for key in NODE_FIELDS if key in attrs}
+        info = {key: value for key, value in attrs.items() if key not in NODE_FIELDS}
+        yield Task(node, dependencies=graph.predecessors(node), info=info, **fields)
 
 
 def validate(tasks: Iterable[Task]) -> GraphSpec:

@@ -7,6 +7,7 @@ graph and appends what it did to a JSON-lines file (one file per worker).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,13 +32,21 @@ def main() -> int:
     p.add_argument("--barrier", default="", help="task id whose runners wait for each other")
     p.add_argument("--barrier-size", type=int, default=0)
     p.add_argument("--failure-policy", default="continue")
+    p.add_argument("--fingerprints", default="",
+                   help="enable fingerprints: 'v1' for every task, or 'v1,t3=v2,...'")
+    p.add_argument("--downstream", type=int, default=1)
     args = p.parse_args()
 
     labels = {x for x in args.labels.split(",") if x}
     fail = {x for x in args.fail.split(",") if x}
     out = open(args.out, "a", buffering=1)  # noqa: SIM115 - line-buffered for the test
-    worker = Graphband(build(args.graph), db=args.db, labels=labels,
-                       failure_policy=args.failure_policy, tqdm_kwargs={"disable": True})
+    tasks = build(args.graph)
+    extra = {}
+    if args.fingerprints:
+        tasks = with_fingerprints(tasks, args.fingerprints)
+        extra = {"enable_fingerprints": True, "invalidate_downstream": bool(args.downstream)}
+    worker = Graphband(tasks, db=args.db, labels=labels, failure_policy=args.failure_policy,
+                       tqdm_kwargs={"disable": True}, **extra)
     for task in worker:
         start = time.monotonic_ns()
         if task.id in fail:
@@ -52,6 +61,13 @@ def main() -> int:
                               "labels": sorted(labels)}) + "\n")
     out.write(json.dumps({"exit": worker.identifier, "at": time.monotonic_ns()}) + "\n")
     return 0
+
+
+def with_fingerprints(tasks, spec: str):
+    """'v1,t3=v2': every task's fingerprint is v1, t3's is v2."""
+    default, *overrides = spec.split(",")
+    fps = dict(item.split("=") for item in overrides)
+    return [dataclasses.replace(t, fingerprint=fps.get(t.id, default)) for t in tasks]
 
 
 def wait_for_peers(folder: Path, size: int, deadline: float = 60.0) -> None:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from laufband.clock import Clock, SystemClock
 from laufband.locking import DatabaseLock, FastLock, database_lock
 from laufband.states import TaskState, WorkerState
-from laufband.store import attempts, claiming, reads, schema, workers
+from laufband.store import attempts, claiming, pruning, reads, schema, workers
 from laufband.store.connection import (
     Database,
     absolute_url,
@@ -119,20 +119,25 @@ class Store:
             return workers.heartbeat(led, worker, budget, stalled_after)
 
     # -------------------------------------------------------------------- graph
-    def generation_of(self, digest: str) -> int | None:
+    def generation_of(self, spec: GraphSpec) -> int | None:
+        """The generation of the registered graph ``spec`` is, if any (with fingerprints:
+        only the latest one counts, so going back to an earlier version of a graph
+        applies that version again)."""
         with self.db.read() as conn:
-            return generation_of(conn, digest)
+            return generation_of(conn, spec.digest, spec.fingerprints)
 
-    def register_graph(self, spec: GraphSpec, worker: str) -> int:
-        """Store the graph (idempotently); return the generation this worker may claim."""
-        generation = self.generation_of(spec.digest)
+    def register_graph(self, spec: GraphSpec, worker: str, downstream: bool = True) -> int:
+        """Store the graph (idempotently); return the generation this worker may claim.
+        With fingerprints (``spec.fingerprints``), changes are applied and what they
+        concern invalidated (``downstream``: and everything below it)."""
+        generation = self.generation_of(spec)
         if generation is not None:
             return generation
         with self.db.transaction() as conn:
-            generation = generation_of(conn, spec.digest)
+            generation = generation_of(conn, spec.digest, spec.fingerprints)
             if generation is None:
                 generation = Registration(conn, self.clock.now(), self.lock, self.shown,
-                                          spec, worker).run()
+                                          spec, worker, downstream).run()
         return generation
 
     def reqsets_for(self, labels: frozenset[str]) -> list[int]:
@@ -211,6 +216,20 @@ class Store:
                 workers.set_state(led, worker, state)
                 attempts.hand_back_all(led, worker, f"worker {worker} left holding it")
 
+    def prune(self, keep: int, vacuum: bool = False) -> pruning.Pruned:
+        """Delete old history (see pruning.py), a range of tasks per transaction; with
+        ``vacuum``, give the freed space back to the file system (workers wait for it)."""
+        result = pruning.Pruned()
+        with self._ledger() as led:
+            last = pruning.max_pk(led)
+        step = pruning.TASKS_PER_TRANSACTION
+        for lo in range(1, last + 1, step):
+            with self._ledger() as led:
+                pruning.prune_range(led, lo, lo + step - 1, keep, result)
+        if vacuum:
+            self.db.vacuum()
+        return result
+
     def add_error(self, worker: str, claim: Claim, error: str, trace: str | None) -> None:
         """Complete the record of a failed attempt with its exception."""
         with self._ledger() as led:
@@ -241,4 +260,12 @@ class Store:
     def failure_groups(self) -> list[reads.FailureGroup]:
         with self.db.read() as conn:
             return reads.failure_groups(conn)
+
+    def why(self, task_id: str) -> list[str]:
+        with self.db.read() as conn:
+            return reads.why(conn, task_id)
+
+    def invalidated(self) -> int:
+        with self.db.read() as conn:
+            return reads.invalidated(conn)
 

@@ -38,7 +38,8 @@ SQL = {
                " traceback = :traceback WHERE task = :pk AND attempt = :attempt"
                " AND worker = :worker AND ended_at IS NULL",
     "end_attempt": "UPDATE tasks SET running = running - 1 WHERE pk = :pk"
-                   " RETURNING state, running, failures, kills",
+                   " RETURNING state, running, failures, kills, dirty",
+    "clear_dirty": "UPDATE tasks SET dirty = 0 WHERE pk = :pk",
     "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
     "count_failure": "UPDATE tasks SET failures = failures + 1 WHERE pk = :pk",
     # {pairs}: "(:t0, :a0), ..."; {pks}: ":p0, :p1, ...". Each handles a whole batch.
@@ -47,9 +48,13 @@ SQL = {
                      " AND (task, attempt) IN (VALUES {pairs}) RETURNING task",
     "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk IN ({pks})"
                     " RETURNING pk, state",
-    # Only pk in the WHERE (see ledger.SQL["move_many"]).
-    "complete": "UPDATE tasks SET state = 'completed', updated_at = :now WHERE pk IN ({pks})"
-                " RETURNING pk, reqset",
+    # Only pk in the WHERE (see ledger.SQL["move_many"]). A task invalidated while the
+    # attempt ran (dirty 1) waits or is ready to run again; one removed from the graph
+    # meanwhile (dirty 2) is removed now.
+    "complete": "UPDATE tasks SET state = CASE WHEN dirty = 0 THEN 'completed'"
+                " WHEN dirty = 2 THEN 'removed' WHEN waiting_on = 0 THEN 'ready'"
+                " ELSE 'pending' END, invalidated = CASE WHEN dirty = 1 THEN 1 ELSE 0 END,"
+                " dirty = 0, updated_at = :now WHERE pk IN ({pks}) RETURNING pk, reqset, state",
     # Decrement every dependent once per completed dependency; those at zero become ready.
     "release_dependents":
         "UPDATE tasks SET waiting_on = waiting_on - d.n,"
@@ -117,10 +122,25 @@ def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> N
     if not done:
         return
     marks, params = in_list([c.pk for c, _ in done])
-    reqset_of = dict(led.all(SQL["complete"].format(pks=marks), {**params, "now": led.now}))
+    after = {pk: (reqset, new) for pk, reqset, new in
+             led.all(SQL["complete"].format(pks=marks), {**params, "now": led.now})}
+    completed = []
     for claim, state in done:
-        led.record([(claim.pk, reqset_of[claim.pk])], state, S.COMPLETED,
-                   Event.COMPLETED, worker, claim.attempt)
+        reqset, new = after[claim.pk]
+        if new == S.COMPLETED:
+            led.record([(claim.pk, reqset)], state, new, Event.COMPLETED, worker,
+                       claim.attempt)
+            completed.append(claim)
+        else:  # its inputs changed, or it left the graph, while it ran
+            event = Event.REMOVED if new == S.REMOVED else Event.INVALIDATED
+            led.record([(claim.pk, reqset)], state, new, event, worker, claim.attempt,
+                       "changed while its attempt ran: the result of that attempt is "
+                       "not kept")
+    if len(completed) < len(done):
+        done = [(c, s) for c, s in done if c in completed]
+        if not done:
+            return
+        marks, params = in_list([c.pk for c, _ in done])
     rows = led.all(SQL["release_dependents"].format(pks=marks), params)
     ready = [(pk, reqset) for pk, reqset, state in rows if state == S.READY]
     if ready:
@@ -140,7 +160,7 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
             "traceback": trace[-MAX_TRACEBACK:] if trace else None}):
         _fence(led, worker, claim, outcome)
         return
-    state, running, failures, kills = led.all(SQL["end_attempt"], {"pk": claim.pk})[0]
+    state, running, failures, kills, dirty = led.all(SQL["end_attempt"], {"pk": claim.pk})[0]
     if outcome == Event.FAILED:
         led.run(SQL["count_failure"], {"pk": claim.pk})
     elif outcome == Event.KILLED:
@@ -149,15 +169,22 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
     if state == S.COMPLETED:
         # A sibling attempt of a shared task completed it already.
         led.note([claim.pk], Event.RELEASED, None, worker, claim.attempt, detail)
+    elif dirty == 2 and running == 0:  # left the graph while it ran
+        led.move(claim.pk, state, S.REMOVED, outcome, worker, claim.attempt, detail)
+        led.run(SQL["clear_dirty"], {"pk": claim.pk})
     elif outcome == Event.PREEMPTED or running > 0:
         # Preemption costs no retry; a shared task whose other attempts still run
         # just frees a slot.
         led.move(claim.pk, state, S.READY, outcome, worker, claim.attempt, detail)
+        if dirty == 1 and running == 0:  # the next attempt sees the new inputs anyway
+            led.run(SQL["clear_dirty"], {"pk": claim.pk})
     else:
         used = failures + 1 if outcome == Event.FAILED else kills + 1
         final = S.READY if used <= finish.budget else (
             S.FAILED if outcome == Event.FAILED else S.KILLED)
         led.move(claim.pk, state, final, outcome, worker, claim.attempt, detail)
+        if dirty:
+            led.run(SQL["clear_dirty"], {"pk": claim.pk})
         if final != S.READY:
             block_descendants(led, claim, worker)
 

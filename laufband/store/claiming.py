@@ -25,9 +25,10 @@ SQL = {
     # {pks}: ":p0, :p1, ..." for the batch (one statement claims the whole batch).
     "claim": "UPDATE tasks SET attempts = attempts + 1, running = running + 1,"
              " state = CASE WHEN running + 1 >= max_parallel THEN 'running' ELSE 'ready' END,"
-             " updated_at = :now WHERE pk IN ({pks}) RETURNING pk, id, attempts, state, reqset",
-    "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at)"
-                   " VALUES (:task, :attempt, :worker, :now)",
+             " updated_at = :now WHERE pk IN ({pks})"
+             " RETURNING pk, id, attempts, state, reqset, fingerprint",
+    "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint)"
+                   " VALUES (:task, :attempt, :worker, :now, :fingerprint)",
     "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
 }
 
@@ -69,9 +70,10 @@ def claim(led: Ledger, me: Me, limit: int) -> list[Claim]:
     by_pk = {row[0]: row[1:] for row in rows}
     result = []
     for pk in pks:  # in the order found
-        task_id, attempt, state, reqset = by_pk[pk]
+        task_id, attempt, state, reqset, _fp = by_pk[pk]
         led.record([(pk, reqset)], S.READY, state, Event.CLAIMED, me.id, attempt)
         result.append(Claim(pk, task_id, attempt))
     led.run(SQL["add_attempt"], [{"task": c.pk, "attempt": c.attempt, "worker": me.id,
-                                  "now": led.now} for c in result])
+                                  "now": led.now, "fingerprint": by_pk[c.pk][4]}
+                                 for c in result])
     return result

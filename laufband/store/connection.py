@@ -237,6 +237,16 @@ class Database:
                 return DatabaseError(f"The database {where} {hint}. ({text})")
         return DatabaseError(f"Database error on {where}: {text}")
 
+    def vacuum(self) -> None:
+        """Rebuild the file without its free pages, under the database lock (VACUUM
+        cannot run inside a transaction)."""
+        with self._locked(None), self.translate_errors():
+            raw = self.engine.raw_connection()  # no BEGIN of ours (see _make_engine)
+            try:
+                raw.driver_connection.execute("VACUUM")
+            finally:
+                raw.close()
+
     # --------------------------------------------------------------- watching
     def change_mark(self) -> tuple[int, ...] | None:
         """A cheap fingerprint of the database files (size, mtime), taken without any

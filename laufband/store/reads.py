@@ -132,3 +132,24 @@ def failure_groups(conn: Connection, examples: int = 3) -> list[FailureGroup]:
 
 def n_tasks(conn: Connection) -> int:
     return int(conn.execute(sa.text("SELECT count(*) FROM tasks")).scalar() or 0)
+
+
+_WHY = ("SELECT e.event, e.detail FROM events e JOIN tasks t ON t.pk = e.task"
+        " WHERE t.id = :id AND e.id > coalesce((SELECT max(c.id) FROM events c"
+        " WHERE c.task = t.pk AND c.event = 'completed'), 0) ORDER BY e.id")
+
+
+def why(conn: Connection, task_id: str) -> list[str]:
+    """Why a task will run again, or runs again: what invalidated, changed or removed it
+    since its last completion (empty if nothing did)."""
+    reasons = []
+    for event, detail in conn.execute(sa.text(_WHY), {"id": task_id}):
+        if event in ("invalidated", "changed", "removed", "waits"):
+            reasons.append(f"{event}: {detail}" if detail else event)
+    return reasons
+
+
+def invalidated(conn: Connection) -> int:
+    """Tasks that run again because they were invalidated (until they complete)."""
+    return int(conn.execute(sa.text(
+        "SELECT count(*) FROM tasks WHERE invalidated = 1")).scalar() or 0)

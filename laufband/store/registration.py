@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from laufband.errors import GraphMismatchError
 from laufband.locking import DatabaseLock
 from laufband.states import TaskState
+from laufband.store import incremental
 from laufband.store.ledger import Ledger
 from laufband.store.schema import counts, graphs, reqsets, tasks
 from laufband.task import GraphSpec, Task, spec_hash
@@ -36,35 +37,54 @@ SQL = {
 }
 
 
-def generation_of(conn: Connection, digest: str) -> int | None:
-    """The generation of the registered graph with this digest, if any."""
-    return conn.execute(sa.select(graphs.c.generation).where(graphs.c.digest == digest)).scalar()
+def generation_of(conn: Connection, digest: str, latest: bool = False) -> int | None:
+    """The generation of the registered graph with this digest, if any (``latest``: only
+    if it is the latest registration)."""
+    generation = conn.execute(
+        sa.select(sa.func.max(graphs.c.generation)).where(graphs.c.digest == digest)).scalar()
+    if generation is not None and latest:
+        newest = conn.execute(sa.select(sa.func.max(graphs.c.generation))).scalar()
+        return generation if generation == newest else None
+    return generation
 
 
 class Registration:
+    """With fingerprints enabled (``spec.fingerprints``), the graph may differ from the
+    stored one: changed fingerprints and dependency sets, and tasks that are gone, are
+    applied (incremental.py); otherwise any difference but added tasks is an error."""
+
     def __init__(self, conn: Connection, now: float, lock: DatabaseLock | None, url: str,
-                 spec: GraphSpec, worker: str) -> None:
+                 spec: GraphSpec, worker: str, downstream: bool = True) -> None:
         self.conn, self.now, self.lock, self.url = conn, now, lock, url
-        self.spec, self.worker = spec, worker
+        self.spec, self.worker, self.downstream = spec, worker, downstream
         # Bulk inserts use the ledger's raw executemany: SQLAlchemy's per-row parameter
         # handling cost more than SQLite itself here (SCALING_ANALYSIS.md, 'Measurements
         # behind the code').
         self.led = Ledger(conn, now)
         self.existing: dict[str, t.Any] = {}
+        self.changes = incremental.Changes()
 
     def run(self) -> int:
         conn = self.conn
-        stored = conn.execute(sa.select(sa.func.count()).select_from(tasks)).scalar_one()
-        if stored:
+        stored = conn.execute(sa.select(sa.func.count()).select_from(tasks)
+                              .where(tasks.c.state != "removed")).scalar_one()
+        if stored or self.spec.fingerprints:
             self._check_against_stored(stored)
         generation = (conn.execute(sa.select(sa.func.max(graphs.c.generation))).scalar() or 0) + 1
         hashes = self.spec.hashes
         new = [(task, hashes[task.id]) for task in self.spec.order
                if task.id not in self.existing]
         self._insert(new, generation)
+        if self.changes:
+            incremental.check_not_concurrent(self.led, self.changes, self.worker, self.url)
+            incremental.apply(self.led, self.changes, self.spec, generation, self.worker,
+                              self.downstream)
+        # Back to an earlier version of the graph (fingerprints): it is the latest now.
+        conn.execute(graphs.delete().where(graphs.c.digest == self.spec.digest))
         conn.execute(graphs.insert().values(
             generation=generation, digest=self.spec.digest, n_tasks=len(self.spec.by_id),
             registered_at=self.now, worker=self.worker))
+        self.led.flush()  # what the changes booked: counts and history
         return generation
 
     def _refresh(self) -> None:
@@ -78,17 +98,28 @@ class Registration:
         for start in range(0, len(ids), CHUNK):
             chunk = {tid: hashes[tid] for tid in ids[start:start + CHUNK]}
             rows = self.conn.execute(
-                sa.select(tasks.c.id, tasks.c.pk, tasks.c.spec_hash, tasks.c.state,
-                          tasks.c.label).where(tasks.c.id.in_(list(chunk)))
+                sa.select(*incremental.STORED).where(tasks.c.id.in_(list(chunk)))
             ).all()
             for row in rows:
                 self.existing[row.id] = row
-                if row.spec_hash != chunk[row.id] and not self._adopt(row):
+                if row.state == "removed" and self.spec.fingerprints:
+                    self.changes.back.append(row)
+                elif row.spec_hash != chunk[row.id] and not self._adopt(row):
                     mismatched.append(row)
+                elif (self.spec.fingerprints
+                      and row.fingerprint != self.spec.by_id[row.id].fingerprint):
+                    self.changes.refingerprinted.append(row)
             self._refresh()
+        present = len(self.existing) - len(self.changes.back)
+        if self.spec.fingerprints:
+            self.changes.rewired = incremental.rewired(self.led, mismatched, self.spec,
+                                                       self.url)
+            if present < stored:
+                self.changes.removed = incremental.gone(self.led, self.spec)
+            return
         if mismatched:
             raise GraphMismatchError(self._mismatch(mismatched))
-        if len(self.existing) < stored:
+        if present < stored:
             raise GraphMismatchError(
                 f"The database {self.url} holds {stored - len(self.existing)} task(s) "
                 "that this worker's graph lacks. All workers must yield the same tasks (a "
@@ -126,8 +157,9 @@ class Registration:
         return (
             f"{len(rows)} task(s) differ from the graph stored in {self.url} "
             f"(dependencies, requirements or max_parallel_workers), e.g. {ids}. All "
-            "workers of a workflow must yield the same graph; to change it, start a new "
-            "db file."
+            "workers of a workflow must yield the same graph. To change dependencies "
+            "between runs, enable fingerprints (enable_fingerprints=True); to change "
+            "anything else, start a new db file."
         )
 
     # ------------------------------------------------------------------ inserting

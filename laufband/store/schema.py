@@ -51,6 +51,11 @@ tasks = Table(
     # What a human recognises the task by, where the id does not say (Laufband: the
     # item's repr), for error messages and displays (version 3).
     Column("label", String),
+    # Fingerprints (version 3): 1 = run again after the attempt that runs now (its
+    # inputs changed meanwhile), 2 = remove after it (gone from the graph).
+    Column("dirty", Integer, nullable=False, server_default="0"),
+    # 1 while the task runs again because it was invalidated (cleared on completion).
+    Column("invalidated", Integer, nullable=False, server_default="0"),
 )
 # The claim: "first ready task of requirement set r" is one seek in this index.
 Index("ix_tasks_claim", tasks.c.state, tasks.c.reqset, tasks.c.pk)
@@ -96,6 +101,7 @@ attempts = Table(
     Column("outcome", String),
     Column("error", Text),
     Column("traceback", Text),
+    Column("fingerprint", String),  # the task's fingerprint when this attempt began
 )
 # Live attempts by worker (tiny: a few per live worker). Queries must say
 # ``ended_at IS NULL`` for SQLite to use it.
@@ -256,14 +262,20 @@ def _from_1(conn: Connection) -> str:
 
 def _from_2(conn: Connection) -> str:
     """Version 2 -> 3: every attempt is kept (``attempts`` replaces ``claims``, whose
-    rows become the live attempts), tasks get a label, workers their retry budgets, and
-    the unused index on edges(task) goes."""
+    rows become the live attempts), tasks get a label and the marks fingerprints use,
+    workers their retry budgets, the counts a state 'removed', and the unused index on
+    edges(task) goes."""
     attempts.create(conn)
     conn.exec_driver_sql("INSERT INTO attempts (task, attempt, worker, started_at)"
                          " SELECT task, attempt, worker, started_at FROM claims")
     conn.exec_driver_sql("DROP TABLE claims")
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_edges_task")
     conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN label VARCHAR")
+    for column in ("dirty", "invalidated"):
+        conn.exec_driver_sql(
+            f"ALTER TABLE tasks ADD COLUMN {column} INTEGER DEFAULT '0' NOT NULL")
+    conn.exec_driver_sql("INSERT INTO counts (reqset, state, n)"
+                         " SELECT id, 'removed', 0 FROM reqsets")
     for column in ("max_failed", "max_killed"):
         conn.exec_driver_sql(
             f"ALTER TABLE workers ADD COLUMN {column} INTEGER DEFAULT '0' NOT NULL")

@@ -223,16 +223,18 @@ def test_change_mark_follows_commits(mode):
 
 
 def statement(name: str) -> str:
-    from laufband.store import attempts, claiming, ledger
+    from laufband.store import attempts, claiming, incremental, ledger
 
-    for sql in (claiming.SQL, attempts.SQL, ledger.SQL):
+    for sql in (claiming.SQL, attempts.SQL, ledger.SQL, incremental.SQL):
         if name in sql:
             return sql[name]
     raise KeyError(name)
 
 
 @pytest.mark.parametrize("name", ["claim", "end_attempts", "complete", "release_dependents",
-                                  "move_many", "pending_below", "blocked_below"])
+                                  "move_many", "pending_below", "blocked_below", "below",
+                                  "states", "dependents", "wait_again", "rerun",
+                                  "mark_dirty"])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_batch_statements_look_tasks_up_by_primary_key(name, batch):
     """No claim+finish statement, and no walk over a task's descendants, may walk an
@@ -254,7 +256,9 @@ def test_batch_statements_look_tasks_up_by_primary_key(name, batch):
         conn.close()
     on_tasks = [line for line in plan if " tasks " in f"{line} " or line.endswith(" t")
                 or " t USING" in line]
-    assert on_tasks and all("INTEGER PRIMARY KEY" in line for line in on_tasks), plan
+    assert all("INTEGER PRIMARY KEY" in line for line in on_tasks), plan
+    assert on_tasks or name == "below", plan  # the walk reads only edges, ...
+    assert not [line for line in plan if line.startswith("SCAN e")], plan  # by their key
 
 
 def test_a_large_registration_keeps_the_lock_fresh(monkeypatch):

@@ -1,0 +1,277 @@
+"""Invalidation: completed work whose inputs changed runs again, and (by default) so does
+everything downstream of it. Set-based: one walk over the stored edges, then updates by
+primary key in chunks, all in the caller's transaction.
+
+A task that is running when it is invalidated finishes its attempt; its ``dirty`` mark
+makes the end of that attempt put it back to waiting instead of completing it (see
+attempts.SQL["complete"]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing as t
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from laufband.errors import GraphMismatchError
+from laufband.states import Event, TaskState
+from laufband.store.ledger import Ledger, in_list
+from laufband.store.schema import tasks
+from laufband.task import GraphSpec
+
+S = TaskState
+CHUNK = 5000
+
+SQL = {
+    # Every descendant, whatever its state (CROSS JOIN: walk the edges by key).
+    "below": "WITH RECURSIVE down(pk) AS (SELECT e.task FROM edges e WHERE e.dep IN ({pks})"
+             " UNION SELECT e.task FROM down CROSS JOIN edges e WHERE e.dep = down.pk)"
+             " SELECT pk FROM down",
+    "states": "SELECT pk, state, running, reqset, id FROM tasks WHERE pk IN ({pks})",
+    "dependents": "SELECT t.pk, t.state FROM edges e CROSS JOIN tasks t"
+                  " WHERE e.dep IN ({pks}) AND t.pk = e.task",
+    # The dependents of tasks that are no longer completed wait for them again.
+    "wait_again": "UPDATE tasks SET waiting_on = waiting_on + d.n, state = CASE"
+                  " WHEN state = 'ready' AND running = 0 THEN 'pending' ELSE state END"
+                  " FROM (SELECT task, count(*) AS n FROM edges WHERE dep IN ({pks})"
+                  " GROUP BY task) AS d WHERE tasks.pk = d.task"
+                  " RETURNING tasks.pk, tasks.reqset, tasks.state",
+    "rerun": "UPDATE tasks SET state = CASE WHEN waiting_on = 0 THEN 'ready' ELSE 'pending'"
+             " END, invalidated = 1, updated_at = :now WHERE pk IN ({pks})"
+             " RETURNING pk, reqset, state",
+    "mark_dirty": "UPDATE tasks SET dirty = 1 WHERE pk IN ({pks}) AND dirty = 0",
+}
+
+
+def invalidate(led: Ledger, roots: dict[int, str], downstream: bool, worker: str) -> int:
+    """Invalidate ``roots`` (pk -> why) and, with ``downstream``, all their descendants.
+    Completed ones run again (ready or pending); running ones run again after their
+    attempt. Returns how many tasks will run again."""
+    if not roots:
+        return 0
+    below = [pk for pk in _walk(led, list(roots)) if pk not in roots] if downstream else []
+    rows = _states(led, [*roots, *below])
+    names = [rows[pk][3] for pk in list(roots)[:3] if pk in rows]
+    upstream = (f"upstream task {names[0]!r} was invalidated" if len(roots) == 1 else
+                f"upstream tasks {', '.join(map(repr, names))}"
+                f"{' and more' if len(roots) > 3 else ''} were invalidated")
+    done = [pk for pk, (state, _r, _q, _i) in rows.items() if state == S.COMPLETED]
+    busy = [pk for pk, (_s, running, _q, _i) in rows.items() if running > 0]
+    for start in range(0, len(busy), CHUNK):
+        marks, params = in_list(busy[start:start + CHUNK])
+        led.run(SQL["mark_dirty"].format(pks=marks), params)
+    led.note(busy, Event.INVALIDATED, None, worker,
+             detail="runs again after the attempt that runs now")
+    for start in range(0, len(done), CHUNK):
+        _wait_again(led, done[start:start + CHUNK], worker)
+    for start in range(0, len(done), CHUNK):
+        marks, params = in_list(done[start:start + CHUNK])
+        for pk, reqset, new in led.all(SQL["rerun"].format(pks=marks),
+                                       {**params, "now": led.now}):
+            led.record([(pk, reqset)], S.COMPLETED, new, Event.INVALIDATED, worker,
+                       detail=roots.get(pk, upstream))
+    return len(done) + len(busy)
+
+
+def _walk(led: Ledger, start: list[int]) -> list[int]:
+    found: set[int] = set()
+    for i in range(0, len(start), CHUNK):
+        marks, params = in_list(start[i:i + CHUNK])
+        found.update(pk for (pk,) in led.all(SQL["below"].format(pks=marks), params))
+    return sorted(found)
+
+
+def _states(led: Ledger, pks: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
+    rows: dict[int, tuple[str, int, int, str]] = {}
+    for i in range(0, len(pks), CHUNK):
+        marks, params = in_list(pks[i:i + CHUNK])
+        for pk, state, running, reqset, task_id in led.all(
+                SQL["states"].format(pks=marks), params):
+            rows[pk] = (state, running, reqset, task_id)
+    return rows
+
+
+def _wait_again(led: Ledger, done: list[int], worker: str) -> None:
+    """The dependents of ``done`` (completed tasks about to run again) wait for them:
+    one more unfinished dependency each; a ready one is pending now."""
+    marks, params = in_list(done)
+    before = dict(led.all(SQL["dependents"].format(pks=marks), params))
+    moved = [(pk, reqset) for pk, reqset, new in led.all(SQL["wait_again"].format(pks=marks),
+                                                         params)
+             if new == S.PENDING and before.get(pk) == S.READY]
+    if moved:
+        led.record(moved, S.READY, S.PENDING, Event.WAITS, worker,
+                   detail="a dependency was invalidated")
+
+
+# ---------------------------------------------------------------- graphs that evolve
+#: The stored columns registration compares a graph with.
+STORED = (tasks.c.id, tasks.c.pk, tasks.c.spec_hash, tasks.c.state, tasks.c.label,
+          tasks.c.fingerprint, tasks.c.reqset, tasks.c.max_parallel, tasks.c.generation,
+          tasks.c.running)
+
+EVOLVE_SQL = {
+    "deps_of": "SELECT e.task, d.id FROM edges e CROSS JOIN tasks d"
+               " WHERE e.task IN ({pks}) AND d.pk = e.dep",
+    "all_ids": "SELECT id, pk, state, running, reqset, generation, fingerprint, spec_hash,"
+               " label, max_parallel FROM tasks WHERE state != 'removed'",
+    "reqset_labels": "SELECT id, labels FROM reqsets",
+    "changed_by": "SELECT g.generation, g.worker, g.registered_at FROM graphs g"
+                  " WHERE g.generation IN ({pks})",
+    "me": "SELECT started_at FROM workers WHERE id = :worker",
+    "live": "SELECT id FROM workers WHERE state IN ('idle', 'busy')"
+            " AND heartbeat + heartbeat_timeout >= :now",
+    "set_fingerprint": "UPDATE tasks SET fingerprint = :fp, generation = :generation"
+                       " WHERE pk = :pk",
+    "rewire": "UPDATE tasks SET spec_hash = :spec_hash, fingerprint = :fp, label = :label,"
+              " generation = :generation WHERE pk = :pk",
+    "drop_edges": "DELETE FROM edges WHERE task = :pk",
+    "add_edge": "INSERT INTO edges (dep, task) VALUES (:dep, :task)",
+    "count_waiting": "UPDATE tasks SET waiting_on = (SELECT count(*) FROM edges e"
+                     " CROSS JOIN tasks d WHERE e.task = tasks.pk AND d.pk = e.dep"
+                     " AND d.state != 'completed') WHERE pk = :pk"
+                     " RETURNING waiting_on",
+    "dep_states": "SELECT d.state FROM edges e CROSS JOIN tasks d"
+                  " WHERE e.task = :pk AND d.pk = e.dep",
+    "pk_of": "SELECT id, pk FROM tasks WHERE id IN ({pks})",
+    "remove_later": "UPDATE tasks SET dirty = 2 WHERE pk = :pk",
+}
+
+
+@dataclasses.dataclass
+class Changes:
+    """What a graph changes in the stored one (fingerprints enabled)."""
+
+    refingerprinted: list = dataclasses.field(default_factory=list)
+    rewired: list = dataclasses.field(default_factory=list)  # (row, why)
+    removed: list = dataclasses.field(default_factory=list)
+    back: list = dataclasses.field(default_factory=list)  # removed before, back now
+
+    def __bool__(self) -> bool:
+        return bool(self.refingerprinted or self.rewired or self.removed or self.back)
+
+    def rows(self) -> list:
+        return [*self.refingerprinted, *(r for r, _ in self.rewired), *self.removed,
+                *self.back]
+
+
+def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
+    """Of the tasks whose stored structure differs: those whose dependencies changed (or,
+    for Laufband, whose item changed), with why. A change of requirements or
+    max_parallel_workers is an error: that is another task."""
+    if not mismatched:
+        return []
+    labels = {rid: frozenset(json.loads(raw))
+              for rid, raw in led.all(EVOLVE_SQL["reqset_labels"])}
+    deps: dict[int, set[str]] = {row.pk: set() for row in mismatched}
+    for i in range(0, len(mismatched), CHUNK):
+        marks, params = in_list([row.pk for row in mismatched[i:i + CHUNK]])
+        for pk, dep in led.all(EVOLVE_SQL["deps_of"].format(pks=marks), params):
+            deps[pk].add(dep)
+    result, other = [], []
+    for row in mismatched:
+        task = spec.by_id[row.id]
+        if labels[row.reqset] != task.requirements or row.max_parallel != \
+                task.max_parallel_workers:
+            other.append(row.id)
+        elif deps[row.pk] != task.dependencies:
+            result.append((row, "its dependencies changed"))
+        else:
+            result.append((row, "its item changed"))
+    if other:
+        raise GraphMismatchError(
+            f"{len(other)} task(s) have other requirements or max_parallel_workers than "
+            f"in {url}, e.g. {', '.join(map(repr, other[:3]))}: fingerprints let "
+            "fingerprints and dependencies change between runs, not these. Give such a "
+            "task a new id, or start a new db file.")
+    return result
+
+
+def gone(led: Ledger, spec: GraphSpec) -> list:
+    """Stored tasks (not removed already) that the graph lacks."""
+    return [row for row in led.conn.execute(sa.text(EVOLVE_SQL["all_ids"]))
+            if row.id not in spec.by_id]
+
+
+def check_not_concurrent(led: Ledger, changes: Changes, worker: str, url: str) -> None:
+    """Two workers that yield different graphs at the same time get an error: a change
+    to a task that a live worker registered after this worker started is refused (one
+    started after that registration supersedes it: a rerun)."""
+    gens = sorted({row.generation for row in changes.rows()})
+    started = led.scalar(EVOLVE_SQL["me"], {"worker": worker})
+    if not gens or started is None:
+        return
+    live = {w for (w,) in led.all(EVOLVE_SQL["live"], {"now": led.now})} - {worker}
+    marks, params = in_list(gens)
+    for _gen, other, at in led.all(EVOLVE_SQL["changed_by"].format(pks=marks), params):
+        if other in live and at >= started:
+            raise GraphMismatchError(
+                f"Worker {other!r} registered another version of this graph in {url} "
+                f"while this worker was starting: its fingerprints or dependencies "
+                "differ from this worker's. Workers that run at the same time must yield "
+                "the same graph (is a fingerprint computed from something that differs "
+                "between processes, such as a time, a random number or a set's order?). "
+                "A rerun after those workers ended may change the graph.")
+
+
+def apply(led: Ledger, changes: Changes, spec: GraphSpec, generation: int, worker: str,
+          downstream: bool) -> None:
+    """Store the changes (new fingerprints and edges, removed tasks), then invalidate
+    the completed (or running) tasks they concern, and by default what is below them."""
+    roots: dict[int, str] = {}
+    for row in changes.refingerprinted:
+        fp = spec.by_id[row.id].fingerprint
+        led.run(EVOLVE_SQL["set_fingerprint"], {"fp": fp, "generation": generation,
+                                                "pk": row.pk})
+        if row.state == S.COMPLETED or row.running:
+            roots[row.pk] = f"fingerprint changed {row.fingerprint} -> {fp}"
+    # In graph order: a task's dependencies are rewired (or back) before it.
+    position = {task.id: i for i, task in enumerate(spec.order)}
+    rewire = [*changes.rewired, *((row, "it is back in the graph") for row in changes.back)]
+    for row, why in sorted(rewire, key=lambda item: position[item[0].id]):
+        if _rewire(led, row, spec, generation, worker, why):
+            roots[row.pk] = why
+    for row in changes.removed:
+        _remove(led, row, worker)
+    invalidate(led, roots, downstream, worker)
+
+
+def _rewire(led: Ledger, row: t.Any, spec: GraphSpec, generation: int, worker: str,
+            why: str) -> bool:
+    """New edges and spec for a stored task; True if it must be invalidated (it is
+    completed or running), else its state follows its new dependencies."""
+    task = spec.by_id[row.id]
+    led.run(EVOLVE_SQL["rewire"], {
+        "spec_hash": spec.hashes[row.id], "fp": task.fingerprint, "generation": generation,
+        "label": (spec.labels or {}).get(row.id), "pk": row.pk})
+    led.run(EVOLVE_SQL["drop_edges"], {"pk": row.pk})
+    if task.dependencies:
+        marks, params = in_list(sorted(task.dependencies))
+        pk_of = dict(led.all(EVOLVE_SQL["pk_of"].format(pks=marks), params))
+        led.run(EVOLVE_SQL["add_edge"], [{"dep": pk_of[dep], "task": row.pk}
+                                         for dep in task.dependencies])
+    waiting = led.scalar(EVOLVE_SQL["count_waiting"], {"pk": row.pk})
+    if row.state == S.COMPLETED or row.running:
+        return True
+    dep_states = {s for (s,) in led.all(EVOLVE_SQL["dep_states"], {"pk": row.pk})}
+    if dep_states & {S.FAILED, S.KILLED, S.BLOCKED, S.REMOVED}:
+        new = S.BLOCKED
+    else:
+        new = S.READY if waiting == 0 else S.PENDING
+    if new != row.state and row.state not in (S.FAILED, S.KILLED):
+        led.move(row.pk, row.state, new, Event.CHANGED, worker, detail=why)
+    else:
+        led.note([row.pk], Event.CHANGED, None, worker, detail=why)
+    return False
+
+
+def _remove(led: Ledger, row: t.Any, worker: str) -> None:
+    why = "it is not in the graph any more"
+    if row.running:  # the attempt that runs ends first; then the task is removed
+        led.run(EVOLVE_SQL["remove_later"], {"pk": row.pk})
+        led.note([row.pk], Event.REMOVED, None, worker, detail=f"{why} (after its attempt)")
+    else:
+        led.move(row.pk, row.state, S.REMOVED, Event.REMOVED, worker, detail=why)
