@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing as t
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 
@@ -25,24 +24,34 @@ from laufband.task import GraphSpec
 S = TaskState
 CHUNK = 5000
 
+# The tasks to invalidate and those of them that were completed, in temporary tables
+# (per connection): every step below is then one statement over all of them, whatever
+# their number (measured: IN lists of thousands of keys cost more to prepare than to run).
 SQL = {
+    "make_sets": ["CREATE TEMP TABLE IF NOT EXISTS laufband_set (pk INTEGER PRIMARY KEY)",
+                  "CREATE TEMP TABLE IF NOT EXISTS laufband_done (pk INTEGER PRIMARY KEY)",
+                  "DELETE FROM laufband_set", "DELETE FROM laufband_done"],
+    "add_root": "INSERT INTO laufband_set (pk) VALUES (:pk)",
+    "add_done": "INSERT INTO laufband_done (pk) VALUES (:pk)",
     # Every descendant, whatever its state (CROSS JOIN: walk the edges by key).
-    "below": "WITH RECURSIVE down(pk) AS (SELECT e.task FROM edges e WHERE e.dep IN ({pks})"
+    "below": "WITH RECURSIVE down(pk) AS (SELECT pk FROM laufband_set"
              " UNION SELECT e.task FROM down CROSS JOIN edges e WHERE e.dep = down.pk)"
-             " SELECT pk FROM down",
-    "states": "SELECT pk, state, running, reqset, id FROM tasks WHERE pk IN ({pks})",
-    "dependents": "SELECT t.pk, t.state FROM edges e CROSS JOIN tasks t"
-                  " WHERE e.dep IN ({pks}) AND t.pk = e.task",
+             " INSERT OR IGNORE INTO laufband_set (pk) SELECT pk FROM down",
+    "states": "SELECT t.pk, t.state, t.running, t.reqset, t.id FROM laufband_set s"
+              " CROSS JOIN tasks t WHERE t.pk = s.pk",
+    "ready_below": "SELECT DISTINCT t.pk FROM laufband_done d CROSS JOIN edges e"
+                   " CROSS JOIN tasks t WHERE e.dep = d.pk AND t.pk = e.task"
+                   " AND t.state = 'ready' AND t.running = 0",
     # The dependents of tasks that are no longer completed wait for them again.
     "wait_again": "UPDATE tasks SET waiting_on = waiting_on + d.n, state = CASE"
                   " WHEN state = 'ready' AND running = 0 THEN 'pending' ELSE state END"
-                  " FROM (SELECT task, count(*) AS n FROM edges WHERE dep IN ({pks})"
-                  " GROUP BY task) AS d WHERE tasks.pk = d.task"
-                  " RETURNING tasks.pk, tasks.reqset, tasks.state",
+                  " FROM (SELECT e.task, count(*) AS n FROM laufband_done x CROSS JOIN edges e"
+                  " WHERE e.dep = x.pk GROUP BY e.task) AS d WHERE tasks.pk = d.task",
     "rerun": "UPDATE tasks SET state = CASE WHEN waiting_on = 0 THEN 'ready' ELSE 'pending'"
-             " END, invalidated = 1, updated_at = :now WHERE pk IN ({pks})"
-             " RETURNING pk, reqset, state",
-    "mark_dirty": "UPDATE tasks SET dirty = 1 WHERE pk IN ({pks}) AND dirty = 0",
+             " END, invalidated = 1, updated_at = :now"
+             " WHERE pk IN (SELECT pk FROM laufband_done) RETURNING pk, reqset, state",
+    "mark_dirty": "UPDATE tasks SET dirty = 1 WHERE pk IN (SELECT pk FROM laufband_set)"
+                  " AND running > 0 AND dirty = 0",
 }
 
 
@@ -52,59 +61,38 @@ def invalidate(led: Ledger, roots: dict[int, str], downstream: bool, worker: str
     attempt. Returns how many tasks will run again."""
     if not roots:
         return 0
-    below = [pk for pk in _walk(led, list(roots)) if pk not in roots] if downstream else []
-    rows = _states(led, [*roots, *below])
+    for statement in SQL["make_sets"]:
+        led.run(statement, {})
+    led.run(SQL["add_root"], [{"pk": pk} for pk in roots])
+    if downstream:
+        led.run(SQL["below"], {})  # one walk over the stored edges
+    rows = {pk: rest for pk, *rest in led.all(SQL["states"])}
     names = [rows[pk][3] for pk in list(roots)[:3] if pk in rows]
     upstream = (f"upstream task {names[0]!r} was invalidated" if len(roots) == 1 else
                 f"upstream tasks {', '.join(map(repr, names))}"
                 f"{' and more' if len(roots) > 3 else ''} were invalidated")
     done = [pk for pk, (state, _r, _q, _i) in rows.items() if state == S.COMPLETED]
     busy = [pk for pk, (_s, running, _q, _i) in rows.items() if running > 0]
-    for start in range(0, len(busy), CHUNK):
-        marks, params = in_list(busy[start:start + CHUNK])
-        led.run(SQL["mark_dirty"].format(pks=marks), params)
+    led.run(SQL["mark_dirty"], {})
     led.note(busy, Event.INVALIDATED, None, worker,
              detail="runs again after the attempt that runs now")
-    for start in range(0, len(done), CHUNK):
-        _wait_again(led, done[start:start + CHUNK], worker)
-    for start in range(0, len(done), CHUNK):
-        marks, params = in_list(done[start:start + CHUNK])
-        for pk, reqset, new in led.all(SQL["rerun"].format(pks=marks),
-                                       {**params, "now": led.now}):
-            led.record([(pk, reqset)], S.COMPLETED, new, Event.INVALIDATED, worker,
-                       detail=roots.get(pk, upstream))
+    led.run(SQL["add_done"], [{"pk": pk} for pk in done])
+    ready = {pk for (pk,) in led.all(SQL["ready_below"])}
+    led.run(SQL["wait_again"], {})
+    waiting = [(pk, rows[pk][2]) if pk in rows else (pk, _reqset(led, pk)) for pk in ready]
+    if waiting:
+        led.record(waiting, S.READY, S.PENDING, Event.WAITS, worker,
+                   detail="a dependency was invalidated")
+    by_state: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for pk, reqset, new in led.all(SQL["rerun"], {"now": led.now}):
+        by_state.setdefault((new, roots.get(pk, upstream)), []).append((pk, reqset))
+    for (new, why), moved in by_state.items():
+        led.record(moved, S.COMPLETED, new, Event.INVALIDATED, worker, detail=why)
     return len(done) + len(busy)
 
 
-def _walk(led: Ledger, start: list[int]) -> list[int]:
-    found: set[int] = set()
-    for i in range(0, len(start), CHUNK):
-        marks, params = in_list(start[i:i + CHUNK])
-        found.update(pk for (pk,) in led.all(SQL["below"].format(pks=marks), params))
-    return sorted(found)
-
-
-def _states(led: Ledger, pks: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
-    rows: dict[int, tuple[str, int, int, str]] = {}
-    for i in range(0, len(pks), CHUNK):
-        marks, params = in_list(pks[i:i + CHUNK])
-        for pk, state, running, reqset, task_id in led.all(
-                SQL["states"].format(pks=marks), params):
-            rows[pk] = (state, running, reqset, task_id)
-    return rows
-
-
-def _wait_again(led: Ledger, done: list[int], worker: str) -> None:
-    """The dependents of ``done`` (completed tasks about to run again) wait for them:
-    one more unfinished dependency each; a ready one is pending now."""
-    marks, params = in_list(done)
-    before = dict(led.all(SQL["dependents"].format(pks=marks), params))
-    moved = [(pk, reqset) for pk, reqset, new in led.all(SQL["wait_again"].format(pks=marks),
-                                                         params)
-             if new == S.PENDING and before.get(pk) == S.READY]
-    if moved:
-        led.record(moved, S.READY, S.PENDING, Event.WAITS, worker,
-                   detail="a dependency was invalidated")
+def _reqset(led: Ledger, pk: int) -> int:
+    return led.scalar("SELECT reqset FROM tasks WHERE pk = :pk", {"pk": pk})
 
 
 # ---------------------------------------------------------------- graphs that evolve
