@@ -139,12 +139,17 @@ class SizedGraphTraversalProtocol(GraphTraversalProtocol[T], t.Protocol[T]):
 def spec_hash(task: Task, extra: str = "") -> str:
     """What two workers must agree on for the same task id (data and info are local;
     ``extra``: what else identifies it, e.g. the digest of a Laufband item)."""
-    parts = [task.id, "\x1f".join(sorted(task.dependencies)),
-             "\x1f".join(sorted(task.requirements)), str(task.max_parallel_workers)]
+    deps, reqs = task.dependencies, task.requirements
+    deps_text = _SEP.join(sorted(deps)) if deps else ""
+    reqs_text = _SEP.join(sorted(reqs)) if reqs else ""
+    text = f"{task.id}\0{deps_text}\0{reqs_text}\0{task.max_parallel_workers}"
     if extra:  # without: the hash of schema 2, so a workflow goes on after an upgrade
-        parts.append(extra)
-    text = "\0".join(parts)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        text = f"{text}\0{extra}"
+    return _blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+_SEP = "\x1f"
+_blake2b = hashlib.blake2b
 
 
 @dataclasses.dataclass
@@ -156,11 +161,23 @@ class GraphSpec:
     without ``key=``), which changes how a mismatch with the stored graph is reported."""
 
     by_id: dict[str, Task]
-    hashes: dict[str, str]
     digest: str
     labels: dict[str, str] | None = None
     positional: bool = False
     fingerprints: bool = False
+    identity: Callable[[Task], str] | None = None
+    #: The spec hashes, when the digest was made of them (no fingerprints).
+    known_hashes: dict[str, str] | None = None
+
+    @functools.cached_property
+    def hashes(self) -> dict[str, str]:
+        """Every task's spec hash: what is stored and compared with the stored graph
+        (only a worker that registers needs it when fingerprints made the digest)."""
+        if self.known_hashes is not None:
+            return self.known_hashes
+        identity = self.identity
+        return {tid: spec_hash(task, identity(task) if identity else "")
+                for tid, task in self.by_id.items()}
 
     @functools.cached_property
     def order(self) -> list[Task]:
@@ -195,24 +212,30 @@ def read_graph(tasks: t.Any, identity: Callable[[Task], str] | None = None,
                 f"Duplicate task id {task.id!r}: every task needs a unique id."
             )
         by_id[task.id] = task
-    if identity is None:
-        hashes = {tid: spec_hash(task) for tid, task in by_id.items()}
-    else:
-        hashes = {tid: spec_hash(task, identity(task)) for tid, task in by_id.items()}
-    # Order-independent, so that workers reading the tasks in different orders agree.
-    if fingerprints:
-        parts = (_with_fingerprint(h, by_id[tid].fingerprint) for tid, h in hashes.items())
-        total = sum(int(h, 16) for h in parts) % (1 << 128)
-        digest = f"{total:032x}:{len(by_id)}:fp"
-    else:
-        total = sum(int(h, 16) for h in hashes.values()) % (1 << 128)
-        digest = f"{total:032x}:{len(by_id)}"
-    return GraphSpec(by_id=by_id, hashes=hashes, digest=digest, fingerprints=fingerprints)
+    hashes, digest = _digest(by_id, identity, fingerprints)
+    return GraphSpec(by_id=by_id, digest=digest, fingerprints=fingerprints,
+                     identity=identity, known_hashes=hashes)
 
 
-def _with_fingerprint(spec_hash: str, fingerprint: str | None) -> str:
-    text = f"{spec_hash}\0{fingerprint if fingerprint is not None else '-'}"
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+def _digest(by_id: dict[str, Task], identity: Callable[[Task], str] | None,
+            fingerprints: bool) -> tuple[dict[str, str] | None, str]:
+    """The graph's digest: the sum of a hash per task, order-independent so that workers
+    reading the tasks in different orders agree; and those hashes if they are the spec
+    hashes. With ``fingerprints``, each task's hash covers its fingerprint too, so the
+    spec hashes are made later, if this worker registers (one hash a task: this is
+    most of the time a worker joining a registered graph of a million tasks takes)."""
+    hashes: dict[str, str] | None = None if fingerprints else {}
+    total = 0
+    for tid, task in by_id.items():
+        extra = identity(task) if identity is not None else ""
+        if fingerprints:
+            h = spec_hash(task, f"{extra}\0fp:{task.fingerprint}")
+        else:
+            h = spec_hash(task, extra)
+            hashes[tid] = h  # type: ignore[index]
+        total += int(h, 16)
+    suffix = ":fp" if fingerprints else ""
+    return hashes, f"{total % (1 << 128):032x}:{len(by_id)}{suffix}"
 
 
 #: Node attributes of an nx.DiGraph that fill Task fields; the others go to Task.info.
