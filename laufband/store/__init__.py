@@ -130,15 +130,25 @@ class Store:
         """Store the graph (idempotently); return the generation this worker may claim.
         With fingerprints (``spec.fingerprints``), changes are applied and what they
         concern invalidated (``downstream``: and everything below it)."""
-        generation = self.generation_of(spec)
-        if generation is not None:
-            return generation
-        with self.db.transaction() as conn:
-            generation = generation_of(conn, spec.digest, spec.fingerprints)
-            if generation is None:
-                generation = Registration(conn, self.clock.now(), self.lock, self.shown,
-                                          spec, worker, downstream).run()
-        return generation
+        while True:
+            generation = self.generation_of(spec)
+            if generation is not None:
+                return generation
+            _ = spec.hashes, spec.order  # computed before any lock is taken
+            registration = Registration(spec, worker, self.shown, downstream)
+            with self.db.read() as conn:
+                last, step = registration.begin(Ledger(conn, 0.0))
+            for lo in range(1, last + 1, step):
+                with self.db.read() as conn:
+                    registration.compare(Ledger(conn, 0.0), lo, lo + step - 1)
+            with self.db.read() as conn:
+                registration.conclude(Ledger(conn, 0.0))
+            with self.db.transaction() as conn:
+                generation = generation_of(conn, spec.digest, spec.fingerprints)
+                if generation is None:
+                    generation = registration.apply(conn, self.clock.now(), self.lock)
+            if generation is not None:
+                return generation  # else another registration came first: again
 
     def reqsets_for(self, labels: frozenset[str]) -> list[int]:
         """Requirement sets a worker with ``labels`` may run, most specific first."""

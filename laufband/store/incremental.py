@@ -13,12 +13,9 @@ import dataclasses
 import json
 import typing as t
 
-import sqlalchemy as sa
-
 from laufband.errors import GraphMismatchError
 from laufband.states import Event, TaskState
 from laufband.store.ledger import Ledger, in_list
-from laufband.store.schema import tasks
 from laufband.task import GraphSpec
 
 S = TaskState
@@ -96,16 +93,27 @@ def _reqset(led: Ledger, pk: int) -> int:
 
 
 # ---------------------------------------------------------------- graphs that evolve
-#: The stored columns registration compares a graph with.
-STORED = (tasks.c.id, tasks.c.pk, tasks.c.spec_hash, tasks.c.state, tasks.c.label,
-          tasks.c.fingerprint, tasks.c.reqset, tasks.c.max_parallel, tasks.c.generation,
-          tasks.c.running)
+class Stored(t.NamedTuple):
+    """A stored task, as registration compares it with the graph."""
+
+    id: str
+    pk: int
+    spec_hash: str
+    state: str
+    label: str | None
+    fingerprint: str | None
+    reqset: int
+    max_parallel: int
+    generation: int
+    running: int
+
+
+STORED_SQL = ("SELECT id, pk, spec_hash, state, label, fingerprint, reqset, max_parallel,"
+              " generation, running FROM tasks")
 
 EVOLVE_SQL = {
     "deps_of": "SELECT e.task, d.id FROM edges e CROSS JOIN tasks d"
                " WHERE e.task IN ({pks}) AND d.pk = e.dep",
-    "all_ids": "SELECT id, pk, state, running, reqset, generation, fingerprint, spec_hash,"
-               " label, max_parallel FROM tasks WHERE state != 'removed'",
     "reqset_labels": "SELECT id, labels FROM reqsets",
     "changed_by": "SELECT g.generation, g.worker, g.registered_at FROM graphs g"
                   " WHERE g.generation IN ({pks})",
@@ -178,10 +186,30 @@ def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
     return result
 
 
-def gone(led: Ledger, spec: GraphSpec) -> list:
-    """Stored tasks (not removed already) that the graph lacks."""
-    return [row for row in led.conn.execute(sa.text(EVOLVE_SQL["all_ids"]))
-            if row.id not in spec.by_id]
+def refresh(led: Ledger, changes: Changes) -> None:
+    """The states of the changed tasks now (compare read them earlier; workers may have
+    moved them since)."""
+    for name in ("refingerprinted", "removed", "back"):
+        rows = getattr(changes, name)
+        if rows:
+            now = _current(led, [row.pk for row in rows])
+            setattr(changes, name, [row._replace(state=now[row.pk][0],
+                                                 running=now[row.pk][1])
+                                    for row in rows if row.pk in now])
+    if changes.rewired:
+        now = _current(led, [row.pk for row, _ in changes.rewired])
+        changes.rewired = [(row._replace(state=now[row.pk][0], running=now[row.pk][1]), why)
+                           for row, why in changes.rewired if row.pk in now]
+
+
+def _current(led: Ledger, pks: list[int]) -> dict[int, tuple[str, int]]:
+    found: dict[int, tuple[str, int]] = {}
+    for i in range(0, len(pks), CHUNK):
+        marks, params = in_list(pks[i:i + CHUNK])
+        for pk, state, running in led.all(
+                f"SELECT pk, state, running FROM tasks WHERE pk IN ({marks})", params):
+            found[pk] = (state, running)
+    return found
 
 
 def check_not_concurrent(led: Ledger, changes: Changes, worker: str, url: str) -> None:
@@ -258,6 +286,8 @@ def _rewire(led: Ledger, row: t.Any, spec: GraphSpec, generation: int, worker: s
 
 def _remove(led: Ledger, row: t.Any, worker: str) -> None:
     why = "it is not in the graph any more"
+    if row.state == S.REMOVED:
+        return  # its attempt ended meanwhile, and removed it
     if row.running:  # the attempt that runs ends first; then the task is removed
         led.run(EVOLVE_SQL["remove_later"], {"pk": row.pk})
         led.note([row.pk], Event.REMOVED, None, worker, detail=f"{why} (after its attempt)")

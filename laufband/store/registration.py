@@ -23,8 +23,10 @@ from laufband.task import GraphSpec, Task, spec_hash
 
 S = TaskState
 
-#: Rows per INSERT batch / ids per IN (...) list (well below SQLite's variable limit).
+#: Rows per INSERT batch (well below SQLite's variable limit).
 CHUNK = 5000
+#: Stored tasks compared per read (each holds the database lock briefly).
+COMPARE_RANGE = 100_000
 
 SQL = {
     "add_task": "INSERT INTO tasks (pk, id, state, reqset, generation, spec_hash, fingerprint,"
@@ -51,93 +53,123 @@ def generation_of(conn: Connection, digest: str, latest: bool = False) -> int | 
 class Registration:
     """With fingerprints enabled (``spec.fingerprints``), the graph may differ from the
     stored one: changed fingerprints and dependency sets, and tasks that are gone, are
-    applied (incremental.py); otherwise any difference but added tasks is an error."""
+    applied (incremental.py); otherwise any difference but added tasks is an error.
 
-    def __init__(self, conn: Connection, now: float, lock: DatabaseLock | None, url: str,
-                 spec: GraphSpec, worker: str, downstream: bool = True) -> None:
-        self.conn, self.now, self.lock, self.url = conn, now, lock, url
-        self.spec, self.worker, self.downstream = spec, worker, downstream
+    Two phases: ``compare`` reads the stored tasks in ranges, each a short read (a
+    million tasks take seconds to compare, and workers must not wait for that);
+    ``apply`` is the one write transaction. What registrations change (specs,
+    fingerprints, removals) comes with a new generation: ``apply`` refuses (None) if one
+    happened since ``compare`` began, and the caller compares again."""
+
+    def __init__(self, spec: GraphSpec, worker: str, url: str,
+                 downstream: bool = True) -> None:
+        self.spec, self.worker, self.url, self.downstream = spec, worker, url, downstream
+        self.changes = incremental.Changes()
+        self.matched = 0  # stored tasks of this graph
+        self.seen: int | None = None  # the newest generation when compare began
+        self._mismatched: list[incremental.Stored] = []
+        self._missing: list[incremental.Stored] = []
+
+    # ------------------------------------------------------------ compare (reads)
+    def begin(self, led: Ledger) -> tuple[int, int]:
+        """The newest generation, and the range of stored keys to compare."""
+        self.seen = led.scalar("SELECT max(generation) FROM graphs")
+        return int(led.scalar("SELECT coalesce(max(pk), 0) FROM tasks") or 0), COMPARE_RANGE
+
+    def compare(self, led: Ledger, lo: int, hi: int) -> None:
+        """Compare the stored tasks with keys ``lo``..``hi`` with the graph (raw tuples:
+        a million in about a second; lookups by id cost more to prepare than to run)."""
+        by_id, hashes, fps = self.spec.by_id, self.spec.hashes, self.spec.fingerprints
+        changes = self.changes
+        for values in led.all(incremental.STORED_SQL + " WHERE pk BETWEEN :lo AND :hi",
+                              {"lo": lo, "hi": hi}):
+            tid, _pk, stored_hash, state = values[:4]
+            task = by_id.get(tid)
+            if task is None:
+                if state != "removed":
+                    self._missing.append(incremental.Stored._make(values))
+                continue
+            self.matched += 1
+            if state == "removed" and fps:
+                changes.back.append(incremental.Stored._make(values))
+            elif stored_hash != hashes[tid]:
+                self._mismatched.append(incremental.Stored._make(values))
+            elif fps and values[5] != task.fingerprint:
+                changes.refingerprinted.append(incremental.Stored._make(values))
+
+    def conclude(self, led: Ledger) -> None:
+        """After comparing everything: raise for a graph that contradicts the stored one
+        (without fingerprints, or changes fingerprints cannot make)."""
+        if self.spec.fingerprints:
+            self.changes.rewired = incremental.rewired(led, self._mismatched, self.spec,
+                                                       self.url)
+            self.changes.removed = self._missing
+            return
+        if self._mismatched:
+            self._mismatched = [r for r in self._mismatched if not self._adoptable(r)]
+        if self._mismatched:
+            raise GraphMismatchError(self._mismatch(self._mismatched))
+        if self._missing:
+            raise GraphMismatchError(
+                f"The database {self.url} holds {len(self._missing)} task(s) that this "
+                "worker's graph lacks (e.g. "
+                f"{', '.join(repr(r.id) for r in self._missing[:3])}). All workers must "
+                "yield the same tasks (a rerun may add tasks, but not drop them; ids must "
+                "stay the same: e.g. Laufband with and without key= gives other ids). To "
+                "let tasks go, enable fingerprints; else start a new db file."
+            )
+
+    # ------------------------------------------------------------ apply (writes)
+    def apply(self, conn: Connection, now: float, lock: DatabaseLock | None) -> int | None:
+        """Store the graph, in the caller's write transaction; None if another
+        registration happened since ``begin`` (compare again)."""
+        self.conn, self.now, self.lock = conn, now, lock
         # Bulk inserts use the ledger's raw executemany: SQLAlchemy's per-row parameter
         # handling cost more than SQLite itself here (SCALING_ANALYSIS.md, 'Measurements
         # behind the code').
-        self.led = Ledger(conn, now)
-        self.existing: dict[str, t.Any] = {}
-        self.changes = incremental.Changes()
-
-    def run(self) -> int:
-        conn = self.conn
-        stored = conn.execute(sa.select(sa.func.count()).select_from(tasks)
-                              .where(tasks.c.state != "removed")).scalar_one()
-        if stored or self.spec.fingerprints:
-            self._check_against_stored(stored)
-        generation = (conn.execute(sa.select(sa.func.max(graphs.c.generation))).scalar() or 0) + 1
-        hashes = self.spec.hashes
-        new = [(task, hashes[task.id]) for task in self.spec.order
-               if task.id not in self.existing]
-        self._insert(new, generation)
+        self.led = led = Ledger(conn, now)
+        if led.scalar("SELECT max(generation) FROM graphs") != self.seen:
+            return None
+        for row in self._mismatched:  # without fingerprints: only adoptable ones are left
+            self._adopt(row)
+        generation = (self.seen or 0) + 1
+        if self.matched < len(self.spec.by_id):
+            self._insert(self._new(), generation)
         if self.changes:
-            incremental.check_not_concurrent(self.led, self.changes, self.worker, self.url)
-            incremental.apply(self.led, self.changes, self.spec, generation, self.worker,
+            incremental.refresh(led, self.changes)
+            incremental.check_not_concurrent(led, self.changes, self.worker, self.url)
+            incremental.apply(led, self.changes, self.spec, generation, self.worker,
                               self.downstream)
         # Back to an earlier version of the graph (fingerprints): it is the latest now.
         conn.execute(graphs.delete().where(graphs.c.digest == self.spec.digest))
         conn.execute(graphs.insert().values(
             generation=generation, digest=self.spec.digest, n_tasks=len(self.spec.by_id),
-            registered_at=self.now, worker=self.worker))
-        self.led.flush()  # what the changes booked: counts and history
+            registered_at=now, worker=self.worker))
+        led.flush()  # what the changes booked: counts and history
         return generation
+
+    def _new(self) -> list[tuple[Task, str]]:
+        """The tasks to add, in graph order; ``existing`` (id -> (pk, state)) read now,
+        in the write transaction: their states decide the new tasks' states."""
+        self.existing = {tid: (pk, state) for tid, pk, state in
+                         self.led.all("SELECT id, pk, state FROM tasks")}
+        hashes = self.spec.hashes
+        return [(task, hashes[task.id]) for task in self.spec.order
+                if task.id not in self.existing]
 
     def _refresh(self) -> None:
         if self.lock is not None:
             self.lock.refresh()
 
-    # ----------------------------------------------------------- the stored graph
-    def _check_against_stored(self, stored: int) -> None:
-        ids, hashes = list(self.spec.hashes), self.spec.hashes
-        mismatched: list[t.Any] = []
-        for start in range(0, len(ids), CHUNK):
-            chunk = {tid: hashes[tid] for tid in ids[start:start + CHUNK]}
-            rows = self.conn.execute(
-                sa.select(*incremental.STORED).where(tasks.c.id.in_(list(chunk)))
-            ).all()
-            for row in rows:
-                self.existing[row.id] = row
-                if row.state == "removed" and self.spec.fingerprints:
-                    self.changes.back.append(row)
-                elif row.spec_hash != chunk[row.id] and not self._adopt(row):
-                    mismatched.append(row)
-                elif (self.spec.fingerprints
-                      and row.fingerprint != self.spec.by_id[row.id].fingerprint):
-                    self.changes.refingerprinted.append(row)
-            self._refresh()
-        present = len(self.existing) - len(self.changes.back)
-        if self.spec.fingerprints:
-            self.changes.rewired = incremental.rewired(self.led, mismatched, self.spec,
-                                                       self.url)
-            if present < stored:
-                self.changes.removed = incremental.gone(self.led, self.spec)
-            return
-        if mismatched:
-            raise GraphMismatchError(self._mismatch(mismatched))
-        if present < stored:
-            raise GraphMismatchError(
-                f"The database {self.url} holds {stored - len(self.existing)} task(s) "
-                "that this worker's graph lacks. All workers must yield the same tasks (a "
-                "rerun may add tasks, but not drop them; ids must stay the same: e.g. "
-                "Laufband with and without key= gives other ids); to change the graph, "
-                "start a new db file."
-            )
-
-    def _adopt(self, row: t.Any) -> bool:
+    def _adoptable(self, row: t.Any) -> bool:
         """A task stored by a laufband before schema 3 has no label and a hash without
-        the item's digest: take it over as it is now (the workflow goes on)."""
-        task = self.spec.by_id[row.id]
-        if row.label is not None or row.spec_hash != spec_hash(task):
-            return False
+        the item's digest: it is taken over as it is now (the workflow goes on)."""
+        return row.label is None and row.spec_hash == spec_hash(self.spec.by_id[row.id])
+
+    def _adopt(self, row: t.Any) -> None:
         label = self.spec.labels.get(row.id) if self.spec.labels else None
         self.led.run(SQL["adopt"], {"pk": row.pk, "spec_hash": self.spec.hashes[row.id],
                                     "label": label})
-        return True
 
     def _mismatch(self, rows: list[t.Any]) -> str:
         if self.spec.positional:
@@ -166,8 +198,8 @@ class Registration:
     def _insert(self, new: list[tuple[Task, str]], generation: int) -> None:
         next_pk = (self.conn.execute(sa.select(sa.func.max(tasks.c.pk))).scalar() or 0) + 1
         reqset_ids = self._reqset_ids({task.requirements for task, _ in new})
-        pk_of = {tid: row.pk for tid, row in self.existing.items()}
-        state_of = {tid: row.state for tid, row in self.existing.items()}
+        pk_of = {tid: pk for tid, (pk, _state) in self.existing.items()}
+        state_of = {tid: state for tid, (_pk, state) in self.existing.items()}
         labels = self.spec.labels or {}
         rows, edge_rows = [], []
         added: dict[tuple[int, str], int] = {}
