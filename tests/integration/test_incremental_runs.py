@@ -47,3 +47,30 @@ def test_changing_one_fingerprint_reruns_exactly_it_and_what_is_below(workers, d
                  "SELECT DISTINCT state FROM tasks") == [("completed",)]
     _, again = run(workers, 2, f"v1,{changed}=v2", downstream)
     assert again == []  # nothing changed since
+
+
+def test_pruning_while_workers_run(workers):
+    """Pruning is short transactions: workers running meanwhile complete the workflow,
+    exactly once, and the bookkeeping stays consistent."""
+    from conftest import peek, wait_until
+
+    from laufband import prune
+
+    tasks = build("layered:4x25")
+    workers.start("layered:4x25", 3, sleep=0.02, fingerprints="v1")
+    db = workers.folder / "graph.sqlite"
+    wait_until(lambda: (peek(db, "SELECT count(*) FROM tasks WHERE state = 'completed'")
+                        or [(0,)])[0][0] > 0, what="the first completion")
+    pruned_while_running = 0
+    while any(p.poll() is None for p in workers.procs):
+        pruned_while_running += 1
+        prune(str(db), keep=1)
+    result = workers.wait()
+    assert result.returncodes == [0, 0, 0], result.stderr
+    assert pruned_while_running > 0
+    assert_exactly_once(result, [t.id for t in tasks])
+    assert query(db, "SELECT DISTINCT state FROM tasks") == [("completed",)]
+    counted = dict(query(db, "SELECT state, sum(n) FROM counts GROUP BY state HAVING sum(n)"))
+    assert counted == {"completed": len(tasks)}
+    assert query(db, "SELECT max(n) FROM (SELECT count(*) AS n FROM events GROUP BY task)"
+                 ) <= [(3,)]
