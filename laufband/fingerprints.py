@@ -7,10 +7,13 @@ It covers:
   a canonical form: the order of a dict's keys does not matter, a tuple counts as a
   list;
 - the contents of files (not their names or times): each file is read and hashed once,
-  and its digest kept under its (size, mtime_ns, inode), in this process and in a small
-  cache file shared by all processes (``$LAUFBAND_FINGERPRINT_CACHE``, by default
-  ``~/.cache/laufband/file-digests.sqlite``), so unchanged large files are not read
-  again on a rerun;
+  and its digest kept under its (path, size, mtime_ns, ctime_ns, inode, device), in this
+  process and in a small cache file shared by all processes
+  (``$LAUFBAND_FINGERPRINT_CACHE``, by default ``~/.cache/laufband/file-digests.sqlite``),
+  so unchanged large files are not read again on a rerun. The change time catches new
+  contents whose modification time was set back (``cp -p``, ``rsync -t``); a file
+  modified less than 2 s ago is not cached (a second write within the file system's
+  timestamp granularity would not show, as git knows);
 - the source code of functions, classes or modules (``inspect.getsource``), and, where
   no source exists, the compiled code.
 
@@ -29,6 +32,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import typing as t
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,7 +40,10 @@ from pathlib import Path
 from laufband.errors import LaufbandError
 
 _CHUNK = 1 << 20
-_memory: dict[tuple[str, int, int, int], str] = {}
+_Key = tuple[str, int, int, int, int, int]
+_memory: dict[_Key, str] = {}
+#: A file modified this recently (ns) is hashed each time, not cached.
+_RACY_NS = 2_000_000_000
 _memory_lock = threading.Lock()
 
 
@@ -87,7 +94,9 @@ def file_digest(path: str | os.PathLike) -> str:
     except OSError as exc:
         raise LaufbandError(f"fingerprint(files=...): cannot read {path}: "
                             f"{exc.strerror or exc}.") from None
-    key = (real, st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
+        return _hash_file(real)  # it may change again within the same timestamp
     with _memory_lock:
         known = _memory.get(key)
     if known is None:
@@ -123,18 +132,20 @@ class _Cache:
         path = cls._path()
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=5)
-        conn.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INTEGER,"
-                     " mtime_ns INTEGER, inode INTEGER, digest TEXT NOT NULL,"
-                     " PRIMARY KEY (path, size, mtime_ns, inode))")
+        conn.execute("CREATE TABLE IF NOT EXISTS file_digests (path TEXT, size INTEGER,"
+                     " mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER, device INTEGER,"
+                     " digest TEXT NOT NULL,"
+                     " PRIMARY KEY (path, size, mtime_ns, ctime_ns, inode, device))")
         return conn
 
     @classmethod
-    def get(cls, key: tuple[str, int, int, int]) -> str | None:
+    def get(cls, key: _Key) -> str | None:
         try:
             conn = cls._connect()
             try:
-                row = conn.execute("SELECT digest FROM digests WHERE path = ? AND size = ?"
-                                   " AND mtime_ns = ? AND inode = ?", key).fetchone()
+                row = conn.execute("SELECT digest FROM file_digests WHERE path = ?"
+                                   " AND size = ? AND mtime_ns = ? AND ctime_ns = ?"
+                                   " AND inode = ? AND device = ?", key).fetchone()
             finally:
                 conn.close()
         except (OSError, sqlite3.Error):
@@ -142,14 +153,14 @@ class _Cache:
         return row[0] if row else None
 
     @classmethod
-    def put(cls, key: tuple[str, int, int, int], digest: str) -> None:
+    def put(cls, key: _Key, digest: str) -> None:
         try:
             conn = cls._connect()
             try:
                 with conn:
-                    conn.execute("DELETE FROM digests WHERE path = ?", key[:1])
-                    conn.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
-                                 (*key, digest))
+                    conn.execute("DELETE FROM file_digests WHERE path = ?", key[:1])
+                    conn.execute("INSERT OR REPLACE INTO file_digests"
+                                 " VALUES (?, ?, ?, ?, ?, ?, ?)", (*key, digest))
             finally:
                 conn.close()
         except (OSError, sqlite3.Error):

@@ -38,7 +38,7 @@ SQL = {
                " traceback = :traceback WHERE task = :pk AND attempt = :attempt"
                " AND worker = :worker AND ended_at IS NULL",
     "end_attempt": "UPDATE tasks SET running = running - 1 WHERE pk = :pk"
-                   " RETURNING state, running, failures, kills, dirty",
+                   " RETURNING state, running, failures, kills, dirty, waiting_on",
     "clear_dirty": "UPDATE tasks SET dirty = 0 WHERE pk = :pk",
     "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
     "count_failure": "UPDATE tasks SET failures = failures + 1 WHERE pk = :pk",
@@ -50,11 +50,13 @@ SQL = {
                     " RETURNING pk, state",
     # Only pk in the WHERE (see ledger.SQL["move_many"]). A task invalidated while the
     # attempt ran (dirty 1) waits or is ready to run again; one removed from the graph
-    # meanwhile (dirty 2) is removed now.
+    # meanwhile (dirty 2) is removed now. The mark stays while other attempts of a
+    # shared task run: they began before the change too.
     "complete": "UPDATE tasks SET state = CASE WHEN dirty = 0 THEN 'completed'"
                 " WHEN dirty = 2 THEN 'removed' WHEN waiting_on = 0 THEN 'ready'"
                 " ELSE 'pending' END, invalidated = CASE WHEN dirty = 1 THEN 1 ELSE 0 END,"
-                " dirty = 0, updated_at = :now WHERE pk IN ({pks}) RETURNING pk, reqset, state",
+                " dirty = CASE WHEN running > 0 THEN dirty ELSE 0 END,"
+                " updated_at = :now WHERE pk IN ({pks}) RETURNING pk, reqset, state",
     # Decrement every dependent once per completed dependency; those at zero become ready.
     "release_dependents":
         "UPDATE tasks SET waiting_on = waiting_on - d.n,"
@@ -68,10 +70,10 @@ SQL = {
     # Tasks a worker's own budget lets run again, of the requirement sets {reqsets} and
     # generations it may claim (by the state index: failed and killed tasks only).
     "revivable": "SELECT pk FROM tasks WHERE state = 'failed' AND reqset IN ({reqsets})"
-                 " AND generation <= :generation AND failures <= :failed"
+                 " AND generation <= :generation AND failures <= :failed AND dirty != 2"
                  " UNION ALL SELECT pk FROM tasks WHERE state = 'killed'"
                  " AND reqset IN ({reqsets}) AND generation <= :generation"
-                 " AND kills <= :killed",
+                 " AND kills <= :killed AND dirty != 2",
     "failed_roots": "SELECT pk FROM tasks WHERE state IN ('failed', 'killed')",
     "live_of": "SELECT a.task, a.attempt, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
                " WHERE a.worker = :worker AND a.ended_at IS NULL"
@@ -160,7 +162,10 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
             "traceback": trace[-MAX_TRACEBACK:] if trace else None}):
         _fence(led, worker, claim, outcome)
         return
-    state, running, failures, kills, dirty = led.all(SQL["end_attempt"], {"pk": claim.pk})[0]
+    state, running, failures, kills, dirty, waiting = led.all(SQL["end_attempt"],
+                                                             {"pk": claim.pk})[0]
+    # Back to waiting if a dependency was invalidated while the attempt ran.
+    again = S.READY if waiting == 0 else S.PENDING
     if outcome == Event.FAILED:
         led.run(SQL["count_failure"], {"pk": claim.pk})
     elif outcome == Event.KILLED:
@@ -172,20 +177,22 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
     elif dirty == 2 and running == 0:  # left the graph while it ran
         led.move(claim.pk, state, S.REMOVED, outcome, worker, claim.attempt, detail)
         led.run(SQL["clear_dirty"], {"pk": claim.pk})
-    elif outcome == Event.PREEMPTED or running > 0:
-        # Preemption costs no retry; a shared task whose other attempts still run
-        # just frees a slot.
+    elif running > 0:
+        # A shared task whose other attempts still run just frees a slot: ready (not
+        # claimable while it waits again: find_ready); a dirty mark stays for them.
         led.move(claim.pk, state, S.READY, outcome, worker, claim.attempt, detail)
-        if dirty == 1 and running == 0:  # the next attempt sees the new inputs anyway
+    elif outcome == Event.PREEMPTED:  # costs no retry
+        led.move(claim.pk, state, again, outcome, worker, claim.attempt, detail)
+        if dirty == 1:  # the next attempt sees the new inputs anyway
             led.run(SQL["clear_dirty"], {"pk": claim.pk})
     else:
         used = failures + 1 if outcome == Event.FAILED else kills + 1
-        final = S.READY if used <= finish.budget else (
+        final = again if used <= finish.budget else (
             S.FAILED if outcome == Event.FAILED else S.KILLED)
         led.move(claim.pk, state, final, outcome, worker, claim.attempt, detail)
         if dirty:
             led.run(SQL["clear_dirty"], {"pk": claim.pk})
-        if final != S.READY:
+        if final not in (S.READY, S.PENDING):
             block_descendants(led, claim, worker)
 
 
@@ -212,10 +219,16 @@ def revive(led: Ledger, me: Me) -> int:
     pks = _revivable(led, me, limit=None)
     if not pks:
         return 0
-    led.move_all(pks, S.READY, Event.RETRIED, me.id,
-                 detail=f"within this worker's budget (max_failed_retries={me.max_failed}, "
-                        f"max_killed_retries={me.max_killed})")
-    _unblock_below(led, pks, me.id)
+    detail = (f"within this worker's budget (max_failed_retries={me.max_failed}, "
+              f"max_killed_retries={me.max_killed})")
+    marks, params = in_list(pks)
+    waiting = {pk for (pk,) in led.all(
+        f"SELECT pk FROM tasks WHERE pk IN ({marks}) AND waiting_on > 0", params)}
+    led.move_all([pk for pk in pks if pk not in waiting], S.READY, Event.RETRIED, me.id,
+                 detail=detail)
+    # A dependency was invalidated after it failed: it waits for that first.
+    led.move_all(sorted(waiting), S.PENDING, Event.RETRIED, me.id, detail=detail)
+    unblock_below(led, pks, me.id)
     return len(pks)
 
 
@@ -233,7 +246,7 @@ def _revivable(led: Ledger, me: Me, limit: int | None) -> list[int]:
                                           "failed": me.max_failed, "killed": me.max_killed})]
 
 
-def _unblock_below(led: Ledger, revived: list[int], worker: str) -> None:
+def unblock_below(led: Ledger, revived: list[int], worker: str) -> None:
     """Blocked descendants of ``revived`` wait again, unless another task that failed
     for good is upstream of them too."""
     below = set(_walk(led, "blocked_below", revived))

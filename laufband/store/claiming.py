@@ -17,9 +17,12 @@ S = TaskState
 
 SQL = {
     # Ready tasks of one requirement set, of a generation this worker's graph has, of
-    # which it holds no live attempt (a shared task's second slot is someone else's).
+    # which it holds no live attempt (a shared task's second slot is someone else's);
+    # not a shared task that waits again (a dependency was invalidated while one of its
+    # attempts ran: it stays 'ready') nor one to be removed (fingerprints).
     "find_ready": "SELECT pk FROM tasks WHERE state = 'ready' AND reqset = :reqset"
-                  " AND generation <= :generation AND NOT EXISTS (SELECT 1 FROM attempts"
+                  " AND generation <= :generation AND waiting_on = 0 AND dirty != 2"
+                  " AND NOT EXISTS (SELECT 1 FROM attempts"
                   " WHERE attempts.task = tasks.pk AND attempts.worker = :worker"
                   " AND attempts.ended_at IS NULL) ORDER BY pk LIMIT :limit",
     # {pks}: ":p0, :p1, ..." for the batch (one statement claims the whole batch).

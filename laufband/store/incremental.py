@@ -15,7 +15,9 @@ import typing as t
 
 from laufband.errors import GraphMismatchError
 from laufband.states import Event, TaskState
+from laufband.store import attempts
 from laufband.store.ledger import Ledger, in_list
+from laufband.store.model import Claim
 from laufband.task import GraphSpec
 
 S = TaskState
@@ -49,6 +51,11 @@ SQL = {
              " WHERE pk IN (SELECT pk FROM laufband_done) RETURNING pk, reqset, state",
     "mark_dirty": "UPDATE tasks SET dirty = 1 WHERE pk IN (SELECT pk FROM laufband_set)"
                   " AND running > 0 AND dirty = 0",
+    # Of the tasks to run again, those behind a dependency that will not complete.
+    "behind_failure": "SELECT DISTINCT d.pk, x.id FROM laufband_done d CROSS JOIN edges e"
+                      " CROSS JOIN tasks t CROSS JOIN tasks x WHERE e.task = d.pk"
+                      " AND t.pk = e.dep AND x.pk = d.pk AND x.state = 'pending'"
+                      " AND t.state IN ('failed', 'killed', 'blocked', 'removed')",
 }
 
 
@@ -85,6 +92,11 @@ def invalidate(led: Ledger, roots: dict[int, str], downstream: bool, worker: str
         by_state.setdefault((new, roots.get(pk, upstream)), []).append((pk, reqset))
     for (new, why), moved in by_state.items():
         led.record(moved, S.COMPLETED, new, Event.INVALIDATED, worker, detail=why)
+    for pk, task_id in led.all(SQL["behind_failure"]):
+        if led.scalar("SELECT state FROM tasks WHERE pk = :pk", {"pk": pk}) == S.PENDING:
+            led.move(pk, S.PENDING, S.BLOCKED, Event.BLOCKED, worker,
+                     detail="a dependency did not complete")
+            attempts.block_descendants(led, Claim(pk, task_id, 0), worker)
     return len(done) + len(busy)
 
 
@@ -106,14 +118,13 @@ class Stored(t.NamedTuple):
     max_parallel: int
     generation: int
     running: int
+    dirty: int
 
 
 STORED_SQL = ("SELECT id, pk, spec_hash, state, label, fingerprint, reqset, max_parallel,"
-              " generation, running FROM tasks")
+              " generation, running, dirty FROM tasks")
 
 EVOLVE_SQL = {
-    "deps_of": "SELECT e.task, d.id FROM edges e CROSS JOIN tasks d"
-               " WHERE e.task IN ({pks}) AND d.pk = e.dep",
     "reqset_labels": "SELECT id, labels FROM reqsets",
     "changed_by": "SELECT g.generation, g.worker, g.registered_at FROM graphs g"
                   " WHERE g.generation IN ({pks})",
@@ -122,8 +133,11 @@ EVOLVE_SQL = {
             " AND heartbeat + heartbeat_timeout >= :now",
     "set_fingerprint": "UPDATE tasks SET fingerprint = :fp, generation = :generation"
                        " WHERE pk = :pk",
+    # dirty 2 (to be removed after its attempt) no more: it is back in the graph.
     "rewire": "UPDATE tasks SET spec_hash = :spec_hash, fingerprint = :fp, label = :label,"
-              " generation = :generation WHERE pk = :pk",
+              " generation = :generation, dirty = CASE WHEN dirty = 2 THEN 0 ELSE dirty END"
+              " WHERE pk = :pk",
+    "keep": "UPDATE tasks SET dirty = 0 WHERE pk = :pk AND dirty = 2",
     "drop_edges": "DELETE FROM edges WHERE task = :pk",
     "add_edge": "INSERT INTO edges (dep, task) VALUES (:dep, :task)",
     "count_waiting": "UPDATE tasks SET waiting_on = (SELECT count(*) FROM edges e"
@@ -145,13 +159,15 @@ class Changes:
     rewired: list = dataclasses.field(default_factory=list)  # (row, why)
     removed: list = dataclasses.field(default_factory=list)
     back: list = dataclasses.field(default_factory=list)  # removed before, back now
+    kept: list = dataclasses.field(default_factory=list)  # to be removed, back now
 
     def __bool__(self) -> bool:
-        return bool(self.refingerprinted or self.rewired or self.removed or self.back)
+        return bool(self.refingerprinted or self.rewired or self.removed or self.back
+                    or self.kept)
 
     def rows(self) -> list:
         return [*self.refingerprinted, *(r for r, _ in self.rewired), *self.removed,
-                *self.back]
+                *self.back, *self.kept]
 
 
 def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
@@ -162,21 +178,17 @@ def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
         return []
     labels = {rid: frozenset(json.loads(raw))
               for rid, raw in led.all(EVOLVE_SQL["reqset_labels"])}
-    deps: dict[int, set[str]] = {row.pk: set() for row in mismatched}
-    for i in range(0, len(mismatched), CHUNK):
-        marks, params = in_list([row.pk for row in mismatched[i:i + CHUNK]])
-        for pk, dep in led.all(EVOLVE_SQL["deps_of"].format(pks=marks), params):
-            deps[pk].add(dep)
+    # The spec hash covers the dependencies, requirements, max_parallel_workers and
+    # (Laufband) the item: the same requirements and max_parallel_workers leave the rest.
+    why = "its item changed" if spec.identity is not None else "its dependencies changed"
     result, other = [], []
     for row in mismatched:
         task = spec.by_id[row.id]
         if labels[row.reqset] != task.requirements or row.max_parallel != \
                 task.max_parallel_workers:
             other.append(row.id)
-        elif deps[row.pk] != task.dependencies:
-            result.append((row, "its dependencies changed"))
         else:
-            result.append((row, "its item changed"))
+            result.append((row, why))
     if other:
         raise GraphMismatchError(
             f"{len(other)} task(s) have other requirements or max_parallel_workers than "
@@ -189,7 +201,7 @@ def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
 def refresh(led: Ledger, changes: Changes) -> None:
     """The states of the changed tasks now (compare read them earlier; workers may have
     moved them since)."""
-    for name in ("refingerprinted", "removed", "back"):
+    for name in ("refingerprinted", "removed", "back", "kept"):
         rows = getattr(changes, name)
         if rows:
             now = _current(led, [row.pk for row in rows])
@@ -244,6 +256,9 @@ def apply(led: Ledger, changes: Changes, spec: GraphSpec, generation: int, worke
                                                 "pk": row.pk})
         if row.state == S.COMPLETED or row.running:
             roots[row.pk] = f"fingerprint changed {row.fingerprint} -> {fp}"
+    for row in changes.kept:  # its removal had not taken effect yet: it simply stays
+        led.run(EVOLVE_SQL["keep"], {"pk": row.pk})
+        led.note([row.pk], Event.CHANGED, None, worker, detail="back in the graph")
     # In graph order: a task's dependencies are rewired (or back) before it.
     position = {task.id: i for i, task in enumerate(spec.order)}
     rewire = [*changes.rewired, *((row, "it is back in the graph") for row in changes.back)]
@@ -279,6 +294,10 @@ def _rewire(led: Ledger, row: t.Any, spec: GraphSpec, generation: int, worker: s
         new = S.READY if waiting == 0 else S.PENDING
     if new != row.state and row.state not in (S.FAILED, S.KILLED):
         led.move(row.pk, row.state, new, Event.CHANGED, worker, detail=why)
+        if new == S.BLOCKED:  # what waits for it can never run either, now
+            attempts.block_descendants(led, Claim(row.pk, row.id, 0), worker)
+        elif row.state == S.BLOCKED:  # what it blocked may run (if nothing else blocks)
+            attempts.unblock_below(led, [row.pk], worker)
     else:
         led.note([row.pk], Event.CHANGED, None, worker, detail=why)
     return False

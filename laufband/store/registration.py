@@ -96,6 +96,8 @@ class Registration:
                 self._mismatched.append(incremental.Stored._make(values))
             elif fps and values[5] != task.fingerprint:
                 changes.refingerprinted.append(incremental.Stored._make(values))
+            if fps and values[10] == 2 and state != "removed" and stored_hash == hashes[tid]:
+                changes.kept.append(incremental.Stored._make(values))  # back before it left
 
     def conclude(self, led: Ledger) -> None:
         """After comparing everything: raise for a graph that contradicts the stored one
@@ -130,8 +132,9 @@ class Registration:
         self.led = led = Ledger(conn, now)
         if led.scalar("SELECT max(generation) FROM graphs") != self.seen:
             return None
-        for row in self._mismatched:  # without fingerprints: only adoptable ones are left
-            self._adopt(row)
+        if not self.spec.fingerprints:  # then only adoptable ones are left
+            for row in self._mismatched:
+                self._adopt(row)
         generation = (self.seen or 0) + 1
         if self.matched < len(self.spec.by_id):
             self._insert(self._new(), generation)

@@ -60,13 +60,16 @@ tasks = Table(
 # The claim: "first ready task of requirement set r" is one seek in this index.
 Index("ix_tasks_claim", tasks.c.state, tasks.c.reqset, tasks.c.pk)
 
-# Dependency edges by integer key; the primary key (dep, task) finds dependents.
+# Dependency edges by integer key; the primary key (dep, task) finds dependents, and
+# the index on task a task's dependencies (fingerprints: a task whose dependencies
+# change, a task invalidated behind a failed one).
 edges = Table(
     "edges",
     metadata,
     Column("dep", Integer, primary_key=True),
     Column("task", Integer, primary_key=True),
 )
+Index("ix_edges_task", edges.c.task)
 
 # Distinct requirement sets (sorted JSON list). Workers match their labels against this
 # small table once, then claim by integer id.
@@ -263,13 +266,11 @@ def _from_1(conn: Connection) -> str:
 def _from_2(conn: Connection) -> str:
     """Version 2 -> 3: every attempt is kept (``attempts`` replaces ``claims``, whose
     rows become the live attempts), tasks get a label and the marks fingerprints use,
-    workers their retry budgets, the counts a state 'removed', and the unused index on
-    edges(task) goes."""
+    workers their retry budgets, and the counts a state 'removed'."""
     attempts.create(conn)
     conn.exec_driver_sql("INSERT INTO attempts (task, attempt, worker, started_at)"
                          " SELECT task, attempt, worker, started_at FROM claims")
     conn.exec_driver_sql("DROP TABLE claims")
-    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_edges_task")
     conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN label VARCHAR")
     for column in ("dirty", "invalidated"):
         conn.exec_driver_sql(

@@ -234,7 +234,7 @@ def statement(name: str) -> str:
 @pytest.mark.parametrize("name", ["claim", "end_attempts", "complete", "release_dependents",
                                   "move_many", "pending_below", "blocked_below", "below",
                                   "states", "ready_below", "wait_again", "rerun",
-                                  "mark_dirty"])
+                                  "mark_dirty", "behind_failure"])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_batch_statements_look_tasks_up_by_primary_key(name, batch):
     """No claim+finish statement, and no walk over a task's descendants, may walk an

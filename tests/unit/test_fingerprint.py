@@ -41,12 +41,18 @@ def test_the_same_in_another_process():
     assert out.stdout.strip() == here
 
 
-def test_files_count_by_content_and_are_read_once(tmp_path, monkeypatch):
-    data = tmp_path / "data.bin"
-    data.write_bytes(b"x" * 3_000_000)
-    reads = []
+def counting_reads(monkeypatch) -> list:
+    reads: list = []
     hash_file = fp_module._hash_file
     monkeypatch.setattr(fp_module, "_hash_file", lambda p: reads.append(p) or hash_file(p))
+    return reads
+
+
+def test_files_count_by_content_and_are_read_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(fp_module, "_RACY_NS", 0)  # the files here were just written
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * 3_000_000)
+    reads = counting_reads(monkeypatch)
     first = fingerprint(files=[data])
     assert fingerprint(files=[data]) == first and len(reads) == 1  # cached
     monkeypatch.setattr(fp_module, "_memory", {})  # a new process: the cache file knows
@@ -56,6 +62,30 @@ def test_files_count_by_content_and_are_read_once(tmp_path, monkeypatch):
     copy = tmp_path / "copy.bin"
     copy.write_bytes(data.read_bytes())
     assert fingerprint(files=[copy]) == fingerprint(files=[data])  # content, not name
+
+
+def test_new_contents_with_the_old_modification_time_are_seen(tmp_path, monkeypatch):
+    """cp -p, rsync -t or tar set the modification time back: the change time moves."""
+    monkeypatch.setattr(fp_module, "_RACY_NS", 0)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"a" * 1000)
+    old = data.stat()
+    first = fingerprint(files=[data])
+    data.write_bytes(b"b" * 1000)
+    os.utime(data, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert data.stat().st_mtime_ns == old.st_mtime_ns and data.stat().st_size == old.st_size
+    assert fingerprint(files=[data]) != first
+
+
+def test_a_file_written_just_now_is_not_cached(tmp_path, monkeypatch):
+    """Two writes within one timestamp tick would look alike: such a file is read each
+    time until it is 2 s old."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"fresh")
+    reads = counting_reads(monkeypatch)
+    fingerprint(files=[data])
+    fingerprint(files=[data])
+    assert len(reads) == 2
 
 
 def test_a_missing_file_is_an_error(tmp_path):

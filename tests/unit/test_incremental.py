@@ -207,3 +207,91 @@ def test_prune_rejects_bad_values():
     run(graph(), "first")
     with pytest.raises(ConfigError, match="keep=0 is invalid"):
         prune("g.sqlite", keep=0)
+
+
+def fp_worker(tasks, name, clock, **kw):
+    """A worker with fingerprints, started a second after the one before (a rerun, not
+    a worker starting at the same time)."""
+    clock.advance(1)
+    return make(tasks, name=name, clock=clock, enable_fingerprints=True, batch_size=1, **kw)
+
+
+def test_a_task_removed_while_it_runs_and_back_before_its_attempt_ends_stays():
+    clock = FakeClock()
+    g = [Task("X", fingerprint="v1"), Task("D", dependencies={"X"}, fingerprint="v1")]
+    runner = iter(fp_worker(g, "A", clock))
+    assert next(runner).id == "X"
+    fp_worker([Task("Y", fingerprint="v1")], "B", clock)  # X and D leave the graph
+    assert rows("SELECT dirty FROM tasks WHERE id = 'X'") == [(2,)]
+    back = fp_worker(g, "C", clock)  # back before X's attempt ended
+    assert rows("SELECT dirty FROM tasks WHERE id = 'X'") == [(0,)]
+    assert list(runner) == []  # X completes (its result is kept: X never left)
+    assert [t.id for t in back] == ["D"]
+    assert states() == {"X": "completed", "D": "completed", "Y": "removed"}
+
+
+def test_a_failed_attempt_of_an_invalidated_task_waits_for_its_dependency():
+    """B runs when its dependency A is invalidated; B fails with a retry left: it must
+    wait for A again, not be ready while A has not run."""
+    clock = FakeClock()
+    g = [Task("A", fingerprint="v1"), Task("B", dependencies={"A"}, fingerprint="v1")]
+    run(g, "first", clock=clock)
+    run(g, "second", clock=clock)  # nothing
+    runner = fp_worker([Task("A", fingerprint="v1"),
+                        Task("B", dependencies={"A"}, fingerprint="v2")], "R", clock,
+                       max_failed_retries=1)
+    loop = iter(runner)
+    assert next(loop).id == "B"
+    changer = fp_worker([Task("A", fingerprint="v2"),
+                         Task("B", dependencies={"A"}, fingerprint="v2")], "C", clock)
+    loop.close()  # B's body fails (a retry is left)
+    assert states() == {"A": "ready", "B": "pending"}
+    assert [t.id for t in changer] == ["A", "B"]
+
+
+def test_a_shared_task_to_be_removed_is_not_claimed():
+    clock = FakeClock()
+    g = [Task("S", max_parallel_workers=2, fingerprint="v1"), Task("T", fingerprint="v1")]
+    runner = iter(fp_worker(g, "A", clock))
+    assert next(runner).id == "S"  # one of two slots
+    newer = fp_worker([Task("T", fingerprint="v1")], "B", clock)  # S leaves the graph
+    assert [t.id for t in newer] == ["T"]  # not S (it has no data for it)
+    assert list(runner) == []
+    assert states() == {"S": "removed", "T": "completed"}
+
+
+def test_stale_attempts_of_a_shared_task_do_not_complete_it_after_a_change():
+    clock = FakeClock()
+    v1 = [Task("S", max_parallel_workers=2, fingerprint="v1")]
+    first, second = iter(fp_worker(v1, "A", clock)), iter(fp_worker(v1, "B", clock))
+    assert next(first).id == next(second).id == "S"
+    rerun = fp_worker([Task("S", max_parallel_workers=2, fingerprint="v2")], "C", clock)
+    assert list(first) == [] and list(second) == []  # both began before the change
+    assert states() == {"S": "ready"}
+    assert [t.id for t in rerun] == ["S"]
+    assert rows("SELECT fingerprint, outcome FROM attempts ORDER BY attempt") == [
+        ("v1", "completed"), ("v1", "completed"), ("v2", "completed")]
+
+
+@pytest.mark.parametrize("case", ["dependency-on-a-failure-dropped", "failure-added"])
+def test_changed_dependencies_block_and_unblock_what_is_below(case):
+    """A dependency set change that makes a task blocked (or no longer blocked) does the
+    same for everything below it."""
+    def g(b_deps):
+        return [Task("F", fingerprint="v1"), Task("E", fingerprint="v1"),
+                Task("B", dependencies=b_deps, fingerprint="v1"),
+                Task("C", dependencies={"B"}, fingerprint="v1")]
+
+    first = set() if case == "failure-added" else {"F"}
+    worker = make(g(first), name="first", enable_fingerprints=True, batch_size=1)
+    for task in worker:
+        if task.id == "F":
+            break  # F fails for good
+    list(make(g(first), name="rest", enable_fingerprints=True))
+    if case == "dependency-on-a-failure-dropped":
+        assert states()["C"] == "blocked"
+        assert run(g({"E"}), "changed") == ["B", "C"]
+    else:
+        assert states()["C"] == "completed"
+        assert run(g({"F"}), "changed") == []
+        assert states()["B"] == "blocked" and states()["C"] == "blocked"
