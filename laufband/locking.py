@@ -25,8 +25,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from flufl.lock import AlreadyLockedError, Lock, LockState, TimeOutError
@@ -78,15 +77,6 @@ def _released_all() -> None:
             after_release.remove(ref)
         else:
             hook()
-
-
-@contextmanager
-def _lock_code() -> Iterator[None]:
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
 
 
 class Cancelled(Exception):
@@ -167,8 +157,12 @@ class DatabaseLock:
     def acquire(self, cancel: Callable[[], bool] | None = None) -> None:
         """Take the lock; with ``cancel``, a wait for another thread of ours ends with
         ``Cancelled`` as soon as ``cancel()`` is true (checked every 50 ms)."""
-        with _lock_code():
+        # Plain counting, not a context manager: this runs for every transaction.
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
             self._acquire(cancel)
+        finally:
+            _local.depth -= 1
 
     def _acquire(self, cancel: Callable[[], bool] | None) -> None:
         if cancel is not None and cancel():
@@ -203,9 +197,13 @@ class DatabaseLock:
         if not self.held_here():
             raise RuntimeError("laufband: the database lock was released by a thread that "
                                "does not hold it")
-        with _lock_code():
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
             self._release()
-        _released_all()
+        finally:
+            _local.depth -= 1
+        if after_release:
+            _released_all()
 
     def _release(self) -> None:
         try:

@@ -167,9 +167,17 @@ class Database:
     def transaction(self, cancel: Callable[[], bool] | None = None) -> Iterator[Connection]:
         """A write transaction under the database lock. If it raises, nothing was
         committed (the lock's release cannot fail after a commit: see locking.py)."""
-        with (self._locked(cancel), self._inside(), self.translate_errors(),
-              self.engine.begin() as conn):
-            yield conn
+        lock = self.lock
+        if lock is not None:
+            lock.acquire(cancel)
+        _here.depth = getattr(_here, "depth", 0) + 1
+        try:
+            with self.translate_errors(), self.engine.begin() as conn:
+                yield conn
+        finally:
+            _here.depth -= 1
+            if lock is not None:
+                lock.release()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
