@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from laufband.errors import ConfigError
 from laufband.locking import DEFAULT_LIFETIME
 from laufband.store.connection import database_url
+from laufband.store.resources import check_limits
 
 FAILURE_POLICIES = ("continue", "stop")
 JOURNAL_MODES = ("delete", "truncate", "persist", "wal")
@@ -24,6 +25,9 @@ JOURNAL_MODES = ("delete", "truncate", "persist", "wal")
 #: runs again up to this many times by default: one crashed node does not block a
 #: workflow, and a task that keeps killing its worker stops after 3 attempts.
 DEFAULT_MAX_KILLED_RETRIES = 2
+#: Largest task result (its JSON, in bytes): results are for small values (paths, ids,
+#: metrics) that dependents read; big data belongs in files.
+DEFAULT_RESULT_SIZE = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Settings:
     lock_lifetime: float
     enable_fingerprints: bool = False
     invalidate_downstream: bool = True
+    limits: t.Mapping[str, int] = dataclasses.field(default_factory=dict)
+    depth_first: bool = False
+    max_result_size: int = 65536
 
 
 class _Source(t.NamedTuple):
@@ -144,6 +151,9 @@ def resolve(
     batch_size: int | str | None = None,
     enable_fingerprints: bool | None = None,
     invalidate_downstream: bool | None = None,
+    limits: Mapping[str, int] | None = None,
+    depth_first: bool | None = None,
+    max_result_size: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if env is None else env
@@ -181,4 +191,8 @@ def resolve(
         enable_fingerprints=_bool(pick(enable_fingerprints, "enable_fingerprints", False)),
         invalidate_downstream=_bool(pick(invalidate_downstream, "invalidate_downstream",
                                          True)),
+        limits=check_limits(limits if limits is not None else {}, "limits"),
+        depth_first=_bool(pick(depth_first, "depth_first", False)),
+        max_result_size=_number(pick(max_result_size, "max_result_size", DEFAULT_RESULT_SIZE),
+                                int, 1, False),
     )

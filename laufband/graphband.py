@@ -81,6 +81,9 @@ class Graphband(t.Generic[T]):
         batch_size: int | t.Literal["auto"] | None = None,
         enable_fingerprints: bool | None = None,
         invalidate_downstream: bool | None = None,
+        limits: t.Mapping[str, int] | None = None,
+        depth_first: bool | None = None,
+        max_result_size: int | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.settings = config.resolve(
@@ -90,7 +93,8 @@ class Graphband(t.Generic[T]):
             max_failed_retries=max_failed_retries, disabled=disabled, labels=labels,
             journal_mode=journal_mode, batch_size=batch_size,
             enable_fingerprints=enable_fingerprints,
-            invalidate_downstream=invalidate_downstream,
+            invalidate_downstream=invalidate_downstream, limits=limits,
+            depth_first=depth_first, max_result_size=max_result_size,
         )
         self._tasks_input = tasks
         self.tqdm_kwargs = dict(tqdm_kwargs or {})
@@ -109,7 +113,8 @@ class Graphband(t.Generic[T]):
     # ------------------------------------------------------------------ set-up
     def _read_graph(self) -> GraphSpec:
         """The graph as this worker yields it (Laufband adds its items' identity)."""
-        return read_graph(self._tasks_input, fingerprints=self.settings.enable_fingerprints)
+        return read_graph(self._tasks_input, fingerprints=self.settings.enable_fingerprints,
+                          depth_first=self.settings.depth_first)
 
     def _open(self, lock: Lock | None, db_lock: Lock | None) -> None:
         s = self.settings
@@ -134,6 +139,9 @@ class Graphband(t.Generic[T]):
             _ = spec.order
         self._session = Session(self._store, s, self.lock)
         self.db_lock = _UserDbLock(self._db_lock, self._session)
+        if s.limits:
+            self.stored_limits = self._store.declare_limits(dict(s.limits), s.identifier)
+            self._report_kept_limits()
         self._session.go_online()
         # Not a method of self: the finaliser must not keep the worker alive.
         self._finalizer = weakref.finalize(self, self._session.at_exit)
@@ -152,8 +160,17 @@ class Graphband(t.Generic[T]):
         tqdm.get_lock()
 
     def _refresh_reqsets(self) -> None:
-        self._me.reqset_ids = self._store.reqsets_for(self.settings.labels)
+        self._me.reqset_ids, self._me.needs = self._store.reqsets_for(self.settings.labels)
         self._known_reqsets = set(self._store.counts().rows)
+
+    def _report_kept_limits(self) -> None:
+        """A limit already stored (set by the first worker, or changed with `laufband
+        limits`) wins over this worker's argument: say so where they differ."""
+        for name, capacity in self.settings.limits.items():
+            if self.stored_limits.get(name) != capacity:
+                log.warning("laufband: the workflow's limit %s=%s is used, not %s=%s as "
+                            "given here (change it with `laufband limits %s=N`)", name,
+                            self.stored_limits.get(name), name, capacity, name)
 
     # ---------------------------------------------------------- public surface
     @property

@@ -69,12 +69,13 @@ class Laufband(Graphband[T]):
         super().__init__(_Items(data, key), **kwargs)
 
     def _read_graph(self) -> GraphSpec:
-        fingerprints = self.settings.enable_fingerprints
+        options = {"fingerprints": self.settings.enable_fingerprints,
+                   "depth_first": self.settings.depth_first}
         if self._key is not None:
-            spec = read_graph(self._tasks_input, fingerprints=fingerprints)
+            spec = read_graph(self._tasks_input, **options)
         else:
             spec = read_graph(self._tasks_input, identity=lambda task: item_digest(task.data),
-                              fingerprints=fingerprints)
+                              **options)
             spec.positional = True
         spec.labels = {tid: _repr.repr(task.data) for tid, task in spec.by_id.items()}
         return spec

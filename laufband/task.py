@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import typing as t
 from collections.abc import Callable, Iterable, Iterator
 
@@ -56,6 +57,12 @@ class Task(t.Generic[T]):
     completed. ``max_parallel_workers > 1`` lets that many workers run the task at once
     (for tasks that parallelise internally); the first completion completes it.
     ``fingerprint`` is stored with the task.
+
+    Scheduling (part of the graph, like the requirements: every worker must yield the
+    same): ``resources`` the task holds while it runs, e.g. ``{"api": 1}``, counted
+    against the workflow's ``limits``; ``priority``: among ready tasks, higher runs
+    first (ties in graph order); ``timeout``: seconds after which an attempt that still
+    runs is recorded failed and its resources released.
     """
 
     id: str
@@ -65,6 +72,9 @@ class Task(t.Generic[T]):
     info: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     max_parallel_workers: int = 1
     fingerprint: str | None = None
+    resources: t.Mapping[str, int] = dataclasses.field(default_factory=dict)
+    priority: int = 0
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -89,6 +99,56 @@ class Task(t.Generic[T]):
             )
         if self.id in deps:
             raise GraphError(f"Task {self.id!r} depends on itself.")
+        object.__setattr__(self, "resources", _resources(self.resources, self.id))
+        prio = self.priority
+        if isinstance(prio, bool) or not isinstance(prio, int) or abs(prio) >= 2**62:
+            raise GraphError(
+                f"Task {self.id!r}: priority must be an integer (higher runs first), "
+                f"got {prio!r}.")
+        timeout = self.timeout
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, int | float)
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise GraphError(
+                f"Task {self.id!r}: timeout must be a number of seconds > 0 (or None for "
+                f"no limit), got {timeout!r}.")
+
+
+def _resources(value: object, task_id: str) -> t.Mapping[str, int]:
+    """A task's resources as a plain dict of name -> amount >= 1 (the shared empty one
+    for none)."""
+    if not isinstance(value, t.Mapping):
+        raise GraphError(
+            f"Task {task_id!r}: resources must be a mapping of resource name to amount, "
+            f"e.g. {{'api': 1}}, got {type(value).__name__} {value!r}.")
+    if not value:
+        return _NO_RESOURCES
+    for name, amount in value.items():
+        if type(name) is not str or not name:
+            raise GraphError(f"Task {task_id!r}: resource names must be non-empty "
+                             f"strings, got {name!r}.")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+            raise GraphError(
+                f"Task {task_id!r}: resource {name!r} needs an integer amount >= 1, got "
+                f"{amount!r} (leave a resource out if the task does not use it).")
+    return dict(value)
+
+
+class _NoResources(dict):
+    """The one shared empty ``resources`` (a dict per task would cost a million tasks
+    64 MB); read-only, and unpickled as itself."""
+
+    def _read_only(self, *args: object, **kwargs: object) -> t.NoReturn:
+        raise TypeError("Task.resources is read-only")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _read_only
+    __ior__ = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> str:
+        return "_NO_RESOURCES"
+
+
+_NO_RESOURCES: t.Mapping[str, int] = _NoResources()
 
 
 _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Task))
@@ -143,9 +203,17 @@ def spec_hash(task: Task, extra: str = "") -> str:
     deps_text = _SEP.join(sorted(deps)) if deps else ""
     reqs_text = _SEP.join(sorted(reqs)) if reqs else ""
     text = f"{task.id}\0{deps_text}\0{reqs_text}\0{task.max_parallel_workers}"
+    if task.resources or task.priority or task.timeout is not None:
+        text = f"{text}\0{scheduling(task)}"  # only when set: older hashes stay valid
     if extra:  # without: the hash of schema 2, so a workflow goes on after an upgrade
         text = f"{text}\0{extra}"
     return _blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def scheduling(task: Task) -> str:
+    """A task's resources, priority and timeout as one canonical string."""
+    res = ",".join(f"{k}={v}" for k, v in sorted(task.resources.items()))
+    return f"r:{res}\0p:{task.priority}\0t:{task.timeout!r}"
 
 
 _SEP = "\x1f"
@@ -168,6 +236,20 @@ class GraphSpec:
     identity: Callable[[Task], str] | None = None
     #: The spec hashes, when the digest was made of them (no fingerprints).
     known_hashes: dict[str, str] | None = None
+    #: Ready tasks are claimed deepest first (stored with the tasks: ``depths``).
+    depth_first: bool = False
+
+    @functools.cached_property
+    def depths(self) -> dict[str, int]:
+        """With ``depth_first``: every task's depth (the longest chain of dependencies
+        above it), else empty (every task's depth is stored as 0)."""
+        if not self.depth_first:
+            return {}
+        depth: dict[str, int] = {}
+        for task in self.order:
+            deps = task.dependencies
+            depth[task.id] = 1 + max(depth[d] for d in deps) if deps else 0
+        return depth
 
     @functools.cached_property
     def hashes(self) -> dict[str, str]:
@@ -195,7 +277,7 @@ class GraphSpec:
 
 
 def read_graph(tasks: t.Any, identity: Callable[[Task], str] | None = None,
-               fingerprints: bool = False) -> GraphSpec:
+               fingerprints: bool = False, depth_first: bool = False) -> GraphSpec:
     """Read all tasks (type and unique ids checked) and hash them; no graph checks yet.
     ``tasks``: an iterable of Task, or an ``nx.DiGraph``. ``identity(task)``: more that
     workers must agree on for a task (see spec_hash). ``fingerprints``: the graph's
@@ -213,8 +295,10 @@ def read_graph(tasks: t.Any, identity: Callable[[Task], str] | None = None,
             )
         by_id[task.id] = task
     hashes, digest = _digest(by_id, identity, fingerprints)
+    if depth_first:  # another claim order is another registration of the graph
+        digest += ":depth"
     return GraphSpec(by_id=by_id, digest=digest, fingerprints=fingerprints,
-                     identity=identity, known_hashes=hashes)
+                     identity=identity, known_hashes=hashes, depth_first=depth_first)
 
 
 def _digest(by_id: dict[str, Task], identity: Callable[[Task], str] | None,
@@ -239,7 +323,8 @@ def _digest(by_id: dict[str, Task], identity: Callable[[Task], str] | None,
 
 
 #: Node attributes of an nx.DiGraph that fill Task fields; the others go to Task.info.
-NODE_FIELDS = ("data", "requirements", "fingerprint", "max_parallel_workers")
+NODE_FIELDS = ("data", "requirements", "fingerprint", "max_parallel_workers", "resources",
+               "priority", "timeout")
 
 
 def graph_tasks(source: t.Any) -> Iterable[Task]:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from laufband.clock import Clock, SystemClock
 from laufband.locking import DatabaseLock, FastLock, database_lock
 from laufband.states import TaskState, WorkerState
-from laufband.store import attempts, claiming, pruning, reads, schema, workers
+from laufband.store import attempts, claiming, pruning, reads, resources, schema, workers
 from laufband.store.connection import (
     Database,
     absolute_url,
@@ -150,10 +150,29 @@ class Store:
             if generation is not None:
                 return generation  # else another registration came first: again
 
-    def reqsets_for(self, labels: frozenset[str]) -> list[int]:
-        """Requirement sets a worker with ``labels`` may run, most specific first."""
+    def reqsets_for(self, labels: frozenset[str]) -> tuple[list[int], dict[int, dict]]:
+        """Requirement sets a worker with ``labels`` may run, most specific first, and
+        those whose tasks hold resources (id -> resources)."""
         with self.db.read() as conn:
-            return workers.reqsets_for(Ledger(conn, 0.0), labels)
+            led = Ledger(conn, 0.0)
+            return workers.reqsets_for(led, labels), resources.resourced(led)
+
+    # ------------------------------------------------------------------- limits
+    def declare_limits(self, limits: dict[str, int], worker: str) -> dict[str, int]:
+        """Store the limits the workflow does not have yet (the stored ones stay: see
+        ``set_limits``); returns every stored limit."""
+        with self._ledger() as led:
+            return resources.declare(led, limits, worker)
+
+    def set_limits(self, limits: dict[str, int], who: str) -> dict[str, int]:
+        """Change limits (``laufband limits``); refused below what an unfinished task
+        needs. Running tasks keep what they hold; new claims see the new limits."""
+        with self._ledger() as led:
+            return resources.change(led, limits, who)
+
+    def limits(self) -> dict[str, int]:
+        with self.db.read() as conn:
+            return resources.stored(Ledger(conn, 0.0))
 
     # --------------------------------------------------------------- the loop
     def step(self, me: Me, finishes: list[Finish], want: Want, cancel: Cancel = None
@@ -270,6 +289,16 @@ class Store:
     def failure_groups(self) -> list[reads.FailureGroup]:
         with self.db.read() as conn:
             return reads.failure_groups(conn)
+
+    def results(self) -> list[tuple[str, str | None]]:
+        """(task id, result JSON) of every completed task, in graph order."""
+        with self.db.read() as conn:
+            return reads.results(conn)
+
+    def result(self, task_id: str) -> tuple[str, str | None]:
+        """(state, result JSON of the attempt that completed it) of one task."""
+        with self.db.read() as conn:
+            return reads.result(conn, task_id)
 
     def why(self, task_id: str) -> list[str]:
         with self.db.read() as conn:

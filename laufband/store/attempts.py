@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from laufband.states import Event, TaskState
 from laufband.store.ledger import Ledger, in_list
-from laufband.store.model import Claim, Finish, Me
+from laufband.store.model import Claim, Failure, Finish, Me
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,13 @@ SQL = {
     "live_of": "SELECT a.task, a.attempt, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
                " WHERE a.worker = :worker AND a.ended_at IS NULL"
                " ORDER BY a.started_at, a.task",
+    # Live attempts past their deadline (Task.timeout), with their worker's budget.
+    "overdue": "SELECT a.task, a.attempt, t.id, a.worker, a.deadline - a.started_at,"
+               " coalesce(w.max_failed, 0) FROM attempts a CROSS JOIN tasks t"
+               " LEFT JOIN workers w ON w.id = a.worker"
+               " WHERE a.ended_at IS NULL AND a.deadline < :now AND t.pk = a.task",
+    "set_result": "UPDATE attempts SET result = :result WHERE task = :pk"
+                  " AND attempt = :attempt AND worker = :worker AND outcome = 'completed'",
     "add_error": "UPDATE attempts SET error = :error, traceback = :traceback"
                  " WHERE task = :pk AND attempt = :attempt AND worker = :worker"
                  " AND outcome = 'failed'",
@@ -88,6 +95,11 @@ def end(led: Ledger, worker: str, finishes: Sequence[Finish]) -> None:
     """End attempts: completions as one batch, the rest one by one (a write for an
     attempt that is no longer current is rejected and noted as fenced)."""
     _end_completed(led, worker, [f.claim for f in finishes if f.outcome == Event.COMPLETED])
+    results = [{"pk": f.claim.pk, "attempt": f.claim.attempt, "worker": worker,
+                "result": f.result} for f in finishes
+               if f.result is not None and f.outcome == Event.COMPLETED]
+    if results:  # fenced ones match no row: their results are not kept
+        led.run(SQL["set_result"], results)
     for finish in finishes:
         if finish.outcome != Event.COMPLETED:
             _end_other(led, worker, finish)
@@ -198,7 +210,8 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
 
 def _fence(led: Ledger, worker: str, claim: Claim, outcome: Event) -> None:
     log.warning("task %r attempt %d: %s by %s was rejected; this attempt is no longer "
-                "current (its worker was declared dead and the task moved on)",
+                "current (it timed out, or its worker was declared dead, and the task "
+                "moved on)",
                 claim.id, claim.attempt, outcome.value, worker)
     led.note([claim.pk], Event.FENCED, None, worker, claim.attempt,
              f"late {outcome.value} rejected")
@@ -295,6 +308,19 @@ def end_all_of_dead(led: Ledger, worker: str, budget: int, why: str) -> None:
         else:
             _end_other(led, worker, Finish(
                 claim, Event.PREEMPTED, f"{why}; claimed in the same batch (no retry used)"))
+
+
+def time_out(led: Ledger, by: str) -> int:
+    """Record failed every live attempt that ran past its task's timeout (whoever runs
+    it: its resources are released now; what the attempt does later is fenced)."""
+    overdue = led.all(SQL["overdue"], {"now": led.now})
+    for pk, attempt, task_id, worker, timeout, budget in overdue:
+        error = f"TimeoutError: the attempt ran longer than its timeout of {timeout:g} s"
+        _end_other(led, worker, Finish(
+            Claim(pk, task_id, attempt), Event.FAILED, error, budget,
+            Failure(error, f"recorded by worker {by}; the attempt of worker {worker} was "
+                           "still running")))
+    return len(overdue)
 
 
 def add_error(led: Ledger, worker: str, claim: Claim, error: str, trace: str | None) -> None:

@@ -1,7 +1,10 @@
 """Claiming: which ready tasks a worker takes, and how many.
 
-A claim is one indexed lookup per requirement set of the worker (most specific first)
-and one UPDATE ... RETURNING for the whole batch, never a scan of all tasks. How many:
+A claim is one indexed lookup per requirement set of the worker that has ready tasks
+(each in priority, depth and graph order; merged: higher priority first, then deeper,
+then the most specific requirements, then graph order) and one UPDATE ... RETURNING for
+the whole batch, never a scan of all tasks. Tasks that hold resources are taken only as
+far as the limits leave room (resources.py). How many:
 up to ``Want.limit``, but only this worker's fair share of the ready tasks (ready / live
 workers) or ``Want.free`` if that is more; nothing once a task failed for good under
 failure_policy="stop"; and a step ahead only while every live worker finds a task.
@@ -10,6 +13,7 @@ failure_policy="stop"; and a step ahead only while every live worker finds a tas
 from __future__ import annotations
 
 from laufband.states import Event, TaskState
+from laufband.store import resources
 from laufband.store.ledger import Ledger, in_list
 from laufband.store.model import Claim, Me, Want
 
@@ -20,18 +24,21 @@ SQL = {
     # which it holds no live attempt (a shared task's second slot is someone else's);
     # not a shared task that waits again (a dependency was invalidated while one of its
     # attempts ran: it stays 'ready') nor one to be removed (fingerprints).
-    "find_ready": "SELECT pk FROM tasks WHERE state = 'ready' AND reqset = :reqset"
-                  " AND generation <= :generation AND waiting_on = 0 AND dirty != 2"
+    "find_ready": "SELECT pk, priority, depth FROM tasks WHERE state = 'ready'"
+                  " AND reqset = :reqset AND generation <= :generation AND waiting_on = 0"
+                  " AND dirty != 2"
                   " AND NOT EXISTS (SELECT 1 FROM attempts"
                   " WHERE attempts.task = tasks.pk AND attempts.worker = :worker"
-                  " AND attempts.ended_at IS NULL) ORDER BY pk LIMIT :limit",
+                  " AND attempts.ended_at IS NULL) ORDER BY priority DESC, depth DESC, pk"
+                  " LIMIT :limit",
     # {pks}: ":p0, :p1, ..." for the batch (one statement claims the whole batch).
     "claim": "UPDATE tasks SET attempts = attempts + 1, running = running + 1,"
              " state = CASE WHEN running + 1 >= max_parallel THEN 'running' ELSE 'ready' END,"
              " updated_at = :now WHERE pk IN ({pks})"
-             " RETURNING pk, id, attempts, state, reqset, fingerprint",
-    "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint)"
-                   " VALUES (:task, :attempt, :worker, :now, :fingerprint)",
+             " RETURNING pk, id, attempts, state, reqset, fingerprint, timeout",
+    "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint,"
+                   " deadline) VALUES (:task, :attempt, :worker, :now, :fingerprint,"
+                   " :deadline)",
     "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
 }
 
@@ -49,17 +56,37 @@ def how_many(led: Ledger, me: Me, want: Want) -> int:
 
 
 def find(led: Ledger, me: Me, limit: int) -> list[int]:
-    """Up to ``limit`` ready tasks this worker may claim, most specific requirements
-    first, then in graph order."""
+    """Up to ``limit`` ready tasks this worker may claim: higher priority first, then
+    deeper (depth-first workflows), then the most specific requirements, then graph
+    order; tasks that hold resources only as far as the limits leave room."""
+    ready = [r for r in me.reqset_ids if led.counts.n([S.READY], [r])]
+    if not ready:
+        return []
+    capped = [r for r in ready if r in me.needs]
+    left = resources.free(led, me.needs) if capped else {}
+    found: list[tuple[int, int, int, int, int]] = []
+    for rank, reqset in enumerate(ready):
+        n = limit
+        if reqset in me.needs:
+            n = min(n, resources.fits(me.needs[reqset], left))
+            if n <= 0:
+                continue  # its resources are all held
+        found += [(-prio, -depth, rank, pk, reqset) for pk, prio, depth in led.all(
+            SQL["find_ready"], {"reqset": reqset, "generation": me.generation,
+                                "worker": me.id, "limit": n})]
+    if len(ready) > 1:
+        found.sort()
     pks: list[int] = []
-    for reqset in me.reqset_ids:
-        if len(pks) >= limit:
+    for *_, pk, reqset in found:
+        need = me.needs.get(reqset)
+        if need:
+            if resources.fits(need, left) < 1:
+                continue
+            for name, amount in need.items():
+                left[name] -= amount
+        pks.append(pk)
+        if len(pks) == limit:
             break
-        if led.counts.n([S.READY], [reqset]) == 0:
-            continue
-        pks += [pk for (pk,) in led.all(SQL["find_ready"], {
-            "reqset": reqset, "generation": me.generation, "worker": me.id,
-            "limit": limit - len(pks)})]
     return pks
 
 
@@ -73,10 +100,12 @@ def claim(led: Ledger, me: Me, limit: int) -> list[Claim]:
     by_pk = {row[0]: row[1:] for row in rows}
     result = []
     for pk in pks:  # in the order found
-        task_id, attempt, state, reqset, _fp = by_pk[pk]
+        task_id, attempt, state, reqset, _fp, _timeout = by_pk[pk]
         led.record([(pk, reqset)], S.READY, state, Event.CLAIMED, me.id, attempt)
         result.append(Claim(pk, task_id, attempt))
-    led.run(SQL["add_attempt"], [{"task": c.pk, "attempt": c.attempt, "worker": me.id,
-                                  "now": led.now, "fingerprint": by_pk[c.pk][4]}
-                                 for c in result])
+    led.run(SQL["add_attempt"], [
+        {"task": c.pk, "attempt": c.attempt, "worker": me.id, "now": led.now,
+         "fingerprint": by_pk[c.pk][4],
+         "deadline": None if by_pk[c.pk][5] is None else led.now + by_pk[c.pk][5]}
+        for c in result])
     return result

@@ -10,7 +10,6 @@ attempts.SQL["complete"]).
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing as t
 
 from laufband.errors import GraphMismatchError
@@ -18,6 +17,7 @@ from laufband.states import Event, TaskState
 from laufband.store import attempts
 from laufband.store.ledger import Ledger, in_list
 from laufband.store.model import Claim
+from laufband.store.schema import reqset_key
 from laufband.task import GraphSpec
 
 S = TaskState
@@ -119,13 +119,15 @@ class Stored(t.NamedTuple):
     generation: int
     running: int
     dirty: int
+    priority: int
+    timeout: float | None
 
 
 STORED_SQL = ("SELECT id, pk, spec_hash, state, label, fingerprint, reqset, max_parallel,"
-              " generation, running, dirty FROM tasks")
+              " generation, running, dirty, priority, timeout FROM tasks")
 
 EVOLVE_SQL = {
-    "reqset_labels": "SELECT id, labels FROM reqsets",
+    "reqset_keys": "SELECT id, labels, resources FROM reqsets",
     "changed_by": "SELECT g.generation, g.worker, g.registered_at FROM graphs g"
                   " WHERE g.generation IN ({pks})",
     "me": "SELECT started_at FROM workers WHERE id = :worker",
@@ -176,25 +178,27 @@ def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
     max_parallel_workers is an error: that is another task."""
     if not mismatched:
         return []
-    labels = {rid: frozenset(json.loads(raw))
-              for rid, raw in led.all(EVOLVE_SQL["reqset_labels"])}
-    # The spec hash covers the dependencies, requirements, max_parallel_workers and
-    # (Laufband) the item: the same requirements and max_parallel_workers leave the rest.
+    keys = {rid: (labels, res) for rid, labels, res in led.all(EVOLVE_SQL["reqset_keys"])}
+    # The spec hash covers the dependencies, requirements, resources, priority, timeout,
+    # max_parallel_workers and (Laufband) the item: the same requirements, resources,
+    # priority, timeout and max_parallel_workers leave the rest.
     why = "its item changed" if spec.identity is not None else "its dependencies changed"
     result, other = [], []
     for row in mismatched:
         task = spec.by_id[row.id]
-        if labels[row.reqset] != task.requirements or row.max_parallel != \
-                task.max_parallel_workers:
+        if (keys[row.reqset] != reqset_key(task)
+                or row.max_parallel != task.max_parallel_workers
+                or row.priority != task.priority or row.timeout != task.timeout):
             other.append(row.id)
         else:
             result.append((row, why))
     if other:
         raise GraphMismatchError(
-            f"{len(other)} task(s) have other requirements or max_parallel_workers than "
-            f"in {url}, e.g. {', '.join(map(repr, other[:3]))}: fingerprints let "
-            "fingerprints and dependencies change between runs, not these. Give such a "
-            "task a new id, or start a new db file.")
+            f"{len(other)} task(s) have other requirements, resources, priority, timeout "
+            f"or max_parallel_workers than in {url}, e.g. "
+            f"{', '.join(map(repr, other[:3]))}: fingerprints let fingerprints and "
+            "dependencies change between runs, not these. Give such a task a new id, or "
+            "start a new db file.")
     return result
 
 

@@ -38,6 +38,8 @@ class Finish:
     #: max_failed_retries; killed: the declaring worker's max_killed_retries).
     budget: int = 0
     failure: Failure | None = None
+    #: A completed task's result, as JSON (stored with the attempt).
+    result: str | None = None
 
 
 @dataclasses.dataclass
@@ -52,6 +54,8 @@ class Me:
     stop_on_failure: bool = False
     #: failed + killed tasks when this worker last looked for ones its budget revives.
     seen_failures: int = -1
+    #: Requirement sets whose tasks hold resources: id -> resources (resources.py).
+    needs: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,3 +153,22 @@ def invalidated(conn: Connection) -> int:
     """Tasks that run again because they were invalidated (until they complete)."""
     return int(conn.execute(sa.text(
         "SELECT count(*) FROM tasks WHERE invalidated = 1")).scalar() or 0)
+
+
+# The result of a task: the latest completed attempt's (a task invalidated and run
+# again has a newer one).
+_RESULT = ("(SELECT a.result FROM attempts a WHERE a.task = t.pk AND a.outcome = 'completed'"
+           " ORDER BY a.attempt DESC LIMIT 1)")
+
+
+def results(conn: Connection) -> list[tuple[str, str | None]]:
+    """(id, result JSON) of every completed task, in graph order."""
+    return [tuple(r) for r in conn.execute(sa.text(
+        f"SELECT t.id, {_RESULT} FROM tasks t WHERE t.state = 'completed' ORDER BY t.pk"))]
+
+
+def result(conn: Connection, task_id: str) -> tuple[str, str | None]:
+    """(state, result JSON) of one task; ('unknown', None) if there is no such task."""
+    row = conn.execute(sa.text(f"SELECT t.state, {_RESULT} FROM tasks t WHERE t.id = :id"),
+                       {"id": task_id}).first()
+    return (row[0], row[1]) if row else ("unknown", None)

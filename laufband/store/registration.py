@@ -7,18 +7,17 @@ million tasks does not look like a dead lock holder.
 
 from __future__ import annotations
 
-import json
 import typing as t
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from laufband.errors import GraphMismatchError
+from laufband.errors import ConfigError, GraphMismatchError
 from laufband.locking import DatabaseLock
 from laufband.states import TaskState
-from laufband.store import incremental
+from laufband.store import incremental, resources
 from laufband.store.ledger import Ledger
-from laufband.store.schema import counts, graphs, reqsets, tasks
+from laufband.store.schema import counts, graphs, reqset_key, reqsets, tasks
 from laufband.task import GraphSpec, Task, spec_hash
 
 S = TaskState
@@ -31,10 +30,13 @@ COMPARE_RANGE = 100_000
 SQL = {
     "add_task": "INSERT INTO tasks (pk, id, state, reqset, generation, spec_hash, fingerprint,"
                 " waiting_on, max_parallel, running, attempts, failures, kills, updated_at,"
-                " label) VALUES (:pk, :id, :state, :reqset, :generation, :spec_hash,"
-                " :fingerprint, :waiting_on, :max_parallel, 0, 0, 0, 0, :updated_at, :label)",
+                " label, priority, depth, timeout) VALUES (:pk, :id, :state, :reqset,"
+                " :generation, :spec_hash, :fingerprint, :waiting_on, :max_parallel, 0, 0, 0,"
+                " 0, :updated_at, :label, :priority, :depth, :timeout)",
     "add_edge": "INSERT INTO edges (dep, task) VALUES (:dep, :task)",
     "bump": "UPDATE counts SET n = n + :delta WHERE reqset = :reqset AND state = :state",
+    "claim_order": "SELECT value FROM laufband_meta WHERE key = 'claim_order'",
+    "set_claim_order": "INSERT INTO laufband_meta (key, value) VALUES ('claim_order', :order)",
     "adopt": "UPDATE tasks SET spec_hash = :spec_hash, label = :label WHERE pk = :pk",
 }
 
@@ -132,6 +134,9 @@ class Registration:
         self.led = led = Ledger(conn, now)
         if led.scalar("SELECT max(generation) FROM graphs") != self.seen:
             return None
+        self._check_claim_order()
+        resources.check_tasks((task for task in self.spec.by_id.values() if task.resources),
+                              resources.stored(led), self.url)
         if not self.spec.fingerprints:  # then only adoptable ones are left
             for row in self._mismatched:
                 self._adopt(row)
@@ -150,6 +155,22 @@ class Registration:
             registered_at=now, worker=self.worker))
         led.flush()  # what the changes booked: counts and history
         return generation
+
+    def _check_claim_order(self) -> None:
+        """Depth-first or graph order is the workflow's (stored with its first tasks):
+        a worker that asks for the other one gets an error, not another order."""
+        led, wanted = self.led, "depth-first" if self.spec.depth_first else "graph"
+        stored = led.scalar(SQL["claim_order"])
+        if stored is None:
+            # Tasks stored before schema 4 were claimed in graph order.
+            stored = "graph" if led.scalar("SELECT 1 FROM tasks LIMIT 1") else wanted
+            led.run(SQL["set_claim_order"], {"order": stored})
+        if stored != wanted:
+            raise ConfigError(
+                f"The workflow in {self.url} claims ready tasks in {stored} order, and "
+                f"this worker asks for depth_first={self.spec.depth_first}. The order "
+                "belongs to the workflow: start every worker with the same depth_first "
+                "(LAUFBAND_DEPTH_FIRST), or use a new db file.")
 
     def _new(self) -> list[tuple[Task, str]]:
         """The tasks to add, in graph order; ``existing`` (id -> (pk, state)) read now,
@@ -200,7 +221,8 @@ class Registration:
     # ------------------------------------------------------------------ inserting
     def _insert(self, new: list[tuple[Task, str]], generation: int) -> None:
         next_pk = (self.conn.execute(sa.select(sa.func.max(tasks.c.pk))).scalar() or 0) + 1
-        reqset_ids = self._reqset_ids({task.requirements for task, _ in new})
+        reqset_ids = self._reqset_ids({reqset_key(task) for task, _ in new})
+        depth = self.spec.depths
         pk_of = {tid: pk for tid, (pk, _state) in self.existing.items()}
         state_of = {tid: state for tid, (_pk, state) in self.existing.items()}
         labels = self.spec.labels or {}
@@ -217,13 +239,15 @@ class Registration:
             else:
                 state = S.PENDING if waiting else S.READY
             state_of[task.id] = state
-            reqset = reqset_ids[task.requirements]
+            reqset = reqset_ids[reqset_key(task)]
             added[(reqset, state)] = added.get((reqset, state), 0) + 1
             rows.append({
                 "pk": pk, "id": task.id, "state": state.value, "reqset": reqset,
                 "generation": generation, "spec_hash": h, "fingerprint": task.fingerprint,
                 "waiting_on": waiting, "max_parallel": task.max_parallel_workers,
                 "updated_at": self.now, "label": labels.get(task.id),
+                "priority": task.priority, "depth": depth.get(task.id, 0) if depth else 0,
+                "timeout": task.timeout,
             })
             edge_rows.extend({"dep": pk_of[dep], "task": pk} for dep in task.dependencies)
             if len(rows) >= CHUNK:
@@ -241,16 +265,17 @@ class Registration:
         edge_rows.clear()
         self._refresh()
 
-    def _reqset_ids(self, needed: set[frozenset[str]]) -> dict[frozenset[str], int]:
+    def _reqset_ids(self, needed: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
         conn = self.conn
-        known = {frozenset(json.loads(raw)): rid
-                 for rid, raw in conn.execute(sa.select(reqsets.c.id, reqsets.c.labels))}
+        known = {(labels, res): rid for rid, labels, res in conn.execute(
+            sa.select(reqsets.c.id, reqsets.c.labels, reqsets.c.resources))}
         next_id = max(known.values(), default=-1) + 1
-        for req in sorted(needed - known.keys(), key=sorted):
-            conn.execute(reqsets.insert().values(id=next_id, labels=json.dumps(sorted(req))))
+        for key in sorted(needed - known.keys()):
+            conn.execute(reqsets.insert().values(id=next_id, labels=key[0],
+                                                 resources=key[1]))
             conn.execute(counts.insert(), [
                 {"reqset": next_id, "state": s.value, "n": 0} for s in TaskState
             ])
-            known[req] = next_id
+            known[key] = next_id
             next_id += 1
         return known

@@ -7,7 +7,9 @@ when the old layout can be upgraded in place.
 
 from __future__ import annotations
 
+import json
 import logging
+import typing as t
 
 import sqlalchemy as sa
 from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
@@ -17,7 +19,7 @@ from laufband.errors import SchemaVersionError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -56,9 +58,16 @@ tasks = Table(
     Column("dirty", Integer, nullable=False, server_default="0"),
     # 1 while the task runs again because it was invalidated (cleared on completion).
     Column("invalidated", Integer, nullable=False, server_default="0"),
+    # Scheduling (version 4): higher priority first; with depth_first, deeper first
+    # (0 for every task otherwise); seconds an attempt may run (NULL: no limit).
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("depth", Integer, nullable=False, server_default="0"),
+    Column("timeout", Float),
 )
-# The claim: "first ready task of requirement set r" is one seek in this index.
-Index("ix_tasks_claim", tasks.c.state, tasks.c.reqset, tasks.c.pk)
+# The claim: "first ready task of requirement set r, by priority, depth and graph
+# order" is one seek in this index.
+Index("ix_tasks_claim", tasks.c.state, tasks.c.reqset, tasks.c.priority.desc(),
+      tasks.c.depth.desc(), tasks.c.pk)
 
 # Dependency edges by integer key; the primary key (dep, task) finds dependents, and
 # the index on task a task's dependencies (fingerprints: a task whose dependencies
@@ -71,13 +80,36 @@ edges = Table(
 )
 Index("ix_edges_task", edges.c.task)
 
-# Distinct requirement sets (sorted JSON list). Workers match their labels against this
-# small table once, then claim by integer id.
+# Distinct requirement sets: labels (sorted JSON list) and the resources a task holds
+# while it runs (sorted JSON object; version 4). Workers match their labels against
+# this small table once, then claim by integer id; a claim checks the resources of a
+# set against the limits.
 reqsets = Table(
     "reqsets",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("labels", String, nullable=False, unique=True),
+    Column("labels", String, nullable=False),
+    Column("resources", String, nullable=False, server_default="{}"),
+    sa.UniqueConstraint("labels", "resources"),
+)
+
+
+
+def reqset_key(task: t.Any) -> tuple[str, str]:
+    """What a requirement set stores for a Task: the labels a worker needs (sorted JSON
+    list) and the resources the task holds while it runs (sorted JSON object)."""
+    return (json.dumps(sorted(task.requirements)),
+            json.dumps(dict(sorted(task.resources.items()))))
+
+
+# Global caps (version 4): running tasks never hold more of a resource than this.
+limits = Table(
+    "limits",
+    metadata,
+    Column("name", String, primary_key=True),
+    Column("capacity", Integer, nullable=False),
+    Column("set_at", Float, nullable=False),
+    Column("set_by", String, nullable=False),
 )
 
 # Number of tasks per (requirement set, state), kept in step with every transition, so
@@ -105,6 +137,10 @@ attempts = Table(
     Column("error", Text),
     Column("traceback", Text),
     Column("fingerprint", String),  # the task's fingerprint when this attempt began
+    # Version 4: the task's result (JSON) from the attempt that completed it, and when
+    # the attempt times out (the task's timeout; NULL: never).
+    Column("result", Text),
+    Column("deadline", Float),
 )
 # Live attempts by worker (tiny: a few per live worker). Queries must say
 # ``ended_at IS NULL`` for SQLite to use it.
@@ -283,4 +319,30 @@ def _from_2(conn: Connection) -> str:
     return "3"
 
 
-_MIGRATIONS = {"1": _from_1, "2": _from_2}
+def _from_3(conn: Connection) -> str:
+    """Version 3 -> 4: scheduling (priorities, depth, timeouts, resources and limits)
+    and task results. The claim index gains priority and depth; requirement sets gain
+    resources (the small table is rebuilt: its unique constraint changes)."""
+    conn.exec_driver_sql("DROP INDEX ix_tasks_claim")
+    for column in ("priority", "depth"):
+        conn.exec_driver_sql(
+            f"ALTER TABLE tasks ADD COLUMN {column} INTEGER DEFAULT '0' NOT NULL")
+    conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN timeout FLOAT")
+    for index in tasks.indexes:
+        if index.name == "ix_tasks_claim":
+            index.create(conn)
+    rows = conn.exec_driver_sql("SELECT id, labels FROM reqsets").fetchall()
+    conn.exec_driver_sql("DROP TABLE reqsets")
+    reqsets.create(conn)
+    if rows:
+        conn.execute(reqsets.insert(), [{"id": i, "labels": labels, "resources": "{}"}
+                                        for i, labels in rows])
+    limits.create(conn)
+    have = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}
+    for column, kind in (("result", "TEXT"), ("deadline", "FLOAT")):
+        if column not in have:  # from version 2, _from_2 created the table as it is now
+            conn.exec_driver_sql(f"ALTER TABLE attempts ADD COLUMN {column} {kind}")
+    return "4"
+
+
+_MIGRATIONS = {"1": _from_1, "2": _from_2, "3": _from_3}

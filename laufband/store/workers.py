@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 
 from laufband.errors import WorkerIdentityError
-from laufband.states import ALIVE, WorkerState
+from laufband.states import ALIVE, TaskState, WorkerState
 from laufband.store import attempts
 from laufband.store.ledger import Ledger, in_list
 from laufband.store.model import Me, WorkerInfo
@@ -118,6 +118,7 @@ def heartbeat(led: Ledger, worker: str, budget: int, stalled_after: float) -> bo
                  worker, led.now - last)
     else:
         reap(led, worker, budget)
+    attempts.time_out(led, worker)
     return state != WorkerState.DEAD
 
 
@@ -162,6 +163,10 @@ def released(led: Ledger, worker: str, leave: WorkerState) -> bool:
 
 def done_for(led: Ledger, me: Me) -> bool:
     """Can nothing this worker could run become claimable any more?"""
+    capped = [r for r in me.reqset_ids if r in me.needs]
+    if capped and led.counts.n([TaskState.READY], capped) and led.counts.n(
+            [TaskState.RUNNING]):
+        return False  # ready tasks wait for resources that running tasks hold
     if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
         return not _can_change_up_to(led, me)
     return not led.counts.can_change(me.reqset_ids, lambda: _live_reqsets(led, me.id))

@@ -1,0 +1,124 @@
+"""Global caps: the workflow's limits, what running tasks hold, and what is free.
+
+A task holds its resources (its requirement set's ``resources``) for as long as one of
+its attempts is live (``attempts.ended_at IS NULL``): what is held is summed over the
+live attempts, so every way an attempt ends (completion, failure, a timeout, a dead
+worker reaped, a hand-back) releases it, with no counter to keep in step. Live attempts
+are few (one per running task), so the sum is a small read under the claim's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from laufband.errors import ConfigError, GraphError
+from laufband.store.ledger import Ledger
+
+SQL = {
+    "limits": "SELECT name, capacity FROM limits ORDER BY name",
+    "add_limit": "INSERT INTO limits (name, capacity, set_at, set_by)"
+                 " VALUES (:name, :capacity, :now, :who)",
+    "set_limit": "UPDATE limits SET capacity = :capacity, set_at = :now, set_by = :who"
+                 " WHERE name = :name",
+    "resourced": "SELECT id, resources FROM reqsets WHERE resources != '{}'",
+    # Live attempts by requirement set (the partial index of live attempts).
+    "held": "SELECT t.reqset, count(*) FROM attempts a CROSS JOIN tasks t"
+            " WHERE a.ended_at IS NULL AND t.pk = a.task GROUP BY t.reqset",
+    # Unfinished tasks of requirement sets {ids}, for changing a limit.
+    "unfinished_of": "SELECT reqset, count(*) FROM tasks WHERE reqset IN ({ids})"
+                     " AND state NOT IN ('completed', 'removed') GROUP BY reqset",
+}
+
+
+def check_limits(limits: t.Mapping[str, t.Any], origin: str) -> dict[str, int]:
+    """Validated limits: resource name -> an integer >= 1 (never coerced)."""
+    if not isinstance(limits, t.Mapping):
+        raise ConfigError(f"{origin}: limits must be a mapping of resource name to "
+                          f"capacity, e.g. {{'api': 8}}, got {type(limits).__name__}.")
+    result = {}
+    for name, capacity in limits.items():
+        if type(name) is not str or not name or "=" in name or "," in name:
+            raise ConfigError(f"{origin}: a resource name must be a non-empty string "
+                              f"without '=' or ',', got {name!r}.")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(
+                f"{origin}: the limit of {name!r} must be an integer >= 1 (tasks that "
+                f"hold it run at most that many at a time), got {capacity!r}.")
+        result[name] = capacity
+    return result
+
+
+def stored(led: Ledger) -> dict[str, int]:
+    return dict(led.all(SQL["limits"]))
+
+
+def declare(led: Ledger, limits: dict[str, int], who: str) -> dict[str, int]:
+    """Store the limits the workflow does not have yet; those it has stay (they may
+    have been changed with ``laufband limits`` since). Returns all stored limits."""
+    have = stored(led)
+    new = [{"name": name, "capacity": cap, "now": led.now, "who": who}
+           for name, cap in limits.items() if name not in have]
+    if new:
+        led.run(SQL["add_limit"], new)
+        have.update({row["name"]: row["capacity"] for row in new})
+    return have
+
+
+def change(led: Ledger, limits: dict[str, int], who: str) -> dict[str, int]:
+    """Set limits (new names are added). Refused if an unfinished task needs more of a
+    resource than its new limit: it could never run."""
+    needs = resourced(led)
+    ids = [rid for rid, need in needs.items()
+           if any(limits.get(name, need[name]) < need[name] for name in need)]
+    if ids:
+        marks = ", ".join(str(i) for i in ids)
+        blocked = led.all(SQL["unfinished_of"].format(ids=marks))
+        if blocked:
+            rid = blocked[0][0]
+            raise ConfigError(
+                f"{sum(n for _, n in blocked)} unfinished task(s) need more than that, e.g. "
+                f"{json.dumps(needs[rid])}: they could never run. Give each resource at "
+                "least what one task needs.")
+    have = stored(led)
+    for name, capacity in limits.items():
+        row = {"name": name, "capacity": capacity, "now": led.now, "who": who}
+        led.run(SQL["set_limit" if name in have else "add_limit"], row)
+    return stored(led)
+
+
+def resourced(led: Ledger) -> dict[int, dict[str, int]]:
+    """Requirement sets whose tasks hold resources: id -> resources."""
+    return {rid: json.loads(raw) for rid, raw in led.all(SQL["resourced"])}
+
+
+def free(led: Ledger, needs: dict[int, dict[str, int]]) -> dict[str, int]:
+    """What running tasks leave of each limit (may be below 0 after a limit was
+    lowered while they ran)."""
+    left = stored(led)
+    for rid, n in led.all(SQL["held"]):
+        for name, amount in needs.get(rid, {}).items():
+            left[name] = left.get(name, 0) - n * amount
+    return left
+
+
+def fits(need: dict[str, int], left: dict[str, int]) -> int:
+    """How many tasks needing ``need`` fit into ``left``."""
+    return min(left.get(name, 0) // amount for name, amount in need.items())
+
+
+def check_tasks(tasks: t.Iterable[t.Any], limits: dict[str, int], url: str) -> None:
+    """Every task's resources must have a limit that is at least what it needs."""
+    for task in tasks:
+        for name, amount in task.resources.items():
+            if name not in limits:
+                raise GraphError(
+                    f"Task {task.id!r} holds resource {name!r}, which has no limit in "
+                    f"{url} (limits: {limits or 'none'}). Declare it, e.g. "
+                    f"Graphband(..., limits={{{name!r}: 4}}), or set it with "
+                    f"`laufband limits {name}=4`.")
+            if amount > limits[name]:
+                raise GraphError(
+                    f"Task {task.id!r} needs {amount} of resource {name!r}, more than its "
+                    f"limit {limits[name]}: it could never run. Lower what the task "
+                    f"needs or raise the limit (`laufband limits {name}={amount}`).")
