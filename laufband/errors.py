@@ -42,3 +42,8 @@ class LockTimeoutError(LaufbandError, TimeoutError):
 
 class TaskFailedError(LaufbandError, RuntimeError):
     """``failure_policy="stop"``: a task of this workflow has failed, so this worker stops."""
+
+
+class ResultError(LaufbandError, ValueError):
+    """A task result that cannot be stored (not JSON, too large), or one asked for that
+    does not exist (the task has not completed)."""

@@ -9,6 +9,7 @@ waiting is waiting.py. This module only decides what to ask the store next.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from laufband import config, waiting
 from laufband.batching import Batcher
 from laufband.clock import Clock, SystemClock
-from laufband.errors import LaufbandError, TaskFailedError
+from laufband.errors import ConfigError, LaufbandError, ResultError, TaskFailedError
 from laufband.locking import DatabaseLock, FastLock, database_lock, speed_up
 from laufband.prefetch import MAX_HOLD, Prefetch
 from laufband.session import Session, signals_received, user_frame, where
@@ -45,6 +46,7 @@ from laufband.store import (
 )
 from laufband.store.connection import absolute_url
 from laufband.task import GraphSpec, Task, read_graph, validate
+from laufband.threads import Summary, ThreadedRun, encode_result
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class Graphband(t.Generic[T]):
         self._bar: tqdm | None = None
         self._last_counts: Counts | None = None
         self._closing = False
-        self._loop: _Loop | None = None
+        self._loop: _Loop | ThreadedRun | None = None
         self._context_managed = False
         if self.settings.disabled:
             self.lock = lock if lock is not None else nullcontext()
@@ -203,6 +205,60 @@ class Graphband(t.Generic[T]):
         loop = self._loop
         return loop.current.attempt if loop is not None and loop.current else None
 
+    def set_result(self, value: t.Any) -> None:
+        """Store ``value`` (JSON-serialisable, at most ``max_result_size`` bytes as JSON)
+        as the result of the task this thread runs, kept with the attempt that completes
+        it. ResultError if it cannot be stored (raised here, in the task: left uncaught,
+        the task fails)."""
+        loop = self._loop
+        current = loop.current if loop is not None and not loop.finished else None
+        if current is None:
+            raise ResultError("set_result() is for the task being run: call it inside "
+                              "the loop body (or the function given to map)")
+        loop.set_result(value)  # type: ignore[union-attr]
+
+    def result(self, task_id: str) -> t.Any:
+        """The result of a completed task (None if it stored none), e.g. of a dependency.
+        ResultError if the task has not completed (or does not exist)."""
+        with self._session.library_call():
+            state, raw = self._store.result(task_id)
+        if state != "completed":
+            raise ResultError(
+                f"task {task_id!r} is {state}, not completed: it has no result"
+                + (" (is it a dependency of the task that asks?)" if state != "unknown"
+                   else " (no task has this id in the workflow)"))
+        return None if raw is None else json.loads(raw)
+
+    def results(self) -> dict[str, t.Any]:
+        """The results of every completed task of this worker's graph, in the order of
+        the tasks given to it (None for a task that stored none)."""
+        with self._session.library_call():
+            stored = dict(self._store.results())
+        return {tid: None if stored[tid] is None else json.loads(stored[tid])
+                for tid in self._by_id if tid in stored}
+
+    def map(self, fn: Callable[[t.Any], t.Any], *, threads: int = 1) -> Summary:
+        """Run ``fn`` on the tasks (what ``for`` would yield) with up to ``threads`` at
+        once in this process, each task its own claim; returns when this worker's part
+        is done (as the loop ends). ``fn``'s return value is the task's result (JSON).
+        An exception fails that task only. See laufband/threads.py for timeouts and
+        stopping."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads must be an integer >= 1, got {threads!r}.")
+        if not callable(fn):
+            raise ConfigError(f"map() needs a function to call on each task, got {fn!r}.")
+        if self.settings.disabled:
+            summary = Summary()
+            for item in self._iterate_locally():
+                fn(item)
+                summary.completed += 1
+            return summary
+        self._start_run()
+        run = self._loop = ThreadedRun(self, fn, threads)
+        self._session.track(None)
+        self._session.loop_active = True
+        return run.run()
+
     @property
     def iterator(self) -> tqdm:
         """The tqdm progress bar of the current (or last) iteration."""
@@ -283,7 +339,8 @@ class Graphband(t.Generic[T]):
                 if self._closing:
                     return
 
-    def _iterate(self) -> Iterator[t.Any]:
+    def _start_run(self) -> None:
+        """Before a loop or a map: one at a time, and none after a stop signal."""
         if self._loop is not None and self._loop.ended:
             self._loop.wait_finished()  # its end may still be recording on a thread
         if self._loop is not None and not self._loop.finished:
@@ -296,6 +353,9 @@ class Graphband(t.Generic[T]):
         self._closing = False
         self._session.go_online()
         self._bar = tqdm(total=0, **self.tqdm_kwargs)
+
+    def _iterate(self) -> Iterator[t.Any]:
+        self._start_run()
         loop = self._loop = _Loop(self)
         self._session.track(loop.end_at_exit)
         self._session.loop_active = True
@@ -375,6 +435,7 @@ class _Loop:
         self.queue: deque[Claim] = deque()
         self.done: list[Finish] = []
         self.current: Claim | None = None
+        self.result: str | None = None  # set_result() of the current task (JSON)
         self.started = False  # the first step marks the worker busy
         self.left = False  # the store set this worker's state as the loop ended
         self.suspended = False  # the generator waits at its yield (user code runs)
@@ -400,7 +461,8 @@ class _Loop:
                     return  # ended while suspended (the worker went offline)
                 self.current = None
                 self.batcher.observe_task(self.clock.monotonic() - started)
-                self.done.append(Finish(claim, Event.COMPLETED))
+                result, self.result = self.result, None
+                self.done.append(Finish(claim, Event.COMPLETED, result=result))
         except BaseException as exc:
             self.suspended = False
             self.session.leave_user_code()
@@ -410,6 +472,9 @@ class _Loop:
 
     def _stopping(self) -> bool:
         return self.w._closing or self.session.signal is not None
+
+    def set_result(self, value: t.Any) -> None:
+        self.result = encode_result(value, self.w.settings.max_result_size)
 
     def _next(self) -> Claim | None:
         """The next task to run, or None when the loop is over."""
