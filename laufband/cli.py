@@ -7,15 +7,20 @@ database read-only: it never writes or upgrades it, and works on a read-only cop
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import os
 import sys
 import time
 import typing as t
 
-from laufband.errors import LaufbandError
+from laufband.clock import SystemClock
+from laufband.errors import ConfigError, LaufbandError
+from laufband.locking import FastLock, database_lock
 from laufband.maintenance import prune
 from laufband.states import TaskState
-from laufband.store import Store, database_url
+from laufband.store import Store, database_url, sqlite_path
+from laufband.store.connection import absolute_url
 
 DEFAULT_FILES = ("graphband.sqlite", "laufband.sqlite")
 
@@ -84,6 +89,58 @@ def workers_table(store: Store, out: t.TextIO | None = None) -> None:
               f"{max(0.0, now - w['heartbeat']):>8.0f} s  {labels}", file=out)
 
 
+def results(store: Store, as_json: bool, out: t.TextIO | None = None) -> None:
+    """Results in graph order; --json: one object (its keys keep that order)."""
+    out = out or sys.stdout
+    rows = store.results()
+    if as_json:
+        body = ", ".join(f"{json.dumps(tid)}: {raw if raw is not None else 'null'}"
+                         for tid, raw in rows)
+        print("{" + body + "}", file=out)
+        return
+    for tid, raw in rows:
+        print(f"{tid}\t{raw if raw is not None else ''}", file=out)
+
+
+def limits_table(store: Store, out: t.TextIO | None = None) -> None:
+    out = out or sys.stdout
+    usage = store.limits()
+    if not usage:
+        print("no limits (tasks declare resources, workers limits={...})", file=out)
+        return
+    print(f"{'resource':<20} {'limit':>7} {'held':>7}", file=out)
+    for name, (capacity, held) in usage.items():
+        print(f"{name:<20} {capacity:>7} {held:>7}", file=out)
+
+
+def parse_limits(pairs: list[str]) -> dict[str, int]:
+    """NAME=N arguments as limits (ConfigError for anything else)."""
+    from laufband.store.resources import check_limits
+
+    parsed: dict[str, t.Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            parsed[name] = int(value) if sep else None
+        except ValueError:
+            parsed[name] = value
+        if not sep:
+            raise ConfigError(f"{pair!r}: write NAME=N, e.g. api=4")
+    return check_limits(parsed, "laufband limits")
+
+
+def set_limits(db: str, pairs: list[str]) -> None:
+    """Change limits: a write, under the workflow's database lock."""
+    limits = parse_limits(pairs)
+    path = sqlite_path(absolute_url(database_url(db, "--db")))
+    if path is not None and not os.path.exists(path):
+        raise LaufbandError(f"No workflow database at {path}.")
+    lock = database_lock(FastLock(f"{path}.lock")) if path is not None else None
+    store = Store(database_url(db, "--db"), lock, SystemClock())
+    now = store.set_limits(limits, f"laufband limits ({getpass.getuser()})")
+    print("limits: " + ", ".join(f"{k}={v}" for k, v in now.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="laufband", description=__doc__.splitlines()[0])
     db_help = ("database path or URL (default: $LAUFBAND_DB, or graphband.sqlite / "
@@ -93,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = {}
     for name, text in (("status", "progress by state, workers, running and failed tasks"),
                        ("workers", "every worker with its state and last heartbeat"),
-                       ("prune", "delete old history (safe while workers run)")):
+                       ("prune", "delete old history (safe while workers run)"),
+                       ("limits", "show the global resource limits, or set them: "
+                                  "laufband limits api=4"),
+                       ("results", "every completed task's result, in graph order")):
         # --db after the command too (then it wins)
         commands[name] = sub.add_parser(name, help=text)
         commands[name].add_argument("--db", default=argparse.SUPPRESS, help=db_help)
@@ -101,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "keep per task, newest first (default 10)")
     commands["prune"].add_argument("--vacuum", action="store_true",
                                    help="then shrink the file (workers wait meanwhile)")
+    commands["limits"].add_argument("set", nargs="*", metavar="NAME=N",
+                                    help="new limits (running tasks keep what they hold)")
+    commands["results"].add_argument("--json", action="store_true",
+                                     help="one JSON object: task id -> result")
     args = parser.parse_args(argv)
     try:
         db = args.db or default_db()
@@ -108,8 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             pruned = prune(db, keep=args.keep, vacuum=args.vacuum)
             print(f"deleted {pruned.events} history rows and {pruned.attempts} attempts")
             return 0
+        if args.command == "limits" and args.set:
+            set_limits(db, args.set)
+            return 0
         store = open_store(db)
-        {"status": status, "workers": workers_table}[args.command](store)
+        if args.command == "results":
+            results(store, as_json=args.json)
+            return 0
+        {"status": status, "workers": workers_table, "limits": limits_table}[
+            args.command](store)
     except LaufbandError as exc:
         print(f"laufband: {exc}", file=sys.stderr)
         return 2

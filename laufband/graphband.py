@@ -162,7 +162,7 @@ class Graphband(t.Generic[T]):
         tqdm.get_lock()
 
     def _refresh_reqsets(self) -> None:
-        self._me.reqset_ids, self._me.needs = self._store.reqsets_for(self.settings.labels)
+        self._store.reqsets_for(self._me, self.settings.labels)
         self._known_reqsets = set(self._store.counts().rows)
 
     def _report_kept_limits(self) -> None:

@@ -150,12 +150,14 @@ class Store:
             if generation is not None:
                 return generation  # else another registration came first: again
 
-    def reqsets_for(self, labels: frozenset[str]) -> tuple[list[int], dict[int, dict]]:
-        """Requirement sets a worker with ``labels`` may run, most specific first, and
-        those whose tasks hold resources (id -> resources)."""
+    def reqsets_for(self, me: Me, labels: frozenset[str]) -> None:
+        """Set the requirement sets a worker with ``labels`` may run (most specific
+        first, with how many labels they need), and those whose tasks hold resources."""
         with self.db.read() as conn:
             led = Ledger(conn, 0.0)
-            return workers.reqsets_for(led, labels), resources.resourced(led)
+            specific = workers.reqsets_for(led, labels)
+            me.reqset_ids, me.specific = list(specific), specific
+            me.needs = resources.resourced(led)
 
     # ------------------------------------------------------------------- limits
     def declare_limits(self, limits: dict[str, int], worker: str) -> dict[str, int]:
@@ -170,9 +172,10 @@ class Store:
         with self._ledger() as led:
             return resources.change(led, limits, who)
 
-    def limits(self) -> dict[str, int]:
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """Every limit and what running tasks hold of it: name -> (capacity, held)."""
         with self.db.read() as conn:
-            return resources.stored(Ledger(conn, 0.0))
+            return resources.usage(Ledger(conn, 0.0))
 
     # --------------------------------------------------------------- the loop
     def step(self, me: Me, finishes: list[Finish], want: Want, cancel: Cancel = None

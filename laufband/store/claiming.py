@@ -65,12 +65,13 @@ def find(led: Ledger, me: Me, limit: int) -> list[int]:
     capped = [r for r in ready if r in me.needs]
     left = resources.free(led, me.needs) if capped else {}
     found: list[tuple[int, int, int, int, int]] = []
-    for rank, reqset in enumerate(ready):
+    for reqset in ready:
         n = limit
         if reqset in me.needs:
             n = min(n, resources.fits(me.needs[reqset], left))
             if n <= 0:
                 continue  # its resources are all held
+        rank = -me.specific.get(reqset, 0)
         found += [(-prio, -depth, rank, pk, reqset) for pk, prio, depth in led.all(
             SQL["find_ready"], {"reqset": reqset, "generation": me.generation,
                                 "worker": me.id, "limit": n})]

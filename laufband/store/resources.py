@@ -122,3 +122,10 @@ def check_tasks(tasks: t.Iterable[t.Any], limits: dict[str, int], url: str) -> N
                     f"Task {task.id!r} needs {amount} of resource {name!r}, more than its "
                     f"limit {limits[name]}: it could never run. Lower what the task "
                     f"needs or raise the limit (`laufband limits {name}={amount}`).")
+
+
+def usage(led: Ledger) -> dict[str, tuple[int, int]]:
+    """Every limit with what running tasks hold of it now: name -> (capacity, held)."""
+    limits = stored(led)
+    left = free(led, resourced(led))
+    return {name: (cap, cap - left.get(name, cap)) for name, cap in limits.items()}

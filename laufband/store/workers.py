@@ -209,11 +209,12 @@ def _live_reqsets(led: Ledger, exclude: str) -> set[int]:
             if any(set(json.loads(raw)) <= have for have in live)}
 
 
-def reqsets_for(led: Ledger, labels: frozenset[str]) -> list[int]:
-    """Requirement sets a worker with ``labels`` may run, most specific first."""
+def reqsets_for(led: Ledger, labels: frozenset[str]) -> dict[int, int]:
+    """Requirement sets a worker with ``labels`` may run, most specific first: id ->
+    the number of labels they need."""
     usable = [(len(req), rid) for rid, raw in led.all(SQL["reqsets"])
               if (req := set(json.loads(raw))) <= labels]
-    return [rid for _, rid in sorted(usable, key=lambda x: (-x[0], x[1]))]
+    return {rid: n for n, rid in sorted(usable, key=lambda x: (-x[0], x[1]))}
 
 
 def final_failures(led: Ledger) -> int:
