@@ -79,14 +79,27 @@ def status(store: Store, out: t.TextIO | None = None) -> None:
 
 
 def workers_table(store: Store, out: t.TextIO | None = None) -> None:
+    """Workers grouped by their labels (a family: the workers of one stage or kind),
+    each with what it runs now."""
     out = out or sys.stdout
     now = time.time()
-    print(f"{'worker':<30} {'state':<8} {'host':<20} {'pid':>7} {'heartbeat':>10}  labels",
-          file=out)
+    families: dict[str, list[dict]] = {}
     for w in store.workers():
-        labels = ",".join(sorted(w["labels"])) or "-"
-        print(f"{w['id']:<30} {w['state']:<8} {w['hostname']:<20} {w['pid']:>7} "
-              f"{max(0.0, now - w['heartbeat']):>8.0f} s  {labels}", file=out)
+        families.setdefault(",".join(sorted(w["labels"])) or "-", []).append(w)
+    for labels, members in sorted(families.items()):
+        states: dict[str, int] = {}
+        for w in members:
+            states[w["state"]] = states.get(w["state"], 0) + 1
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        print(f"labels {labels}: {len(members)} worker(s) ({summary})", file=out)
+        print(f"  {'worker':<30} {'state':<8} {'host':<20} {'pid':>7} {'heartbeat':>10}  "
+              "running", file=out)
+        for w in members:
+            running = w["running"]
+            doing = (", ".join(map(repr, running[:3])) + (f" +{len(running) - 3}"
+                     if len(running) > 3 else "")) if running else "-"
+            print(f"  {w['id']:<30} {w['state']:<8} {w['hostname']:<20} {w['pid']:>7} "
+                  f"{max(0.0, now - w['heartbeat']):>8.0f} s  {doing}", file=out)
 
 
 def results(store: Store, as_json: bool, out: t.TextIO | None = None) -> None:

@@ -356,6 +356,7 @@ class Graphband(t.Generic[T]):
 
     def _iterate(self) -> Iterator[t.Any]:
         self._start_run()
+        self._me.threads = 1
         loop = self._loop = _Loop(self)
         self._session.track(loop.end_at_exit)
         self._session.loop_active = True

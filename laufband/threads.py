@@ -102,6 +102,7 @@ class ThreadedRun:
         self.finished = False
         self._finished = threading.Event()
         self.left = False  # the store set this worker's state
+        self.me.threads = threads
 
     # ------------------------------------------------- Graphband's loop protocol
     @property

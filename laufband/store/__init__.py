@@ -189,7 +189,7 @@ class Store:
         """
         with self._ledger(cancel) as led:
             if want.start:
-                workers.start_loop(led, me.id)
+                workers.start_loop(led, me)
             attempts.end(led, me.id, finishes)
             self._revive(led, me, force=want.start)
             final = workers.final_failures(led) if me.stop_on_failure else 0

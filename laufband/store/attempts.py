@@ -292,18 +292,23 @@ def hand_back_all(led: Ledger, worker: str, why: str) -> None:
         _end_other(led, worker, Finish(claim, Event.PREEMPTED, why))
 
 
-def end_all_of_dead(led: Ledger, worker: str, budget: int, why: str) -> None:
+def end_all_of_dead(led: Ledger, worker: str, budget: int, why: str,
+                    threads: int = 1) -> None:
     """End the live attempts of a worker declared dead.
 
-    A worker runs one task at a time; more claims mean a batch, whose other tasks were
+    A loop runs one task at a time; more claims mean a batch, whose other tasks were
     finished-but-unrecorded or not started, or a task claimed ahead. We cannot tell
     which one was running, so one attempt is charged to the kill budget, as without
     batching: the earliest claimed (the first of the batch, which runs first; not the
-    one claimed ahead, later), and the others go back to ready free of charge. One dead worker thus
-    never kills more tasks for good than an unbatched one would.
+    one claimed ahead, later), and the others go back to ready free of charge. One dead
+    worker thus never kills more tasks for good than an unbatched one would.
+
+    ``worker.map(threads=N)`` runs every claim it holds (at most N): each of them is
+    charged, since any of them may have killed the process (a task that keeps killing
+    its worker must use up its budget even while it runs beside others).
     """
     for i, claim in enumerate(live_claims(led, worker)):
-        if i == 0:
+        if i < threads:
             _end_other(led, worker, Finish(claim, Event.KILLED, why, budget))
         else:
             _end_other(led, worker, Finish(

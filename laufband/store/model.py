@@ -56,6 +56,8 @@ class Me:
     seen_failures: int = -1
     #: Requirement sets whose tasks hold resources: id -> resources (resources.py).
     needs: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
+    #: Tasks this worker runs at once (worker.map's threads; 1 for the loop).
+    threads: int = 1
     #: Requirement sets -> how many labels they need (more: claimed first among equals).
     specific: dict[int, int] = dataclasses.field(default_factory=dict)
 

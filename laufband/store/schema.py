@@ -169,6 +169,9 @@ workers = Table(
     # worker's budget lets run again (version 3).
     Column("max_failed", Integer, nullable=False, server_default="0"),
     Column("max_killed", Integer, nullable=False, server_default="0"),
+    # Tasks it runs at once (worker.map's threads; version 4): when it dies, that many
+    # of its live attempts are charged to the kill budget.
+    Column("threads", Integer, nullable=False, server_default="1"),
 )
 Index("ix_workers_state", workers.c.state)
 
@@ -338,6 +341,7 @@ def _from_3(conn: Connection) -> str:
         conn.execute(reqsets.insert(), [{"id": i, "labels": labels, "resources": "{}"}
                                         for i, labels in rows])
     limits.create(conn)
+    conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN threads INTEGER DEFAULT '1' NOT NULL")
     have = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}
     for column, kind in (("result", "TEXT"), ("deadline", "FLOAT")):
         if column not in have:  # from version 2, _from_2 created the table as it is now

@@ -44,6 +44,8 @@ SQL = {
                  " WHERE id = :worker",
     "busy": "UPDATE workers SET state = 'busy', leave_as = NULL"
             " WHERE id = :worker AND state = 'idle'",
+    "threads": "UPDATE workers SET threads = :threads WHERE id = :worker",
+    "threads_of": "SELECT threads FROM workers WHERE id = :worker",
     "wait": "UPDATE workers SET leave_as = :leave WHERE id = :worker AND state = 'busy'",
     "left_as": "SELECT state, leave_as FROM workers WHERE id = :worker",
     # Also over 'dead': a worker that was declared dead while paused and now leaves
@@ -97,7 +99,8 @@ def register(led: Ledger, info: WorkerInfo, is_gone: Callable[[str, int], bool])
 
 def declare_dead(led: Ledger, worker: str, budget: int, why: str) -> None:
     led.run(SQL["mark_dead"], {"worker": worker, "now": led.now})
-    attempts.end_all_of_dead(led, worker, budget, why)
+    threads = led.scalar(SQL["threads_of"], {"worker": worker}) or 1
+    attempts.end_all_of_dead(led, worker, budget, why, threads)
 
 
 def heartbeat(led: Ledger, worker: str, budget: int, stalled_after: float) -> bool:
@@ -145,8 +148,11 @@ def set_state(led: Ledger, worker: str, state: WorkerState) -> None:
     led.run(SQL["leave"], {"state": state.value, "stopped": stopped, "worker": worker})
 
 
-def start_loop(led: Ledger, worker: str) -> None:
-    led.run(SQL["busy"], {"worker": worker})
+def start_loop(led: Ledger, me: Me) -> None:
+    """Mark the worker busy, with how many tasks it runs at once (a dead worker's
+    running attempts are charged: see attempts.end_all_of_dead)."""
+    led.run(SQL["busy"], {"worker": me.id})
+    led.run(SQL["threads"], {"worker": me.id, "threads": me.threads})
 
 
 def wait(led: Ledger, worker: str, leave: WorkerState) -> None:

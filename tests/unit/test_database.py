@@ -304,4 +304,6 @@ def test_laufband_status_takes_a_path_or_a_url(capsys, monkeypatch):
         assert "tasks: 2/2 completed (100.0 %)" in capsys.readouterr().out
     monkeypatch.setenv("LAUFBAND_DB", os.path.abspath("g.sqlite"))
     assert cli.main(["workers"]) == 0
-    assert capsys.readouterr().out.splitlines()[1].startswith("w ")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "labels -: 1 worker(s) (1 offline)"
+    assert lines[2].startswith("  w ") and lines[2].endswith(" -")
