@@ -63,7 +63,7 @@ def find(led: Ledger, me: Me, limit: int) -> list[int]:
     if not ready:
         return []
     capped = [r for r in ready if r in me.needs]
-    left = resources.free(led, me.needs) if capped else {}
+    left = resources.free(led, me.needs, me.id) if capped else {}
     found: list[tuple[int, int, int, int, int]] = []
     for reqset in ready:
         n = limit

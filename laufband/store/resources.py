@@ -22,9 +22,19 @@ SQL = {
     "set_limit": "UPDATE limits SET capacity = :capacity, set_at = :now, set_by = :who"
                  " WHERE name = :name",
     "resourced": "SELECT id, resources FROM reqsets WHERE resources != '{}'",
-    # Live attempts by requirement set (the partial index of live attempts).
-    "held": "SELECT t.reqset, count(*) FROM attempts a CROSS JOIN tasks t"
-            " WHERE a.ended_at IS NULL AND t.pk = a.task GROUP BY t.reqset",
+    # Live attempts by requirement set (the partial index of live attempts), and how
+    # many of them are the asking worker's.
+    "held": "SELECT t.reqset, count(*), sum(a.worker = :worker) FROM attempts a"
+            " CROSS JOIN tasks t WHERE a.ended_at IS NULL AND t.pk = a.task"
+            " GROUP BY t.reqset",
+    "capped_labels": "SELECT labels, resources FROM reqsets WHERE resources != '{}'",
+    # Busy workers that compete for capped work: this one, those waiting for work,
+    # and those running a task that holds resources.
+    "competing": "SELECT labels FROM workers w WHERE state = 'busy' AND (id = :worker"
+                 " OR leave_as IS NOT NULL OR EXISTS (SELECT 1 FROM attempts a"
+                 " CROSS JOIN tasks t CROSS JOIN reqsets r WHERE a.worker = w.id"
+                 " AND a.ended_at IS NULL AND t.pk = a.task AND r.id = t.reqset"
+                 " AND r.resources != '{}'))",
     # Unfinished tasks of requirement sets {ids}, for changing a limit.
     "unfinished_of": "SELECT reqset, count(*) FROM tasks WHERE reqset IN ({ids})"
                      " AND state NOT IN ('completed', 'removed') GROUP BY reqset",
@@ -92,14 +102,38 @@ def resourced(led: Ledger) -> dict[int, dict[str, int]]:
     return {rid: json.loads(raw) for rid, raw in led.all(SQL["resourced"])}
 
 
-def free(led: Ledger, needs: dict[int, dict[str, int]]) -> dict[str, int]:
+def free(led: Ledger, needs: dict[int, dict[str, int]], worker: str = "") -> dict[str, int]:
     """What running tasks leave of each limit (may be below 0 after a limit was
-    lowered while they ran)."""
-    left = stored(led)
-    for rid, n in led.all(SQL["held"]):
+    lowered while they ran). With ``worker``: no more than that worker's fair share
+    of each limit (``shares``) minus what it holds itself."""
+    limits = stored(led)
+    left, mine = dict(limits), dict.fromkeys(limits, 0)
+    for rid, n, own in led.all(SQL["held"], {"worker": worker}):
         for name, amount in needs.get(rid, {}).items():
             left[name] = left.get(name, 0) - n * amount
+            mine[name] = mine.get(name, 0) + (own or 0) * amount
+    if worker:
+        for name, share in shares(led, limits, worker).items():
+            left[name] = min(left[name], share - mine[name])
     return left
+
+
+def shares(led: Ledger, limits: dict[str, int], worker: str) -> dict[str, int]:
+    """Each limit split among the workers that compete for it (rounded up): busy ones
+    that can run tasks holding it and wait for work or run such a task. Without this,
+    a worker whose slot came free takes it again in the same step, every time, and
+    runs all the capped work while the others wait. A worker busy with other work does
+    not count (its share would stay unused); a worker alone may hold the whole limit."""
+    busy = [frozenset(json.loads(raw))
+            for (raw,) in led.all(SQL["competing"], {"worker": worker})]
+    capable: dict[str, int] = {}
+    users: dict[str, list[frozenset[str]]] = {}
+    for labels, res in led.all(SQL["capped_labels"]):
+        for name in json.loads(res):
+            users.setdefault(name, []).append(frozenset(json.loads(labels)))
+    for name, needed in users.items():
+        capable[name] = sum(1 for have in busy if any(req <= have for req in needed))
+    return {name: -(-cap // max(1, capable.get(name, 1))) for name, cap in limits.items()}
 
 
 def fits(need: dict[str, int], left: dict[str, int]) -> int:

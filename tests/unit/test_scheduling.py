@@ -401,3 +401,25 @@ def test_claim_lookup_and_cap_reads_use_their_indexes():
     assert not any("ORDER BY" in line for line in plans["find"]), plans
     for name in ("held", "overdue"):
         assert plans[name][0] == "SCAN a USING INDEX ix_attempts_live", plans
+
+
+def test_a_capped_resource_is_shared_among_the_workers_that_compete_for_it():
+    """A worker whose capped task ends does not take the freed slot again while another
+    worker that competes for the resource holds less than its share (limit / workers
+    competing, rounded up); a worker alone takes the whole limit."""
+    from laufband.states import Event, WorkerState
+    from laufband.store import Finish, Want
+
+    tasks = [Task(f"u{i}", resources={"api": 1}) for i in range(6)]
+    a = make(tasks, name="A", limits={"api": 2})
+    b = make(tasks, name="B")
+    first = a._store.step(a._me, [], Want(2, 2, start=True)).claims
+    assert len(first) == 2  # alone: the whole limit
+    # B finds everything held and waits (as its loop would: it says how it leaves).
+    waiting = Want(2, 2, start=True, leave=WorkerState.OFFLINE)
+    assert b._store.step(b._me, [], waiting).claims == []
+    again = a._store.step(a._me, [Finish(first[0], Event.COMPLETED)], Want(2, 2)).claims
+    assert again == []  # A holds 1 = its share now that B competes
+    assert len(b._store.step(b._me, [], Want(2, 2)).claims) == 1
+    assert rows("SELECT worker, count(*) FROM attempts WHERE ended_at IS NULL"
+                " GROUP BY worker ORDER BY worker") == [("A", 1), ("B", 1)]
