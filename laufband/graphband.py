@@ -127,8 +127,11 @@ class Graphband(t.Generic[T]):
         base = path or "laufband"
         # The user's lock is separate from the database lock, so that user critical
         # sections never block claims; the heartbeat keeps it alive while held.
-        self.lock = lock if lock is not None else FastLock(
+        user_lock = lock if lock is not None else FastLock(
             f"{base}.user.lock", lifetime=max(2 * s.heartbeat_interval, s.lock_lifetime))
+        # Ours is shared by this process's threads too (worker.map); one passed in is
+        # exposed as it is.
+        self.lock = user_lock if lock is not None else ThreadSharedLock(user_lock)
         file_lock = speed_up(db_lock) if db_lock is not None else FastLock(
             f"{base}.lock", lifetime=s.lock_lifetime)
         self._db_lock = database_lock(file_lock)
@@ -139,7 +142,7 @@ class Graphband(t.Generic[T]):
             # the ordering (about half of reading it: SCALING_ANALYSIS.md, 'Measurements
             # behind the code').
             _ = spec.order
-        self._session = Session(self._store, s, self.lock)
+        self._session = Session(self._store, s, user_lock)
         self.db_lock = _UserDbLock(self._db_lock, self._session)
         if s.limits:
             self.stored_limits = self._store.declare_limits(dict(s.limits), s.identifier)
@@ -390,6 +393,34 @@ class Graphband(t.Generic[T]):
                 "allows another attempt runs them again, and their dependents after them. "
                 "Completed tasks are kept."
             )
+
+
+class ThreadSharedLock:
+    """``worker.lock``: the file lock shared by all workers, also shared by the threads
+    of this process (a flufl Lock is held by a process: a second thread taking it
+    would fail). Everything else is the flufl Lock's."""
+
+    def __init__(self, lock: Lock) -> None:
+        self._lock = lock
+        self._threads = threading.Lock()
+
+    def __enter__(self) -> ThreadSharedLock:
+        self._threads.acquire()
+        try:
+            self._lock.__enter__()
+        except BaseException:
+            self._threads.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._lock.__exit__(*exc)
+        finally:
+            self._threads.release()
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self._lock, name)
 
 
 class _UserDbLock:

@@ -3,6 +3,7 @@ themselves)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,19 @@ def test_the_incremental_example_reruns_only_the_changed_branch(tmp_path):
     assert ran(run_example(tmp_path, "incremental.py")) == []
     assert ran(run_example(tmp_path, "incremental.py", "--lr", "small=0.05")) == [
         "evaluate/small", "train/small"]
+
+
+def test_the_pipeline_example_streams_two_families_under_the_cap(tmp_path):
+    """examples/pipeline/run.py: 2 resolve and 3 download workers (4 threads each), the
+    downloads capped at 3 at once across all of them."""
+    out = subprocess.run([sys.executable, str(EXAMPLES / "pipeline" / "run.py"), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PIPELINE_SOURCES": "12"})
+    assert out.returncode == 0, out.stderr
+    assert "tasks: 24/24 completed (100.0 %)" in out.stdout
+    assert "labels download: 3 worker(s) (3 offline)" in out.stdout
+    assert "labels resolve: 2 worker(s) (2 offline)" in out.stdout
+    line = next(x for x in out.stdout.splitlines() if x.startswith("downloads: "))
+    assert line.startswith("downloads: 12, at most ")
+    assert int(line.split("at most ")[1].split()[0]) <= 3
+    assert len(list((tmp_path / "out" / "downloads").iterdir())) == 12

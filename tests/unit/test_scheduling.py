@@ -423,3 +423,19 @@ def test_a_capped_resource_is_shared_among_the_workers_that_compete_for_it():
     assert len(b._store.step(b._me, [], Want(2, 2)).claims) == 1
     assert rows("SELECT worker, count(*) FROM attempts WHERE ended_at IS NULL"
                 " GROUP BY worker ORDER BY worker") == [("A", 1), ("B", 1)]
+
+
+def test_worker_lock_is_shared_by_the_threads_of_map():
+    worker = make([Task(f"t{i}") for i in range(8)])
+    inside, most = [0], [0]
+
+    def fn(task):
+        with worker.lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            time.sleep(0.01)
+            inside[0] -= 1
+
+    assert worker.map(fn, threads=4).completed == 8
+    assert most[0] == 1
+    assert not worker.lock.is_locked
