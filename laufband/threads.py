@@ -25,6 +25,8 @@ import dataclasses
 import json
 import logging
 import queue
+import signal
+import sys
 import threading
 import traceback
 import typing as t
@@ -291,8 +293,13 @@ class ThreadedRun:
                 self.session.went_offline()
             if self.w._bar is not None:
                 self.w._bar.close()
-            if signum is not None and exc is None:
-                raise Preempted(signum)
+            if signum is not None:
+                # The progress bar was closed first, so this starts a line of its own.
+                print(f"laufband: {signal.Signals(signum).name} received: {len(back)} "
+                      f"running task(s) handed back to other workers; worker {self.me.id} "
+                      f"stops (exit code {128 + signum}).", file=sys.stderr, flush=True)
+                if exc is None:
+                    raise Preempted(signum)
         finally:
             self.finished = True
             self.session.loop_active = False

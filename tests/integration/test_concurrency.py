@@ -237,3 +237,40 @@ def test_a_task_that_kills_its_threaded_worker_is_charged_for_it(workers):
     assert kills == {"t0": 2, "t1": 2}, (kills, outcomes)
     assert states == {"t0": "killed", "t1": "killed"}, (states, outcomes)
     assert sorted(o for *_, o in outcomes) == ["killed"] * 4
+
+
+def test_sigterm_of_a_threaded_worker_hands_its_running_tasks_back_at_once(workers):
+    """SIGTERM while 4 threads run: the worker stops claiming, records what finished,
+    hands its running tasks back (preempted: no retry used) and exits 143; another
+    worker takes them at once (no heartbeat timeout: the default 60 s here) and the
+    workflow completes, each task exactly once."""
+    graph = "flat:24"
+    ids = [t.id for t in build(graph)]
+    db = db_of(workers)
+    [victim] = workers.start(graph, script=MAP_WORKER, threads=4, sleep=1.0)
+    victim_id = identifier_of(victim)
+
+    def victim_live() -> int:
+        rows = peek(db, "SELECT count(*) FROM attempts WHERE ended_at IS NULL"
+                        " AND worker = ?", (victim_id,))
+        return rows[0][0] if rows else 0
+
+    wait_until(lambda: victim_live() == 4, timeout=60, what="4 tasks running on threads")
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(timeout=30) == 128 + signal.SIGTERM, workers.stderr_of(victim)
+    assert "laufband: SIGTERM received: " in workers.stderr_of(victim)
+    assert victim_live() == 0  # nothing stranded: handed back on its way out
+    handed = query(db, "SELECT count(*) FROM attempts WHERE worker = ?"
+                       " AND outcome = 'preempted'", (victim_id,))[0][0]
+    assert handed >= 1
+    assert query(db, "SELECT state FROM workers WHERE id = ?", (victim_id,)) == [
+        ("offline",)]
+    workers.start(graph, script=MAP_WORKER, threads=4, sleep=0.01)
+    run = workers.wait(timeout=60)
+    assert run.returncodes[1:] == [0]
+    assert dict(query(db, "SELECT id, state FROM tasks")) == dict.fromkeys(ids, "completed")
+    done = query(db, "SELECT t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
+                     " WHERE a.outcome = 'completed'")
+    assert sorted(tid for (tid,) in done) == sorted(ids)  # each exactly once
+    assert query(db, "SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
+    assert query(db, "SELECT sum(kills) + sum(failures) FROM tasks") == [(0,)]
