@@ -177,23 +177,10 @@ def launch(ctx: Context, cfg: Config, folder: Path, m: Measure) -> list[dict]:
             time.sleep(0.002)
         m.setup_s = time.monotonic() - launched
         go.touch()
-        end_by = time.monotonic() + 60 + 10 * cfg.ideal_s
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, end_by - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                m.problems.append(f"worker {p.pid} still running long after the start; "
-                                  "killed")
-                p.kill()
-                p.wait()
+        bench.wait_workers(procs, 60 + 10 * cfg.ideal_s, m.problems)
         m.process_s = time.monotonic() - launched
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for err in errs:
-            err.close()
+        bench.reap_workers(procs, errs)
     m.others = meter.others()
     infos = []
     for i, (p, out) in enumerate(zip(procs, outs, strict=True)):

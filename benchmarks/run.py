@@ -283,6 +283,30 @@ def build_shim(ctx: Context) -> Path | None:
     return target
 
 
+def wait_workers(procs: list[subprocess.Popen], within: float, problems: list[str]) -> None:
+    """Wait for the workers to exit; kill (and report) any still running after
+    ``within`` seconds."""
+    end_by = time.monotonic() + within
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, end_by - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            problems.append(f"worker {p.pid} still running {within:.0f} s after the "
+                            "start; killed")
+            p.kill()
+            p.wait()
+
+
+def reap_workers(procs: list[subprocess.Popen], errs: list) -> None:
+    """Whatever happened: no worker outlives the run, and its stderr file is closed."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for err in errs:
+        err.close()
+
+
 def upstream_python(ctx: Context) -> str:
     venv = CACHE / f"upstream-{UPSTREAM}"
     python = venv / "bin" / "python"
@@ -366,22 +390,9 @@ def run_once(ctx: Context, sc: Scenario, impl: str, keep: bool = False) -> Resul
         res.setup_s = time.monotonic() - launched
         t0 = time.monotonic_ns()
         go.touch()
-        end_by = time.monotonic() + deadline + 120
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, end_by - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                res.problems.append(f"worker {p.pid} still running {deadline + 120:.0f} s "
-                                    "after the start; killed")
-                p.kill()
-                p.wait()
+        wait_workers(procs, deadline + 120, res.problems)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for err in errs:
-            err.close()
+        reap_workers(procs, errs)
     res.other_cpu = meter.others()
     infos = []
     for i, p in enumerate(procs):

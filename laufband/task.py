@@ -117,20 +117,25 @@ class Task(t.Generic[T]):
 def _resources(value: object, task_id: str) -> t.Mapping[str, int]:
     """A task's resources as a plain dict of name -> amount >= 1 (the shared empty one
     for none)."""
+    amounts = named_amounts(value, f"Task {task_id!r}", "resources", "amount",
+                            "{'api': 1}", GraphError)
+    return amounts or _NO_RESOURCES
+
+
+def named_amounts(value: object, where: str, what: str, unit: str, example: str,
+                  error: type[Exception]) -> dict[str, int]:
+    """Resource name -> integer >= 1, never coerced: a task's resources, and limits.
+    Names are what ``laufband limits NAME=N`` can name."""
     if not isinstance(value, t.Mapping):
-        raise GraphError(
-            f"Task {task_id!r}: resources must be a mapping of resource name to amount, "
-            f"e.g. {{'api': 1}}, got {type(value).__name__} {value!r}.")
-    if not value:
-        return _NO_RESOURCES
+        raise error(f"{where}: {what} must be a mapping of resource name to {unit}, e.g. "
+                    f"{example}, got {type(value).__name__} {value!r}.")
     for name, amount in value.items():
-        if type(name) is not str or not name:
-            raise GraphError(f"Task {task_id!r}: resource names must be non-empty "
-                             f"strings, got {name!r}.")
+        if type(name) is not str or not name or "=" in name or "," in name:
+            raise error(f"{where}: resource names must be non-empty strings without '=' "
+                        f"or ',', got {name!r}.")
         if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
-            raise GraphError(
-                f"Task {task_id!r}: resource {name!r} needs an integer amount >= 1, got "
-                f"{amount!r} (leave a resource out if the task does not use it).")
+            raise error(f"{where}: the {unit} of {name!r} must be an integer >= 1, got "
+                        f"{amount!r}.")
     return dict(value)
 
 

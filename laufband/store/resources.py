@@ -14,6 +14,7 @@ import typing as t
 
 from laufband.errors import ConfigError, GraphError
 from laufband.store.ledger import Ledger
+from laufband.task import named_amounts
 
 SQL = {
     "limits": "SELECT name, capacity FROM limits ORDER BY name",
@@ -43,20 +44,7 @@ SQL = {
 
 def check_limits(limits: t.Mapping[str, t.Any], origin: str) -> dict[str, int]:
     """Validated limits: resource name -> an integer >= 1 (never coerced)."""
-    if not isinstance(limits, t.Mapping):
-        raise ConfigError(f"{origin}: limits must be a mapping of resource name to "
-                          f"capacity, e.g. {{'api': 8}}, got {type(limits).__name__}.")
-    result = {}
-    for name, capacity in limits.items():
-        if type(name) is not str or not name or "=" in name or "," in name:
-            raise ConfigError(f"{origin}: a resource name must be a non-empty string "
-                              f"without '=' or ',', got {name!r}.")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ConfigError(
-                f"{origin}: the limit of {name!r} must be an integer >= 1 (tasks that "
-                f"hold it run at most that many at a time), got {capacity!r}.")
-        result[name] = capacity
-    return result
+    return named_amounts(limits, origin, "limits", "limit", "{'api': 8}", ConfigError)
 
 
 def stored(led: Ledger) -> dict[str, int]:

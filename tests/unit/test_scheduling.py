@@ -20,9 +20,9 @@ from laufband.clock import FakeClock, SystemClock
 
 
 @pytest.mark.parametrize("resources, what", [
-    ({"api": 0}, "integer amount >= 1"), ({"api": -1}, "integer amount >= 1"),
-    ({"api": 1.5}, "integer amount >= 1"), ({"api": True}, "integer amount >= 1"),
-    ({"": 1}, "non-empty strings"), ({3: 1}, "non-empty strings"),
+    ({"api": 0}, "amount of 'api' must be an integer >= 1"), ({"api": -1}, "integer >= 1"),
+    ({"api": 1.5}, "integer >= 1"), ({"api": True}, "integer >= 1"),
+    ({"": 1}, "non-empty strings"), ({3: 1}, "non-empty strings"), ({"a=b": 1}, "without '='"),
     ([("api", 1)], "must be a mapping"), ("api", "must be a mapping"),
 ])
 def test_invalid_resources_are_refused(resources, what):
@@ -43,7 +43,8 @@ def test_invalid_timeout_is_refused(timeout):
 
 
 @pytest.mark.parametrize("limits, what", [
-    ({"api": 0}, "integer >= 1"), ({"api": -2}, "integer >= 1"), ({"api": 2.0}, "integer >= 1"),
+    ({"api": 0}, "limit of 'api' must be an integer >= 1"), ({"api": -2}, "integer >= 1"),
+    ({"api": 2.0}, "integer >= 1"),
     ({"api": "8"}, "integer >= 1"), ({"api": False}, "integer >= 1"),
     ({"": 1}, "non-empty string"), ({"a=b": 1}, "without '='"), ([("api", 1)], "a mapping"),
 ])
