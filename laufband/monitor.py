@@ -18,8 +18,8 @@ import time
 from datetime import datetime, timedelta
 
 from laufband.clock import Clock, SystemClock
-from laufband.states import TaskState
-from laufband.store import Store, database_url
+from laufband.states import ALIVE, UNFINISHED, TaskState
+from laufband.store import Store, database_url, reads
 from laufband.store.reads import TaskRow
 
 
@@ -116,16 +116,38 @@ class Monitor:
             heartbeat_expired=now - w["heartbeat"] > w["heartbeat_timeout"],
         ) for w in rows]
 
-    def get_tasks(self, state: str | None = None, worker: WorkerView | str | None = None
-                  ) -> list[TaskView]:
+    def get_tasks(self, state: str | None = None, worker: WorkerView | str | None = None,
+                  label: str | None = None, limit: int | None = None) -> list[TaskView]:
         """Tasks in graph order; ``state``: only those in it; ``worker`` (a WorkerView
-        or an id): only those it ran an attempt of."""
+        or an id): only those it ran an attempt of; ``label``: only those needing it;
+        ``limit``: at most that many."""
         worker_id = worker.id if isinstance(worker, WorkerView) else worker
         if state is not None and str(state) not in set(TaskState):
             raise ValueError(f"state={state!r} is not a task state; use one of "
                              f"{', '.join(TaskState)}.")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ValueError(f"limit={limit!r}: give an integer >= 1.")
         return [_task_view(row) for row in self._store.tasks(
-            None if state is None else str(state), worker_id)]
+            None if state is None else str(state), worker_id, limit, label)]
+
+    def status(self) -> StatusView:
+        """The whole workflow at a glance (one short read): what `laufband status`
+        shows."""
+        now = self._clock.now()
+        snap = self._store.snapshot(now)
+        return _status_view(snap, now)
+
+    def explain(self, task_id: str) -> Explained:
+        """Why a task is in its state: what it waits for, who can run it, every attempt
+        with its error and traceback, its history and what invalidated it. KeyError if
+        there is no such task."""
+        found = self._store.explain(task_id)
+        if found is None:
+            raise KeyError(f"no task {task_id!r} in {self._store.shown}")
+        live = [w for w in self._store.workers() if w["state"] in ALIVE]
+        needs = found.task.requirements
+        return Explained(found, [w["id"] for w in live if needs <= w["labels"]])
 
     def why(self, task_id: str) -> list[str]:
         """Why a task runs (or will run) again: what invalidated, changed or removed it
@@ -135,6 +157,71 @@ class Monitor:
     def get_workflow(self) -> WorkflowView:
         counts = self._store.counts()
         return WorkflowView("main", counts.total, counts.by_state())
+
+
+@dataclasses.dataclass(frozen=True)
+class Explained:
+    """``Monitor.explain``: the store's account of a task, and the live workers whose
+    labels let them run it."""
+
+    detail: reads.Explained
+    runnable_by: list[str]
+
+    @property
+    def task(self) -> TaskRow:
+        return self.detail.task
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusView:
+    """``Monitor.status``: progress, speed, workers, failures."""
+
+    at: float
+    counts: dict[str, int]
+    total: int
+    invalidated: int
+    throughput: dict[float, float]  # window (s) -> completed tasks per minute
+    eta_s: float | None  # at the throughput of the last 5 minutes
+    runtimes: dict[str, float]  # of recent completed attempts: n, min, median, p90, max
+    workers: dict[str, int]  # per state
+    running: list[dict]  # live attempts: id, attempt, worker, started_at
+    failures: list[reads.FailureGroup]
+    starved: list[tuple[frozenset[str], int]]  # labels no live worker has: tasks waiting
+
+    @property
+    def done(self) -> int:
+        return self.counts.get("completed", 0)
+
+
+def _status_view(snap: reads.Snapshot, now: float) -> StatusView:
+    counts = snap.counts.by_state()
+    total = snap.counts.total
+    per_min = {w: n * 60.0 / w for w, n in snap.completed_within.items()}
+    left = sum(counts.get(s, 0) for s in UNFINISHED)
+    rate = per_min.get(300.0, 0.0) / 60.0
+    eta = left / rate if rate > 0 and left else (0.0 if not left else None)
+    live_labels = [w["labels"] for w in snap.workers if w["state"] in ALIVE]
+    starved = []
+    for rid, (labels, _res) in sorted(snap.reqsets.items()):
+        waiting = snap.counts.n([TaskState.READY, TaskState.PENDING], [rid])
+        if waiting and not any(labels <= have for have in live_labels):
+            starved.append((labels, waiting))
+    workers: dict[str, int] = {}
+    for w in snap.workers:
+        workers[w["state"]] = workers.get(w["state"], 0) + 1
+    return StatusView(now, counts, total, snap.invalidated, per_min, eta,
+                      _runtime_stats(snap.runtimes), workers, snap.running, snap.failures,
+                      starved)
+
+
+def _runtime_stats(runtimes: list[float]) -> dict[str, float]:
+    if not runtimes:
+        return {}
+    ordered = sorted(runtimes)
+    n = len(ordered)
+    return {"n": n, "min": ordered[0], "median": ordered[n // 2],
+            "p90": ordered[min(n - 1, (9 * n) // 10)], "max": ordered[-1],
+            "mean": sum(ordered) / n}
 
 
 def _task_view(row: TaskRow) -> TaskView:

@@ -277,9 +277,21 @@ class Store:
             return reads.workers(conn)
 
     def tasks(self, state: str | None = None, worker: str | None = None,
-              limit: int | None = None) -> list[reads.TaskRow]:
+              limit: int | None = None, label: str | None = None) -> list[reads.TaskRow]:
         with self.db.read() as conn:
-            return reads.tasks(conn, state, worker, limit)
+            return reads.tasks(conn, state, worker, limit, label)
+
+    def snapshot(self, now: float, windows: tuple[float, ...] = (60.0, 300.0, 900.0),
+                 runtimes: int = 1000) -> reads.Snapshot:
+        """What `laufband status` shows, in one read: counts, workers, running attempts,
+        failure groups, requirement sets, completions within each window (seconds
+        before ``now``), and the runtimes of the last completed attempts."""
+        with self.db.read() as conn:
+            return reads.snapshot(conn, now, windows, runtimes)
+
+    def explain(self, task_id: str) -> reads.Explained | None:
+        with self.db.read() as conn:
+            return reads.explain(conn, task_id)
 
     def running(self) -> list[dict]:
         with self.db.read() as conn:

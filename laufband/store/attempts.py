@@ -40,6 +40,7 @@ SQL = {
     "end_attempt": "UPDATE tasks SET running = running - 1 WHERE pk = :pk"
                    " RETURNING state, running, failures, kills, dirty, waiting_on",
     "clear_dirty": "UPDATE tasks SET dirty = 0 WHERE pk = :pk",
+    "count_done": "UPDATE workers SET completed = completed + :n WHERE id = :worker",
     "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
     "count_failure": "UPDATE tasks SET failures = failures + 1 WHERE pk = :pk",
     # {pairs}: "(:t0, :a0), ..."; {pks}: ":p0, :p1, ...". Each handles a whole batch.
@@ -119,6 +120,7 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
             _fence(led, worker, claim, Event.COMPLETED)
     live = [c for c in claims if c.pk in current]
     if live:
+        led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
         marks, params = in_list([c.pk for c in live])
         state_of = dict(led.all(SQL["end_attempts"].format(pks=marks), params))
         _complete(led, worker, [(c, state_of[c.pk]) for c in live])

@@ -55,14 +55,15 @@ def workers(conn: Connection) -> list[dict[str, t.Any]]:
     """Every worker row, newest first, with the ids of the tasks it runs now."""
     rows = [dict(r._mapping) for r in conn.execute(sa.text(
         "SELECT * FROM workers ORDER BY started_at DESC"))]
-    running: dict[str, list[str]] = {}
-    for worker, task_id in conn.execute(sa.text(
-            "SELECT a.worker, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
-            " WHERE a.ended_at IS NULL ORDER BY a.started_at")):
-        running.setdefault(worker, []).append(task_id)
+    running: dict[str, list[tuple[str, float]]] = {}
+    for worker, task_id, started in conn.execute(sa.text(
+            "SELECT a.worker, t.id, a.started_at FROM attempts a JOIN tasks t"
+            " ON t.pk = a.task WHERE a.ended_at IS NULL ORDER BY a.started_at")):
+        running.setdefault(worker, []).append((task_id, started))
     for row in rows:
         row["labels"] = frozenset(json.loads(row["labels"]))
-        row["running"] = running.get(row["id"], [])
+        row["running"] = [tid for tid, _ in running.get(row["id"], [])]
+        row["running_since"] = [at for _, at in running.get(row["id"], [])]
     return rows
 
 
@@ -79,10 +80,14 @@ _TASKS = (
 
 
 def tasks(conn: Connection, state: str | None = None, worker: str | None = None,
-          limit: int | None = None) -> list[TaskRow]:
+          limit: int | None = None, label: str | None = None) -> list[TaskRow]:
     """Tasks in graph order; ``state``: only those in it; ``worker``: only those it
-    ever ran an attempt of."""
-    where, params = [], {}
+    ever ran an attempt of; ``label``: only those that need it."""
+    where: list[str] = []
+    params: dict[str, t.Any] = {}
+    if label is not None:
+        where.append("t.reqset IN (SELECT id FROM reqsets WHERE labels LIKE :label)")
+        params["label"] = f"%{json.dumps(label)}%"
     if state is not None:
         where.append("t.state = :state")
         params["state"] = state
@@ -172,3 +177,89 @@ def result(conn: Connection, task_id: str) -> tuple[str, str | None]:
     row = conn.execute(sa.text(f"SELECT t.state, {_RESULT} FROM tasks t WHERE t.id = :id"),
                        {"id": task_id}).first()
     return (row[0], row[1]) if row else ("unknown", None)
+
+
+def completed_since(conn: Connection, since: float) -> int:
+    """Attempts that completed at or after ``since`` (by the ended_at index)."""
+    return int(conn.execute(sa.text(
+        "SELECT count(*) FROM attempts WHERE ended_at >= :since AND outcome = 'completed'"),
+        {"since": since}).scalar() or 0)
+
+
+def recent_runtimes(conn: Connection, n: int) -> list[float]:
+    """Runtimes of the ``n`` attempts that completed last (newest first)."""
+    return [r for (r,) in conn.execute(sa.text(
+        "SELECT ended_at - started_at FROM attempts WHERE ended_at IS NOT NULL"
+        " AND outcome = 'completed' ORDER BY ended_at DESC LIMIT :n"), {"n": n})]
+
+
+def reqsets(conn: Connection) -> dict[int, tuple[frozenset[str], dict[str, int]]]:
+    """Requirement sets: id -> (labels, resources)."""
+    return {rid: (frozenset(json.loads(labels)), json.loads(res)) for rid, labels, res in
+            conn.execute(sa.text("SELECT id, labels, resources FROM reqsets"))}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptRow:
+    attempt: int
+    worker: str
+    started_at: float
+    ended_at: float | None
+    outcome: str | None  # None while it runs
+    error: str | None
+    traceback: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Explained:
+    """Everything ``laufband explain`` says about one task."""
+
+    task: TaskRow
+    waiting_for: list[tuple[str, str]]  # (dependency, its state) not completed yet
+    dependents: int
+    attempts: list[AttemptRow]
+    history: list[tuple[float, str, str | None, str | None, str | None]]
+    why: list[str]
+
+
+def explain(conn: Connection, task_id: str) -> Explained | None:
+    """One task: its row, the dependencies it waits for, every attempt, its history."""
+    pk = conn.execute(sa.text("SELECT pk FROM tasks WHERE id = :id"), {"id": task_id}).scalar()
+    if pk is None:
+        return None
+    values = list(conn.execute(sa.text(_TASKS + " WHERE t.pk = :pk"), {"pk": pk}).one())
+    values[5] = frozenset(json.loads(values[5]))
+    waiting = [tuple(r) for r in conn.execute(sa.text(
+        "SELECT d.id, d.state FROM edges e JOIN tasks d ON d.pk = e.dep"
+        " WHERE e.task = :pk AND d.state != 'completed' ORDER BY d.pk"), {"pk": pk})]
+    dependents = int(conn.execute(sa.text("SELECT count(*) FROM edges WHERE dep = :pk"),
+                                  {"pk": pk}).scalar() or 0)
+    attempts = [AttemptRow(*r) for r in conn.execute(sa.text(
+        "SELECT attempt, worker, started_at, ended_at, outcome, error, traceback"
+        " FROM attempts WHERE task = :pk ORDER BY attempt"), {"pk": pk})]
+    history = [tuple(r) for r in conn.execute(sa.text(
+        "SELECT at, event, state, worker, detail FROM events WHERE task = :pk"
+        " ORDER BY id"), {"pk": pk})]
+    return Explained(TaskRow(*values), waiting, dependents, attempts, history,  # type: ignore[arg-type]
+                     why(conn, task_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    counts: Counts
+    workers: list[dict[str, t.Any]]
+    running: list[dict[str, t.Any]]
+    failures: list[FailureGroup]
+    reqsets: dict[int, tuple[frozenset[str], dict[str, int]]]
+    invalidated: int
+    completed_within: dict[float, int]  # window (s) -> completions in it
+    runtimes: list[float]  # of the last completed attempts, newest first
+
+
+def snapshot(conn: Connection, now: float, windows: tuple[float, ...], n_runtimes: int
+             ) -> Snapshot:
+    return Snapshot(
+        counts=counts(conn), workers=workers(conn), running=running(conn),
+        failures=failure_groups(conn), reqsets=reqsets(conn), invalidated=invalidated(conn),
+        completed_within={w: completed_since(conn, now - w) for w in windows},
+        runtimes=recent_runtimes(conn, n_runtimes))

@@ -147,6 +147,9 @@ attempts = Table(
 Index("ix_attempts_live", attempts.c.worker,
       sqlite_where=attempts.c.ended_at.is_(None),
       postgresql_where=attempts.c.ended_at.is_(None))
+# Attempts by when they ended (version 4): throughput and recent runtimes for status
+# displays read the newest ones, never all of them.
+Index("ix_attempts_ended", attempts.c.ended_at)
 
 workers = Table(
     "workers",
@@ -172,6 +175,8 @@ workers = Table(
     # Tasks it runs at once (worker.map's threads; version 4): when it dies, that many
     # of its live attempts are charged to the kill budget.
     Column("threads", Integer, nullable=False, server_default="1"),
+    # Attempts it completed (version 4), for displays: counted, never recounted.
+    Column("completed", Integer, nullable=False, server_default="0"),
 )
 Index("ix_workers_state", workers.c.state)
 
@@ -341,7 +346,13 @@ def _from_3(conn: Connection) -> str:
         conn.execute(reqsets.insert(), [{"id": i, "labels": labels, "resources": "{}"}
                                         for i, labels in rows])
     limits.create(conn)
+    for index in attempts.indexes:
+        if index.name == "ix_attempts_ended":  # made by _from_2 already, from version 2
+            index.create(conn, checkfirst=True)
     conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN threads INTEGER DEFAULT '1' NOT NULL")
+    conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN completed INTEGER DEFAULT '0' NOT NULL")
+    conn.exec_driver_sql("UPDATE workers SET completed = (SELECT count(*) FROM attempts a"
+                         " WHERE a.worker = workers.id AND a.outcome = 'completed')")
     have = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}
     for column, kind in (("result", "TEXT"), ("deadline", "FLOAT")):
         if column not in have:  # from version 2, _from_2 created the table as it is now
