@@ -1,7 +1,13 @@
-"""The ``laufband`` command: look at a workflow's database from any shell.
+"""The ``laufband`` command: look at and steer a workflow from any shell (a login node).
 
-Only parses arguments and renders what the store's read API returns. It opens the
-database read-only: it never writes or upgrades it, and works on a read-only copy.
+Parses arguments and renders what ``Monitor`` (the Python API, read-only) returns;
+the few commands that change a workflow (``retry``, ``limits NAME=N``, ``prune``) call
+the store's write verbs. Tables are drawn with rich (they fit an 80-column terminal and
+survive pipes); every table command also takes ``--json``, whose layout is documented
+in the README ("Operations").
+
+Exit codes: 0 success; 1 the command ran but found a problem it reports (``retry``
+declined); 2 bad arguments, no database, or a database laufband cannot read.
 """
 
 from __future__ import annotations
@@ -14,24 +20,28 @@ import sys
 import time
 import typing as t
 
-from laufband.clock import SystemClock
 from laufband.errors import ConfigError, LaufbandError
-from laufband.locking import FastLock, database_lock
-from laufband.maintenance import prune
-from laufband.states import TaskState
-from laufband.store import Store, database_url, sqlite_path
-from laufband.store.connection import absolute_url
+
+if t.TYPE_CHECKING:
+    from rich.console import Console
+
+    from laufband.monitor import Monitor
+    from laufband.store import Store
 
 DEFAULT_FILES = ("graphband.sqlite", "laufband.sqlite")
 
 
+# ------------------------------------------------------------------ databases
 def open_store(db: str) -> Store:
     """The workflow database ``db`` (a path or a URL), opened read-only."""
+    from laufband.store import Store, database_url
+
     return Store.open_read_only(database_url(db, "--db"))
 
 
-def default_db() -> str:
-    """$LAUFBAND_DB, else the one workflow database in the current folder."""
+def default_db(announce: bool = False) -> str:
+    """$LAUFBAND_DB, else the one workflow database in the current folder (said on
+    stderr with ``announce``)."""
     if os.environ.get("LAUFBAND_DB"):
         return os.environ["LAUFBAND_DB"]
     found = [name for name in DEFAULT_FILES if os.path.exists(name)]
@@ -40,66 +50,244 @@ def default_db() -> str:
     if not found:
         raise LaufbandError(f"No workflow database here ({' or '.join(DEFAULT_FILES)}): "
                             "run from the folder of your workers, or pass --db PATH.")
+    if announce:
+        print(f"laufband: using {found[0]} (pass --db to choose)", file=sys.stderr)
     return found[0]
 
 
-def status(store: Store, out: t.TextIO | None = None) -> None:
-    out = out or sys.stdout
-    counts = store.counts()
-    total = counts.total
-    done = counts.n([TaskState.COMPLETED])
+def _monitor(store: Store) -> Monitor:
+    from laufband.monitor import Monitor
+
+    return Monitor.of(store)
+
+
+def _console(out: t.TextIO | None) -> Console:
+    from rich.console import Console
+
+    # Not a terminal (a pipe, a file, a test): 80 columns, no colours.
+    return Console(file=out or sys.stdout, highlight=False, soft_wrap=False,
+                   width=None if (out or sys.stdout).isatty() else 80)
+
+
+def _print(con: Console, renderable: t.Any) -> None:
+    """Print without the trailing blanks a table pads its last column with."""
+    with con.capture() as captured:
+        con.print(renderable)
+    con.file.write("\n".join(line.rstrip() for line in captured.get().splitlines()) + "\n")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------- status
+def status_data(store: Store) -> dict[str, t.Any]:
+    view = _monitor(store).status()
+    total = view.total or 1
+    return {
+        "total": view.total,
+        "counts": {s: n for s, n in view.counts.items() if n},
+        "percent": {s: round(100.0 * n / total, 1) for s, n in view.counts.items() if n},
+        "invalidated": view.invalidated,
+        "throughput_per_min": {f"{int(w // 60)}m": round(r, 2)
+                               for w, r in view.throughput.items()},
+        "eta_s": None if view.eta_s is None else round(view.eta_s, 1),
+        "runtimes_s": {k: round(v, 4) for k, v in view.runtimes.items()},
+        "workers": view.workers,
+        "running": [{"task": r["id"], "attempt": r["attempt"], "worker": r["worker"],
+                     "for_s": round(max(0.0, view.at - r["started_at"]), 1)}
+                    for r in view.running],
+        "failures": [{"error": g.error, "count": g.count, "examples": g.examples}
+                     for g in view.failures],
+        "starved": [{"labels": sorted(labels), "tasks": n} for labels, n in view.starved],
+    }
+
+
+def status(store: Store, out: t.TextIO | None = None, data: dict | None = None) -> None:
+    """Progress by state, speed and ETA, runtimes, workers, what runs, what failed, and
+    tasks that wait for labels no live worker has."""
+    from rich.table import Table
+
+    d = data or status_data(store)
+    con = _console(out)
+    total, done = d["total"], d["counts"].get("completed", 0)
     pct = 100.0 * done / total if total else 100.0
-    print(f"tasks: {done}/{total} completed ({pct:.1f} %)", file=out)
-    for state in TaskState:
-        n = counts.n([state])
-        if n:
-            note = "  (not in the graph any more)" if state == TaskState.REMOVED else ""
-            print(f"  {state.value:<10} {n:>9}{note}", file=out)
-    rerun = store.invalidated()
-    if rerun:
-        print(f"  of which {rerun} run again: invalidated (fingerprints)", file=out)
-    workers = store.workers()
-    by_state: dict[str, int] = {}
-    for w in workers:
-        by_state[w["state"]] = by_state.get(w["state"], 0) + 1
-    summary = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
-    print(f"workers: {len(workers)} ({summary or 'none'})", file=out)
-    now = time.time()
-    for attempt in store.running()[:20]:
-        print(f"  running {attempt['id']!r} (attempt {attempt['attempt']}) on "
-              f"{attempt['worker']} for {max(0.0, now - attempt['started_at']):.0f} s",
-              file=out)
-    groups = store.failure_groups()
-    if groups:
-        print("failed or killed for good, by error:", file=out)
-        for group in groups[:10]:
-            examples = ", ".join(map(repr, group.examples))
-            more = ", ..." if group.count > len(group.examples) else ""
-            print(f"  {group.count:>6} x {group.error}  ({examples}{more})", file=out)
+    con.print(f"tasks: {done}/{total} completed ({pct:.1f} %)")
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2))
+    for state, n in d["counts"].items():
+        note = "not in the graph any more" if state == "removed" else ""
+        table.add_row(f"  {state}", str(n), f"{d['percent'][state]:.1f} %", note)
+    _print(con, table)
+    if d["invalidated"]:
+        con.print(f"  of which {d['invalidated']} run again: invalidated (fingerprints)")
+    rates = ", ".join(f"{r:g}/min ({w})" for w, r in d["throughput_per_min"].items())
+    eta = d["eta_s"]
+    con.print(f"throughput: {rates}" + (f"; ETA {_ago(eta)}" if eta else ""))
+    rt = d["runtimes_s"]
+    if rt:
+        con.print(f"runtime of the last {int(rt['n'])} completed: median {rt['median']:.3g} s, "
+                  f"p90 {rt['p90']:.3g} s, max {rt['max']:.3g} s")
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(d["workers"].items()))
+    con.print(f"workers: {sum(d['workers'].values())} ({summary or 'none'})")
+    for r in d["running"][:20]:
+        con.print(f"  running {r['task']!r} (attempt {r['attempt']}) on {r['worker']} "
+                  f"for {_ago(r['for_s'])}")
+    if len(d["running"]) > 20:
+        con.print(f"  ... and {len(d['running']) - 20} more running")
+    if d["failures"]:
+        con.print("failed or killed for good, by error:")
+        for g in d["failures"][:10]:
+            more = ", ..." if g["count"] > len(g["examples"]) else ""
+            con.print(f"  {g['count']:>6} x {g['error']}  "
+                      f"({', '.join(map(repr, g['examples']))}{more})")
+    for s in d["starved"]:
+        con.print(f"waiting for a worker with labels {{{', '.join(s['labels'])}}}: "
+                  f"{s['tasks']} task(s); no live worker has them")
 
 
-def workers_table(store: Store, out: t.TextIO | None = None) -> None:
-    """Workers grouped by their labels (a family: the workers of one stage or kind),
-    each with what it runs now."""
-    out = out or sys.stdout
+# -------------------------------------------------------------------- workers
+def workers_data(store: Store) -> list[dict[str, t.Any]]:
     now = time.time()
-    families: dict[str, list[dict]] = {}
+    result = []
     for w in store.workers():
-        families.setdefault(",".join(sorted(w["labels"])) or "-", []).append(w)
+        result.append({
+            "id": w["id"], "state": w["state"], "host": w["hostname"], "pid": w["pid"],
+            "labels": sorted(w["labels"]),
+            "heartbeat_age_s": round(max(0.0, now - w["heartbeat"]), 1),
+            "heartbeat_expired": now - w["heartbeat"] > w["heartbeat_timeout"],
+            "threads": w.get("threads", 1), "completed": w.get("completed", 0),
+            "running": [{"task": tid, "for_s": round(max(0.0, now - at), 1)}
+                        for tid, at in zip(w["running"], w["running_since"], strict=True)],
+        })
+    return result
+
+
+def workers_table(store: Store, out: t.TextIO | None = None,
+                  data: list[dict] | None = None) -> None:
+    """Workers grouped by their labels (a family: the workers of one stage or kind),
+    each with what it runs now and how long."""
+    from rich.table import Table
+
+    rows = data if data is not None else workers_data(store)
+    con = _console(out)
+    families: dict[str, list[dict]] = {}
+    for w in rows:
+        families.setdefault(",".join(w["labels"]) or "-", []).append(w)
     for labels, members in sorted(families.items()):
         states: dict[str, int] = {}
         for w in members:
             states[w["state"]] = states.get(w["state"], 0) + 1
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-        print(f"labels {labels}: {len(members)} worker(s) ({summary})", file=out)
-        print(f"  {'worker':<30} {'state':<8} {'host':<20} {'pid':>7} {'heartbeat':>10}  "
-              "running", file=out)
+        con.print(f"labels {labels}: {len(members)} worker(s) ({summary})")
+        table = Table(box=None, pad_edge=False, padding=(0, 1), show_edge=False)
+        for name, justify in (("  worker", "left"), ("state", "left"), ("host", "left"),
+                              ("pid", "right"), ("beat", "right"), ("done", "right"),
+                              ("running", "left")):
+            table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for w in members:
-            running = w["running"]
-            doing = (", ".join(map(repr, running[:3])) + (f" +{len(running) - 3}"
-                     if len(running) > 3 else "")) if running else "-"
-            print(f"  {w['id']:<30} {w['state']:<8} {w['hostname']:<20} {w['pid']:>7} "
-                  f"{max(0.0, now - w['heartbeat']):>8.0f} s  {doing}", file=out)
+            run = w["running"]
+            doing = "-" if not run else f"{run[0]['task']} ({_ago(run[0]['for_s'])})" + (
+                f" +{len(run) - 1}" if len(run) > 1 else "")
+            state = w["state"] + ("!" if w["heartbeat_expired"] and w["state"] in
+                                  ("idle", "busy") else "")
+            table.add_row(f"  {w['id']}", state, w["host"], str(w["pid"]),
+                          _ago(w["heartbeat_age_s"]), str(w["completed"]), doing)
+        _print(con, table)
+
+
+# ---------------------------------------------------------------------- tasks
+def tasks_data(store: Store, state: str | None, label: str | None, limit: int | None
+               ) -> list[dict[str, t.Any]]:
+    try:
+        views = _monitor(store).get_tasks(state=state, label=label, limit=limit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return [{"id": v.id, "state": v.status, "attempts": v.attempts,
+             "failures": v.failed_retries, "kills": v.killed_retries, "worker": v.worker_id,
+             "updated_at": v.current_status.timestamp.timestamp(),
+             "runtime_s": None if v.runtime < 0 else round(v.runtime, 4),
+             "last_error": v.last_error} for v in views]
+
+
+def tasks_table(rows: list[dict], out: t.TextIO | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, padding=(0, 1))
+    for name in ("task", "state", "att", "worker", "runtime", "last error"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        runtime = "-" if r["runtime_s"] is None else f"{r['runtime_s']:.3g} s"
+        table.add_row(r["id"], r["state"], str(r["attempts"]), r["worker"] or "-", runtime,
+                      (r["last_error"] or "")[:60])
+    _print(_console(out), table)
+
+
+# -------------------------------------------------------------------- explain
+def explain_data(store: Store, task_id: str) -> dict[str, t.Any]:
+    try:
+        found = _monitor(store).explain(task_id)
+    except KeyError:
+        raise LaufbandError(f"No task {task_id!r} in this workflow (`laufband tasks` "
+                            "lists them).") from None
+    d, task = found.detail, found.task
+    return {
+        "id": task.id, "state": task.state, "label": task.label,
+        "attempts": task.attempts, "failures": task.failures, "kills": task.kills,
+        "waiting_for": [{"task": tid, "state": state} for tid, state in d.waiting_for],
+        "dependents": d.dependents,
+        "requirements": sorted(task.requirements), "runnable_by": found.runnable_by,
+        "attempt_list": [{"attempt": a.attempt, "worker": a.worker, "outcome": a.outcome
+                          or "running", "started_at": a.started_at, "ended_at": a.ended_at,
+                          "error": a.error, "traceback": a.traceback} for a in d.attempts],
+        "why": d.why,
+        "history": [{"at": at, "event": ev, "state": st, "worker": wk, "detail": de}
+                    for at, ev, st, wk, de in d.history[-20:]],
+    }
+
+
+def explain(d: dict, out: t.TextIO | None = None) -> None:
+    con = _console(out)
+    con.print(f"task {d['id']!r}: {d['state']}" + (f"  ({d['label']})" if d["label"] else ""))
+    if d["waiting_for"]:
+        waits = ", ".join(f"{w['task']!r} ({w['state']})" for w in d["waiting_for"][:10])
+        more = len(d["waiting_for"]) - 10
+        con.print(f"  waits for {len(d['waiting_for'])} dependencies: {waits}"
+                  + (f" and {more} more" if more > 0 else ""))
+    if d["requirements"]:
+        who = (f"live workers that have them: {', '.join(d['runnable_by'][:5])}"
+               if d["runnable_by"] else "no live worker has them")
+        con.print(f"  needs labels {{{', '.join(d['requirements'])}}}: {who}")
+    elif d["state"] in ("ready", "pending") and not d["runnable_by"]:
+        con.print("  no live worker right now")
+    for reason in d["why"]:
+        con.print(f"  runs again: {reason}")
+    con.print(f"  {d['attempts']} attempt(s), {d['failures']} failed, {d['kills']} killed; "
+              f"{d['dependents']} task(s) depend on it")
+    for a in d["attempt_list"]:
+        took = "" if a["ended_at"] is None else f" after {a['ended_at'] - a['started_at']:.3g} s"
+        con.print(f"  attempt {a['attempt']} on {a['worker']}: {a['outcome']}{took}")
+        if a["error"]:
+            con.print(f"    {a['error']}")
+        if a["traceback"]:
+            for line in a["traceback"].rstrip().splitlines()[-12:]:
+                con.print(f"    | {line}", markup=False)
+
+
+# ---------------------------------------------------------------- other commands
+def limits_table(store: Store, out: t.TextIO | None = None) -> None:
+    con = _console(out)
+    usage = store.limits()
+    if not usage:
+        con.print("no limits (tasks declare resources, workers limits={...})")
+        return
+    con.print(f"{'resource':<20} {'limit':>7} {'held':>7}")
+    for name, (capacity, held) in usage.items():
+        con.print(f"{name:<20} {capacity:>7} {held:>7}")
 
 
 def results(store: Store, as_json: bool, out: t.TextIO | None = None) -> None:
@@ -115,17 +303,6 @@ def results(store: Store, as_json: bool, out: t.TextIO | None = None) -> None:
         print(f"{tid}\t{raw if raw is not None else ''}", file=out)
 
 
-def limits_table(store: Store, out: t.TextIO | None = None) -> None:
-    out = out or sys.stdout
-    usage = store.limits()
-    if not usage:
-        print("no limits (tasks declare resources, workers limits={...})", file=out)
-        return
-    print(f"{'resource':<20} {'limit':>7} {'held':>7}", file=out)
-    for name, (capacity, held) in usage.items():
-        print(f"{name:<20} {capacity:>7} {held:>7}", file=out)
-
-
 def parse_limits(pairs: list[str]) -> dict[str, int]:
     """NAME=N arguments as limits (ConfigError for anything else)."""
     from laufband.store.resources import check_limits
@@ -133,67 +310,84 @@ def parse_limits(pairs: list[str]) -> dict[str, int]:
     parsed: dict[str, t.Any] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        try:
-            parsed[name] = int(value) if sep else None
-        except ValueError:
-            parsed[name] = value
         if not sep:
             raise ConfigError(f"{pair!r}: write NAME=N, e.g. api=4")
+        try:
+            parsed[name] = int(value)
+        except ValueError:
+            parsed[name] = value
     return check_limits(parsed, "laufband limits")
 
 
-def set_limits(db: str, pairs: list[str]) -> None:
-    """Change limits: a write, under the workflow's database lock."""
-    limits = parse_limits(pairs)
-    path = sqlite_path(absolute_url(database_url(db, "--db")))
+def writable_store(db: str) -> Store:
+    """The workflow's database for a command that changes it, under its database lock
+    (as workers take it). Never creates one."""
+    from laufband.clock import SystemClock
+    from laufband.locking import FastLock, database_lock
+    from laufband.store import Store, database_url, sqlite_path
+    from laufband.store.connection import absolute_url
+
+    url = database_url(db, "--db")
+    path = sqlite_path(absolute_url(url))
     if path is not None and not os.path.exists(path):
         raise LaufbandError(f"No workflow database at {path}.")
     lock = database_lock(FastLock(f"{path}.lock")) if path is not None else None
-    store = Store(database_url(db, "--db"), lock, SystemClock())
-    now = store.set_limits(limits, f"laufband limits ({getpass.getuser()})")
+    return Store(url, lock, SystemClock())
+
+
+def set_limits(db: str, pairs: list[str]) -> None:
+    limits = parse_limits(pairs)
+    now = writable_store(db).set_limits(limits, f"laufband limits ({getpass.getuser()})")
     print("limits: " + ", ".join(f"{k}={v}" for k, v in now.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="laufband", description=__doc__.splitlines()[0])
+# ----------------------------------------------------------------------- main
+TABLES = ("status", "workers", "tasks", "explain")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from laufband import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="laufband", description="Look at and steer a laufband workflow.")
     db_help = ("database path or URL (default: $LAUFBAND_DB, or graphband.sqlite / "
                "laufband.sqlite in this folder)")
     parser.add_argument("--db", help=db_help)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"laufband {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}
-    for name, text in (("status", "progress by state, workers, running and failed tasks"),
-                       ("workers", "every worker with its state and last heartbeat"),
-                       ("prune", "delete old history (safe while workers run)"),
-                       ("limits", "show the global resource limits, or set them: "
-                                  "laufband limits api=4"),
-                       ("results", "every completed task's result, in graph order")):
+    for name, text in (
+            ("status", "progress, throughput and ETA, runtimes, workers, failures"),
+            ("workers", "workers by family (labels): state, heartbeat, what they run"),
+            ("tasks", "tasks with their state, attempts, worker and last error"),
+            ("explain", "why a task is in its state: dependencies, labels, attempts"),
+            ("results", "every completed task's result, in graph order"),
+            ("limits", "show the global resource limits, or set them: limits api=4"),
+            ("prune", "delete old history (safe while workers run)")):
+        commands[name] = sub.add_parser(name, help=text, description=text)
         # --db after the command too (then it wins)
-        commands[name] = sub.add_parser(name, help=text)
         commands[name].add_argument("--db", default=argparse.SUPPRESS, help=db_help)
+        if name in (*TABLES, "results"):
+            commands[name].add_argument("--json", action="store_true",
+                                        help="machine-readable output (see README)")
+    commands["tasks"].add_argument("--state", help="only tasks in this state")
+    commands["tasks"].add_argument("--label", help="only tasks that need this label")
+    commands["tasks"].add_argument("--limit", type=int, default=None,
+                                   help="at most this many (graph order)")
+    commands["explain"].add_argument("task", help="the task id")
     commands["prune"].add_argument("--keep", type=int, default=10, help="history rows to "
                                    "keep per task, newest first (default 10)")
     commands["prune"].add_argument("--vacuum", action="store_true",
                                    help="then shrink the file (workers wait meanwhile)")
     commands["limits"].add_argument("set", nargs="*", metavar="NAME=N",
                                     help="new limits (running tasks keep what they hold)")
-    commands["results"].add_argument("--json", action="store_true",
-                                     help="one JSON object: task id -> result")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        db = args.db or default_db()
-        if args.command == "prune":
-            pruned = prune(db, keep=args.keep, vacuum=args.vacuum)
-            print(f"deleted {pruned.events} history rows and {pruned.attempts} attempts")
-            return 0
-        if args.command == "limits" and args.set:
-            set_limits(db, args.set)
-            return 0
-        store = open_store(db)
-        if args.command == "results":
-            results(store, as_json=args.json)
-            return 0
-        {"status": status, "workers": workers_table, "limits": limits_table}[
-            args.command](store)
+        return _run(args)
     except LaufbandError as exc:
         print(f"laufband: {exc}", file=sys.stderr)
         return 2
@@ -201,6 +395,46 @@ def main(argv: list[str] | None = None) -> int:
         # `laufband status | head`: the reader left; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    db = args.db or default_db(announce=True)
+    as_json = getattr(args, "json", False)
+    if args.command == "prune":
+        from laufband.maintenance import prune
+
+        pruned = prune(db, keep=args.keep, vacuum=args.vacuum)
+        print(f"deleted {pruned.events} history rows and {pruned.attempts} attempts")
+        return 0
+    if args.command == "limits" and args.set:
+        set_limits(db, args.set)
+        return 0
+    store = open_store(db)
+    if args.command == "results":
+        results(store, as_json)
+        return 0
+    if args.command == "limits":
+        limits_table(store)
+        return 0
+    data: t.Any
+    if args.command == "status":
+        data = status_data(store)
+    elif args.command == "workers":
+        data = workers_data(store)
+    elif args.command == "tasks":
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError(f"--limit {args.limit}: give an integer >= 1")
+        data = tasks_data(store, args.state, args.label, args.limit)
+    else:
+        data = explain_data(store, args.task)
+    if as_json:
+        json.dump(data, sys.stdout, indent=1)
+        print()
+        return 0
+    {"status": lambda: status(store, data=data),
+     "workers": lambda: workers_table(store, data=data),
+     "tasks": lambda: tasks_table(data),
+     "explain": lambda: explain(data)}[args.command]()
     return 0
 
 

@@ -103,6 +103,15 @@ class Monitor:
         self._clock = clock or SystemClock()
         self._store = Store.open_read_only(self.db, self._clock)
 
+    @classmethod
+    def of(cls, store: Store, clock: Clock | None = None) -> Monitor:
+        """A Monitor on a store that is open already (the CLI's)."""
+        monitor = cls.__new__(cls)
+        monitor.lock, monitor.db = None, store.url
+        monitor._clock = clock or SystemClock()
+        monitor._store = store
+        return monitor
+
     def get_workers(self) -> list[WorkerView]:
         """Every worker, most recent heartbeat first."""
         now = self._clock.now()
