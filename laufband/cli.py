@@ -341,6 +341,33 @@ def set_limits(db: str, pairs: list[str]) -> None:
     print("limits: " + ", ".join(f"{k}={v}" for k, v in now.items()))
 
 
+def retry(db: str, args: argparse.Namespace) -> int:
+    """Say what will run again, ask (unless --yes), then do it in one transaction."""
+    states = [s for s in ("failed", "killed", "blocked") if getattr(args, s)]
+    if not args.tasks and not states:
+        raise ConfigError("retry what? Name tasks, or give --failed, --killed or --blocked.")
+    store = writable_store(db)
+    plan = store.retry_plan(args.tasks, states)
+    if not plan.pks:
+        print("nothing to retry: no task matches")
+        return 0
+    kinds = ", ".join(f"{n} {state}" for state, n in sorted(plan.states.items()))
+    shown = ", ".join(map(repr, plan.ids[:5])) + (", ..." if len(plan.ids) > 5 else "")
+    print(f"will run {len(plan.ids)} task(s) again ({kinds}): {shown}; their retry budget "
+          f"starts again, and {plan.blocked} blocked task(s) below them wait for them")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("laufband: not a terminal to ask on: add --yes to go ahead",
+                  file=sys.stderr)
+            return 1
+        if input("go ahead? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing changed")
+            return 1
+    done = store.retry(args.tasks, states, f"laufband retry ({getpass.getuser()})")
+    print(f"{len(done.ids)} task(s) ready to run again; start workers to run them")
+    return 0
+
+
 # ----------------------------------------------------------------------- main
 TABLES = ("status", "workers", "tasks", "explain")
 
@@ -361,6 +388,7 @@ def _parser() -> argparse.ArgumentParser:
             ("workers", "workers by family (labels): state, heartbeat, what they run"),
             ("tasks", "tasks with their state, attempts, worker and last error"),
             ("explain", "why a task is in its state: dependencies, labels, attempts"),
+            ("retry", "run failed, killed (and so blocked) tasks again, fresh budget"),
             ("results", "every completed task's result, in graph order"),
             ("limits", "show the global resource limits, or set them: limits api=4"),
             ("prune", "delete old history (safe while workers run)")):
@@ -375,6 +403,13 @@ def _parser() -> argparse.ArgumentParser:
     commands["tasks"].add_argument("--limit", type=int, default=None,
                                    help="at most this many (graph order)")
     commands["explain"].add_argument("task", help="the task id")
+    retry = commands["retry"]
+    retry.add_argument("tasks", nargs="*", metavar="TASK",
+                       help="task ids (a blocked one: what blocks it)")
+    for state in ("failed", "killed", "blocked"):
+        retry.add_argument(f"--{state}", action="store_true", help=f"every {state} task"
+                           + (" (what blocks it)" if state == "blocked" else ""))
+    retry.add_argument("--yes", "-y", action="store_true", help="do not ask first")
     commands["prune"].add_argument("--keep", type=int, default=10, help="history rows to "
                                    "keep per task, newest first (default 10)")
     commands["prune"].add_argument("--vacuum", action="store_true",
@@ -409,6 +444,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "limits" and args.set:
         set_limits(db, args.set)
         return 0
+    if args.command == "retry":
+        return retry(db, args)
     store = open_store(db)
     if args.command == "results":
         results(store, as_json)

@@ -262,6 +262,22 @@ class Store:
             self.db.vacuum()
         return result
 
+    def retry_plan(self, ids: list[str], states: list[str]) -> reads.RetryPlan:
+        """What ``retry`` would do (a read): the failed or killed tasks it runs again
+        (named ones, those in ``states``, and those upstream of blocked ones) and how
+        many blocked tasks wait for them."""
+        with self.db.read() as conn:
+            return reads.retry_plan(Ledger(conn, 0.0), ids, states)
+
+    def retry(self, ids: list[str], states: list[str], who: str) -> reads.RetryPlan:
+        """Run failed or killed tasks again with a fresh retry budget, and unblock what
+        waits for them (one transaction; the plan is made again inside it)."""
+        with self._ledger() as led:
+            plan = reads.retry_plan(led, ids, states)
+            if plan.pks:
+                attempts.retry(led, plan.pks, who)
+            return plan
+
     def add_error(self, worker: str, claim: Claim, error: str, trace: str | None) -> None:
         """Complete the record of a failed attempt with its exception."""
         with self._ledger() as led:

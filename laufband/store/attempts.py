@@ -76,6 +76,13 @@ SQL = {
                  " AND reqset IN ({reqsets}) AND generation <= :generation"
                  " AND kills <= :killed AND dirty != 2",
     "failed_roots": "SELECT pk FROM tasks WHERE state IN ('failed', 'killed')",
+    # Upstream of {pks} by the edges(task) index, to the tasks failed or killed for good.
+    "failed_above": "WITH RECURSIVE up(pk) AS (SELECT dep FROM edges WHERE task IN ({pks})"
+                    " UNION SELECT e.dep FROM up CROSS JOIN edges e WHERE e.task = up.pk)"
+                    " SELECT t.pk FROM up CROSS JOIN tasks t WHERE t.pk = up.pk"
+                    " AND t.state IN ('failed', 'killed')",
+    "reset_budget": "UPDATE tasks SET failures = 0, kills = 0 WHERE pk IN ({pks})"
+                    " AND state IN ('failed', 'killed')",
     "live_of": "SELECT a.task, a.attempt, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
                " WHERE a.worker = :worker AND a.ended_at IS NULL"
                " ORDER BY a.started_at, a.task",
@@ -232,19 +239,36 @@ def revive(led: Ledger, me: Me) -> int:
     budget than this worker's (0.2.1's rule: the claiming worker's own budget decides)
     and that it may claim, and unblock their descendants. Returns how many."""
     pks = _revivable(led, me, limit=None)
-    if not pks:
-        return 0
-    detail = (f"within this worker's budget (max_failed_retries={me.max_failed}, "
-              f"max_killed_retries={me.max_killed})")
+    if pks:
+        run_again(led, pks, me.id, f"within this worker's budget (max_failed_retries="
+                                   f"{me.max_failed}, max_killed_retries={me.max_killed})")
+    return len(pks)
+
+
+def run_again(led: Ledger, pks: list[int], who: str, detail: str) -> None:
+    """Failed or killed tasks go back to ready (pending if a dependency was invalidated
+    after they failed), and what they blocked waits for them again."""
     marks, params = in_list(pks)
     waiting = {pk for (pk,) in led.all(
         f"SELECT pk FROM tasks WHERE pk IN ({marks}) AND waiting_on > 0", params)}
-    led.move_all([pk for pk in pks if pk not in waiting], S.READY, Event.RETRIED, me.id,
+    led.move_all([pk for pk in pks if pk not in waiting], S.READY, Event.RETRIED, who,
                  detail=detail)
-    # A dependency was invalidated after it failed: it waits for that first.
-    led.move_all(sorted(waiting), S.PENDING, Event.RETRIED, me.id, detail=detail)
-    unblock_below(led, pks, me.id)
-    return len(pks)
+    led.move_all(sorted(waiting), S.PENDING, Event.RETRIED, who, detail=detail)
+    unblock_below(led, pks, who)
+
+
+def failed_above(led: Ledger, pks: list[int]) -> list[int]:
+    """The failed or killed tasks upstream of ``pks`` (what blocks them)."""
+    return sorted(set(walk(led, "failed_above", pks)))
+
+
+def retry(led: Ledger, pks: list[int], who: str) -> None:
+    """``laufband retry``: failed or killed tasks get a fresh retry budget and run
+    again; their blocked descendants wait for them again."""
+    for start in range(0, len(pks), 5000):
+        marks, params = in_list(pks[start:start + 5000])
+        led.run(SQL["reset_budget"].format(pks=marks), params)
+    run_again(led, pks, who, f"retried by {who}: its retry budget starts again")
 
 
 def revivable(led: Ledger, me: Me) -> bool:
@@ -264,18 +288,18 @@ def _revivable(led: Ledger, me: Me, limit: int | None) -> list[int]:
 def unblock_below(led: Ledger, revived: list[int], worker: str) -> None:
     """Blocked descendants of ``revived`` wait again, unless another task that failed
     for good is upstream of them too."""
-    below = set(_walk(led, "blocked_below", revived))
+    below = set(walk(led, "blocked_below", revived))
     if not below:
         return
     roots = [pk for (pk,) in led.all(SQL["failed_roots"])]
-    below -= set(_walk(led, "blocked_below", roots)) if roots else set()
+    below -= set(walk(led, "blocked_below", roots)) if roots else set()
     # Every unblocked task still waits for the task it was blocked by (or for one
     # unblocked with it): pending, never ready.
     led.move_all(sorted(below), S.PENDING, Event.UNBLOCKED, worker,
                  detail="the dependency that had failed runs again")
 
 
-def _walk(led: Ledger, name: str, start: list[int]) -> list[int]:
+def walk(led: Ledger, name: str, start: list[int]) -> list[int]:
     found: list[int] = []
     for i in range(0, len(start), 5000):
         marks, params = in_list(start[i:i + 5000])

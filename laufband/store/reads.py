@@ -11,7 +11,7 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from laufband.store.ledger import Ledger
+from laufband.store.ledger import Ledger, in_list
 from laufband.store.model import Counts
 
 
@@ -263,3 +263,53 @@ def snapshot(conn: Connection, now: float, windows: tuple[float, ...], n_runtime
         failures=failure_groups(conn), reqsets=reqsets(conn), invalidated=invalidated(conn),
         completed_within={w: completed_since(conn, now - w) for w in windows},
         runtimes=recent_runtimes(conn, n_runtimes))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPlan:
+    pks: list[int]
+    ids: list[str]  # the failed or killed tasks that run again
+    states: dict[str, int]  # how many of them are failed, killed
+    blocked: int  # blocked tasks below them (wait for them again)
+
+
+def retry_plan(led: Ledger, ids: list[str], states: list[str]) -> RetryPlan:
+    """The failed or killed tasks ``retry`` runs again: those named (a blocked one
+    names what blocks it), those in ``states`` ('failed', 'killed'; 'blocked': what
+    blocks the blocked tasks). LaufbandError for an unknown id or one that is not
+    failed, killed or blocked."""
+    from laufband.errors import LaufbandError
+    from laufband.store import attempts
+
+    chosen: set[int] = set()
+    blocked: list[int] = []
+    for task_id in ids:
+        row = led.all("SELECT pk, state FROM tasks WHERE id = :id", {"id": task_id})
+        if not row:
+            raise LaufbandError(f"No task {task_id!r} in this workflow.")
+        pk, state = row[0]
+        if state in ("failed", "killed"):
+            chosen.add(pk)
+        elif state == "blocked":
+            blocked.append(pk)
+        else:
+            raise LaufbandError(f"Task {task_id!r} is {state}: only failed, killed or "
+                                "blocked tasks are retried.")
+    for state in ("failed", "killed"):
+        if state in states:
+            chosen.update(pk for (pk,) in led.all(
+                "SELECT pk FROM tasks WHERE state = :s", {"s": state}))
+    if "blocked" in states:
+        blocked += [pk for (pk,) in led.all("SELECT pk FROM tasks WHERE state = 'blocked'")]
+    if blocked:
+        chosen.update(attempts.failed_above(led, blocked))
+    pks = sorted(chosen)
+    rows = []
+    for start in range(0, len(pks), 5000):
+        marks, params = in_list(pks[start:start + 5000])
+        rows += led.all(f"SELECT id, state FROM tasks WHERE pk IN ({marks})", params)
+    below = len(attempts.walk(led, "blocked_below", pks)) if pks else 0
+    by_state: dict[str, int] = {}
+    for _, state in rows:
+        by_state[state] = by_state.get(state, 0) + 1
+    return RetryPlan(pks, [tid for tid, _ in rows], by_state, below)
