@@ -89,7 +89,10 @@ def _ago(seconds: float) -> str:
 def status_data(store: Store) -> dict[str, t.Any]:
     view = _monitor(store).status()
     total = view.total or 1
+    cancel = store.cancelled()
     return {
+        "cancelled": None if cancel is None else {"by": cancel.by, "at": cancel.at,
+                                                  "drain_s": cancel.drain},
         "total": view.total,
         "counts": {s: n for s, n in view.counts.items() if n},
         "percent": {s: round(100.0 * n / total, 1) for s, n in view.counts.items() if n},
@@ -118,6 +121,10 @@ def status(store: Store, out: t.TextIO | None = None, data: dict | None = None) 
     total, done = d["total"], d["counts"].get("completed", 0)
     pct = 100.0 * done / total if total else 100.0
     con.print(f"tasks: {done}/{total} completed ({pct:.1f} %)")
+    if d["cancelled"]:
+        c = d["cancelled"]
+        con.print(f"CANCELLED by {c['by']} {_ago(time.time() - c['at'])} ago "
+                  "(`laufband resume` undoes it)")
     table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2))
     for state, n in d["counts"].items():
         note = "not in the graph any more" if state == "removed" else ""
@@ -368,6 +375,32 @@ def retry(db: str, args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``laufband cancel`` exit codes: every running task finished within the drain (0), or
+#: some were abandoned (3).
+ABANDONED_EXIT = 3
+
+
+def cancel(db: str, drain: float) -> int:
+    """Cancel, wait for the running tasks up to the drain timeout, record what still
+    runs as cancelled, and say how it went."""
+    import math
+
+    if not math.isfinite(drain) or drain < 0:
+        raise ConfigError(f"--drain-timeout {drain}: give a number of seconds >= 0")
+    store = writable_store(db)
+    who = f"laufband cancel ({getpass.getuser()})"
+    flag, stopped, running = store.cancel(drain, who)
+    print(f"cancelled: workers stop claiming; {stopped} task(s) that had not started are "
+          f"cancelled; {running} running, waiting up to {flag.drain:g} s for them")
+    while store.live_attempts() and time.time() < flag.deadline:
+        time.sleep(min(0.2, max(0.0, flag.deadline - time.time())))
+    abandoned = store.abandon(who)
+    print(f"{running} running at the cancel: {running - abandoned} finished within the "
+          f"drain, {abandoned} abandoned (recorded cancelled; their workers' results will "
+          "be discarded). `laufband resume` undoes the cancel.")
+    return ABANDONED_EXIT if abandoned else 0
+
+
 # ----------------------------------------------------------------------- main
 TABLES = ("status", "workers", "tasks", "explain")
 
@@ -389,6 +422,8 @@ def _parser() -> argparse.ArgumentParser:
             ("tasks", "tasks with their state, attempts, worker and last error"),
             ("explain", "why a task is in its state: dependencies, labels, attempts"),
             ("retry", "run failed, killed (and so blocked) tasks again, fresh budget"),
+            ("cancel", "stop the workflow: no more claims, running tasks drain"),
+            ("resume", "undo a cancel: workers may run the workflow again"),
             ("results", "every completed task's result, in graph order"),
             ("limits", "show the global resource limits, or set them: limits api=4"),
             ("prune", "delete old history (safe while workers run)")):
@@ -410,6 +445,10 @@ def _parser() -> argparse.ArgumentParser:
         retry.add_argument(f"--{state}", action="store_true", help=f"every {state} task"
                            + (" (what blocks it)" if state == "blocked" else ""))
     retry.add_argument("--yes", "-y", action="store_true", help="do not ask first")
+    commands["cancel"].add_argument(
+        "--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="how long running tasks may take to finish (default 60); then they are "
+             "recorded cancelled")
     commands["prune"].add_argument("--keep", type=int, default=10, help="history rows to "
                                    "keep per task, newest first (default 10)")
     commands["prune"].add_argument("--vacuum", action="store_true",
@@ -446,6 +485,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "retry":
         return retry(db, args)
+    if args.command == "cancel":
+        return cancel(db, args.drain_timeout)
+    if args.command == "resume":
+        back = writable_store(db).resume(f"laufband resume ({getpass.getuser()})")
+        print(f"resumed: {back} cancelled task(s) may run again; start workers to run them")
+        return 0
     store = open_store(db)
     if args.command == "results":
         results(store, as_json)

@@ -31,7 +31,7 @@ from laufband.errors import ConfigError, LaufbandError, ResultError, TaskFailedE
 from laufband.locking import DatabaseLock, FastLock, database_lock, speed_up
 from laufband.prefetch import MAX_HOLD, Prefetch
 from laufband.session import Session, signals_received, user_frame, where
-from laufband.signals import Preempted, stop_signals
+from laufband.signals import Cancelled, Preempted, announce_cancel, stop_signals
 from laufband.states import UNFINISHED, Event, WorkerState
 from laufband.store import (
     Claim,
@@ -104,6 +104,7 @@ class Graphband(t.Generic[T]):
         self._bar: tqdm | None = None
         self._last_counts: Counts | None = None
         self._closing = False
+        self._cancelled: t.Any = None  # the workflow's cancel, once a step saw it
         self._loop: _Loop | ThreadedRun | None = None
         self._context_managed = False
         if self.settings.disabled:
@@ -354,6 +355,7 @@ class Graphband(t.Generic[T]):
             # the last one after a break): this worker runs no more loops.
             raise Preempted(self._session.signal)
         self._closing = False
+        self._cancelled = None  # a step tells again if the workflow is still cancelled
         self._session.go_online()
         self._bar = tqdm(total=0, **self.tqdm_kwargs)
 
@@ -372,7 +374,9 @@ class Graphband(t.Generic[T]):
             self._refresh_reqsets()  # another worker added tasks with new requirements
 
     def _observe(self, result: StepResult) -> None:
-        """Update the progress bar and enforce the failure policy."""
+        """Update the progress bar, note a cancel, and enforce the failure policy."""
+        if result.cancelled is not None:
+            self._cancelled = result.cancelled
         counts = result.counts
         self._last_counts = counts
         self._see_reqsets(counts)
@@ -503,7 +507,8 @@ class _Loop:
         self.end(None)
 
     def _stopping(self) -> bool:
-        return self.w._closing or self.session.signal is not None
+        return (self.w._closing or self.session.signal is not None
+                or self.w._cancelled is not None)
 
     def set_result(self, value: t.Any) -> None:
         self.result = encode_result(value, self.w.settings.max_result_size)
@@ -674,6 +679,9 @@ class _Loop:
             self._announce(signum, handed)
             if exc is None and why is None:
                 raise Preempted(signum)
+        if self.w._cancelled is not None and exc is None and why is None:
+            announce_cancel(self.w._cancelled, self.me.id)
+            raise Cancelled(self.w._cancelled.by)
 
     def _current_outcome(self, exc: BaseException | None, signum: int | None,
                          why: str | None) -> Finish | None:

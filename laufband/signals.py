@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import typing as t
 from collections.abc import Callable, Iterator
@@ -24,6 +25,29 @@ class Preempted(SystemExit):
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
+
+
+#: The exit code of a worker whose workflow was cancelled (sysexits' EX_TEMPFAIL: it
+#: may run again after `laufband resume`).
+CANCELLED_EXIT = 75
+
+
+class Cancelled(SystemExit):
+    """Raised when a worker's loop ends because the workflow was cancelled (`laufband
+    cancel`), after what it finished was recorded: the process exits with code 75
+    unless someone catches it."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__(CANCELLED_EXIT)
+        self.by = by
+
+
+def announce_cancel(cancel: t.Any, worker: str) -> None:
+    """Why a worker leaves a cancelled workflow (on a line of its own: the progress
+    bar was closed first)."""
+    print(f"laufband: the workflow was cancelled by {cancel.by}: worker {worker} stops "
+          f"(exit code {CANCELLED_EXIT}); `laufband resume` lets workers run it again.",
+          file=sys.stderr, flush=True)
 
 
 @contextmanager

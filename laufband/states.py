@@ -13,6 +13,11 @@
     failed | killed ──> ready   (a worker whose own retry budget allows another attempt:
                                  "fix and rerun"; its blocked descendants go back to pending)
     blocked ──> pending    (no ancestor is failed or killed for good any more)
+    ready | pending ──> cancelled  (`laufband cancel`: never started)
+    running ──> cancelled  (`laufband cancel`: still running when the drain timed out)
+    cancelled ──> ready | pending  (`laufband resume`)
+    cancelled ──> completed | failed | killed   (a shared task's attempt that still
+                                                 runs ends)
 
 ``ready`` means *claimable*: a task with ``max_parallel_workers > 1`` stays ready while
 it has free slots, and turns ``running`` only when all slots are taken.
@@ -32,25 +37,28 @@ class TaskState(StrEnum):
     KILLED = "killed"
     BLOCKED = "blocked"
     REMOVED = "removed"  # not in the graph any more (fingerprints enabled)
+    CANCELLED = "cancelled"  # `laufband cancel`: not run; `laufband resume` brings it back
 
 
 #: Allowed transitions; ``Ledger.record`` (store/ledger.py) refuses anything else.
 _S = TaskState
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    _S.PENDING: frozenset({_S.READY, _S.BLOCKED, _S.REMOVED}),
+    _S.PENDING: frozenset({_S.READY, _S.BLOCKED, _S.REMOVED, _S.CANCELLED}),
     # ready -> completed/failed/killed: a shared task (max_parallel_workers > 1) with
     # free slots is still ready while one of its attempts ends.
     _S.READY: frozenset({_S.RUNNING, _S.COMPLETED, _S.FAILED, _S.KILLED, _S.PENDING,
-                         _S.BLOCKED, _S.REMOVED}),
+                         _S.BLOCKED, _S.REMOVED, _S.CANCELLED}),
     # running -> ready/pending/removed: the attempt ended, but the task was invalidated
     # or removed meanwhile (its ``dirty`` mark).
     _S.RUNNING: frozenset({_S.COMPLETED, _S.READY, _S.PENDING, _S.FAILED, _S.KILLED,
-                           _S.REMOVED}),
+                           _S.REMOVED, _S.CANCELLED}),
     _S.COMPLETED: frozenset({_S.READY, _S.PENDING, _S.REMOVED}),
     _S.FAILED: frozenset({_S.READY, _S.REMOVED}),
     _S.KILLED: frozenset({_S.READY, _S.REMOVED}),
     _S.BLOCKED: frozenset({_S.PENDING, _S.READY, _S.REMOVED}),
     _S.REMOVED: frozenset({_S.PENDING, _S.READY, _S.BLOCKED}),
+    _S.CANCELLED: frozenset({_S.READY, _S.PENDING, _S.BLOCKED, _S.REMOVED, _S.COMPLETED,
+                             _S.FAILED, _S.KILLED}),
 }
 
 #: States in which a task still has work ahead of it.
@@ -75,6 +83,8 @@ class Event(StrEnum):
     WAITS = "waits"  # ready -> pending: a dependency was invalidated
     CHANGED = "changed"  # its dependencies changed (a graph that evolves)
     REMOVED = "removed"  # gone from the graph (or back, with the state it then gets)
+    CANCELLED = "cancelled"  # `laufband cancel` (an attempt: still running after the drain)
+    RESUMED = "resumed"  # `laufband resume`: cancelled -> ready/pending
 
 
 class WorkerState(StrEnum):

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from laufband import waiting
 from laufband.errors import ResultError
-from laufband.signals import Preempted, stop_signals
+from laufband.signals import Cancelled, Preempted, announce_cancel, stop_signals
 from laufband.states import Event, WorkerState
 from laufband.store import Claim, Failure, Finish, StepResult, Want
 
@@ -130,15 +130,29 @@ class ThreadedRun:
         return self.summary
 
     def _stopping(self) -> bool:
-        return self.w._closing or self.session.signal is not None
+        return (self.w._closing or self.session.signal is not None
+                or self.w._cancelled is not None)
+
+    def _drain_over(self) -> bool:
+        """Cancelled, and the drain timeout passed: what runs is recorded cancelled."""
+        cancel = self.w._cancelled
+        if cancel is None or self.clock.now() < cancel.deadline:
+            return False
+        for running in self.running.values():
+            self.pending.append(Finish(running.claim, Event.CANCELLED,
+                                       f"still running when the drain of the cancel by "
+                                       f"{cancel.by} timed out"))
+        self.summary.handed_back += len(self.running)
+        self.running.clear()
+        return True
 
     def _coordinate(self) -> None:
         first, may_claim = True, True
         while True:
             self._collect(block_until=None)
             self._time_out()
-            if self.session.signal is not None:
-                return  # running tasks are handed back by _end
+            if self.session.signal is not None or self._drain_over():
+                return  # what still runs is handed back (recorded) by _end
             stopping = self._stopping()
             free = 0 if stopping else self.threads - len(self.running)
             if first or self.pending or (free and may_claim):
@@ -300,6 +314,10 @@ class ThreadedRun:
                       f"stops (exit code {128 + signum}).", file=sys.stderr, flush=True)
                 if exc is None:
                     raise Preempted(signum)
+            cancel = self.w._cancelled
+            if cancel is not None and exc is None:
+                announce_cancel(cancel, self.me.id)
+                raise Cancelled(cancel.by)
         finally:
             self.finished = True
             self.session.loop_active = False

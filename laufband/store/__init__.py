@@ -22,7 +22,16 @@ import sqlalchemy as sa
 from laufband.clock import Clock, SystemClock
 from laufband.locking import DatabaseLock, FastLock, database_lock
 from laufband.states import TaskState, WorkerState
-from laufband.store import attempts, claiming, pruning, reads, resources, schema, workers
+from laufband.store import (
+    attempts,
+    cancelling,
+    claiming,
+    pruning,
+    reads,
+    resources,
+    schema,
+    workers,
+)
 from laufband.store.connection import (
     Database,
     absolute_url,
@@ -191,6 +200,9 @@ class Store:
             if want.start:
                 workers.start_loop(led, me)
             attempts.end(led, me.id, finishes)
+            stopped = cancelling.flag(led)
+            if stopped is not None:  # `laufband cancel`: claim nothing, leave
+                return StepResult([], led.counts, cancelled=stopped)
             self._revive(led, me, force=want.start)
             final = workers.final_failures(led) if me.stop_on_failure else 0
             limit = 0 if final else claiming.how_many(led, me, want)
@@ -217,6 +229,9 @@ class Store:
         the workflow did not already set its state (ledger.SQL["release_waiters"])."""
         with self.db.read() as conn:
             led = Ledger(conn, 0.0)
+            stopped = cancelling.flag(led)
+            if stopped is not None:
+                return StepResult([], led.counts, cancelled=stopped)
             if leave is not None and workers.released(led, me.id, leave):
                 return StepResult([], led.counts, left=True)
             final = workers.final_failures(led) if me.stop_on_failure else 0
@@ -277,6 +292,31 @@ class Store:
             if plan.pks:
                 attempts.retry(led, plan.pks, who)
             return plan
+
+    # --------------------------------------------------------------- cancelling
+    def cancel(self, drain: float, who: str) -> tuple[cancelling.Cancel, int, int]:
+        """Cancel the workflow: workers stop claiming; tasks that never started are
+        cancelled. Returns the flag, how many were cancelled, how many attempts run."""
+        with self._ledger() as led:
+            return cancelling.cancel(led, drain, who)
+
+    def abandon(self, who: str) -> int:
+        """After the drain: what still runs is recorded cancelled. Returns how many."""
+        with self._ledger() as led:
+            return cancelling.abandon(led, who)
+
+    def resume(self, who: str) -> int:
+        """Undo a cancel: workers may claim again, cancelled tasks come back."""
+        with self._ledger() as led:
+            return cancelling.resume(led, who)
+
+    def cancelled(self) -> cancelling.Cancel | None:
+        with self.db.read() as conn:
+            return cancelling.flag(Ledger(conn, 0.0))
+
+    def live_attempts(self) -> int:
+        with self.db.read() as conn:
+            return len(Ledger(conn, 0.0).all(cancelling.SQL["live"]))
 
     def add_error(self, worker: str, claim: Claim, error: str, trace: str | None) -> None:
         """Complete the record of a failed attempt with its exception."""

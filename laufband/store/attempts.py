@@ -195,6 +195,11 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
     if state == S.COMPLETED:
         # A sibling attempt of a shared task completed it already.
         led.note([claim.pk], Event.RELEASED, None, worker, claim.attempt, detail)
+    elif outcome == Event.CANCELLED:  # the drain of `laufband cancel` timed out
+        if running > 0 or state == S.CANCELLED:
+            led.note([claim.pk], outcome, None, worker, claim.attempt, detail)
+        else:
+            led.move(claim.pk, state, S.CANCELLED, outcome, worker, claim.attempt, detail)
     elif dirty == 2 and running == 0:  # left the graph while it ran
         led.move(claim.pk, state, S.REMOVED, outcome, worker, claim.attempt, detail)
         led.run(SQL["clear_dirty"], {"pk": claim.pk})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing as t
 from collections.abc import Callable, Sequence
 
 from laufband.states import Event, TaskState, WorkerState
@@ -119,6 +120,8 @@ class StepResult:
     #: Tasks failed or killed for good under the budgets of every live worker
     #: (computed for ``stop_on_failure`` only).
     final_failures: int = 0
+    #: The workflow was cancelled (`laufband cancel`): claim nothing more, leave.
+    cancelled: t.Any = None
 
 
 @dataclasses.dataclass(frozen=True)

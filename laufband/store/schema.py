@@ -346,6 +346,8 @@ def _from_3(conn: Connection) -> str:
         conn.execute(reqsets.insert(), [{"id": i, "labels": labels, "resources": "{}"}
                                         for i, labels in rows])
     limits.create(conn)
+    conn.exec_driver_sql("INSERT INTO counts (reqset, state, n)"
+                         " SELECT id, 'cancelled', 0 FROM reqsets")
     for index in attempts.indexes:
         if index.name == "ix_attempts_ended":  # made by _from_2 already, from version 2
             index.create(conn, checkfirst=True)

@@ -37,8 +37,10 @@ def test_status_json_is_stable_and_counts_every_state(capsys):
     code, out, _ = run(capsys, "status", "--json")
     assert code == 0
     data = json.loads(out)
-    assert set(data) == {"total", "counts", "percent", "invalidated", "throughput_per_min",
-                         "eta_s", "runtimes_s", "workers", "running", "failures", "starved"}
+    assert set(data) == {"cancelled", "total", "counts", "percent", "invalidated",
+                         "throughput_per_min", "eta_s", "runtimes_s", "workers", "running",
+                         "failures", "starved"}
+    assert data["cancelled"] is None
     assert data["total"] == 4
     assert data["counts"] == {"completed": 2, "failed": 1, "blocked": 1}  # a, d; b; c
     assert data["percent"]["completed"] == 50.0
@@ -189,3 +191,47 @@ def test_not_a_laufband_database(capsys):
     sqlite3.connect("g.sqlite").execute("CREATE TABLE x (y)")
     code, _, err = run(capsys, "status")
     assert code == 2 and "no laufband schema" in err
+
+
+def test_cancel_then_a_new_worker_leaves_at_once_and_resume_brings_it_back(capsys):
+    graph = [Task("a"), Task("b", dependencies={"a"}), Task("c")]
+    make(graph)  # registers the graph: all waiting or ready
+    code, out, _ = run(capsys, "cancel", "--drain-timeout", "0")
+    assert code == 0
+    assert "3 task(s) that had not started are cancelled; 0 running" in out
+    assert states() == dict.fromkeys("abc", "cancelled")
+    late = make(graph, name="late")
+    with pytest.raises(SystemExit) as exc:
+        list(late)
+    assert exc.value.code == 75
+    assert "the workflow was cancelled by laufband cancel" in capsys.readouterr().err
+    data = json.loads(run(capsys, "status", "--json")[1])
+    assert data["cancelled"]["by"].startswith("laufband cancel")
+    code, out, _ = run(capsys, "resume")
+    assert code == 0 and "3 cancelled task(s) may run again" in out
+    assert states() == {"a": "ready", "b": "pending", "c": "ready"}
+    assert sorted(t.id for t in make(graph, name="after")) == ["a", "b", "c"]
+
+
+def test_cancel_abandons_what_still_runs_after_the_drain(capsys):
+    graph = [Task("a"), Task("b")]
+    worker = make(graph, batch_size=1)
+    it = iter(worker)
+    assert next(it).id == "a"  # running in the loop body
+    code, out, _ = run(capsys, "cancel", "--drain-timeout", "0")
+    assert code == cli.ABANDONED_EXIT
+    assert "1 running at the cancel: 0 finished within the drain, 1 abandoned" in out
+    assert states() == {"a": "cancelled", "b": "cancelled"}
+    with pytest.raises(SystemExit) as exc:
+        next(it)  # the body ends: its completion is rejected, and the loop leaves
+    assert exc.value.code == 75
+    assert rows("SELECT outcome FROM attempts") == [("cancelled",)]
+    assert states() == {"a": "cancelled", "b": "cancelled"}
+
+
+def test_cancel_refuses_a_bad_drain_timeout(capsys):
+    make([Task("a")])
+    for bad in ("-1", "nan", "inf"):
+        code, _, err = run(capsys, "cancel", "--drain-timeout", bad)
+        assert code == 2 and "--drain-timeout" in err
+    assert states() == {"a": "ready"}
