@@ -192,19 +192,23 @@ class ThreadedRun:
             raise
 
     def _wait(self, watch: bool) -> bool:
-        """Wait for a task thread to finish, a deadline, or (with free slots) a change
-        that may have made a task ready; True if a task this worker may claim is ready."""
+        """Wait for a task thread to finish, a deadline, or a change of the database:
+        with free slots (``watch``) one that may have made a task ready, in any case a
+        cancel (read only when the file changed, or when it is not a file). True if a
+        task this worker may claim is ready."""
         deadlines = [r.deadline for r in self.running.values() if r.deadline is not None]
         until = min(deadlines) if deadlines else None
         step = WATCH if watch else 0.25  # also how soon a stop signal is seen
         if until is not None:
             step = max(0.0, min(step, until - self.clock.monotonic()))
-        mark = self.store.change_mark() if watch else None
+        mark = self.store.change_mark()
         if self._collect(block_until=step):
             return False
-        if not watch or (mark is not None and self.store.change_mark() == mark):
+        if mark is not None and self.store.change_mark() == mark:
             return False
-        return self.store.poll(self.me).claimable
+        result = self.store.poll(self.me)
+        self.w._observe(result)
+        return watch and result.claimable
 
     # ------------------------------------------------------ task threads
     def _start(self, claims: list[Claim]) -> None:
