@@ -375,6 +375,95 @@ def retry(db: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def watch_view(store: Store) -> t.Any:
+    """One frame of ``laufband watch``: progress, states, workers, latest failures."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    d = status_data(store)
+    total, done = d["total"], d["counts"].get("completed", 0)
+    rates = d["throughput_per_min"]
+    head = Text(f"{done}/{total} completed  {rates.get('1m', 0):g}/min"
+                + (f"  ETA {_ago(d['eta_s'])}" if d["eta_s"] else "")
+                + ("  CANCELLED" if d["cancelled"] else ""))
+    states = Table.grid(padding=(0, 2))
+    states.add_row(*(f"{s} {n}" for s, n in d["counts"].items()))
+    workers = Table(box=None, pad_edge=False, padding=(0, 1), title_justify="left")
+    for name in ("worker", "state", "beat", "done", "running"):
+        workers.add_column(name, overflow="ellipsis", no_wrap=True)
+    rows = sorted(workers_data(store), key=lambda w: (w["state"] not in ("busy", "idle"),
+                                                      w["id"]))
+    for w in rows[:15]:
+        run = w["running"]
+        doing = "-" if not run else f"{run[0]['task']} ({_ago(run[0]['for_s'])})"
+        workers.add_row(w["id"], w["state"], _ago(w["heartbeat_age_s"]), str(w["completed"]),
+                        doing)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(ProgressBar(total=max(total, 1), completed=done, width=60),
+                f"{100.0 * done / total if total else 100.0:.1f} %")
+    parts: list[t.Any] = [head, bar, states, workers]
+    if len(rows) > 15:
+        parts.append(Text(f"... and {len(rows) - 15} more workers"))
+    for g in d["failures"][:5]:
+        parts.append(Text(f"{g['count']} x {g['error']}", overflow="ellipsis", no_wrap=True))
+    parts.append(Text("q or Ctrl-C quits", style="dim"))
+    return Group(*parts)
+
+
+def watch(db: str, interval: float, count: int | None) -> int:
+    """A live view, refreshed every ``interval`` seconds; q or Ctrl-C quits (``count``:
+    after that many frames)."""
+    from rich.live import Live
+
+    if interval <= 0 or interval != interval:
+        raise ConfigError(f"--interval {interval}: give a number of seconds > 0")
+    store = open_store(db)
+    frames = 0
+    with _keys() as pressed, Live(watch_view(store), auto_refresh=False,
+                                  console=_console(None)) as live:
+        try:
+            while count is None or frames < count - 1:
+                if pressed(interval) == "q":
+                    break
+                live.update(watch_view(store), refresh=True)
+                frames += 1
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+class _keys:
+    """Single key presses on a terminal (no Enter needed), restored on the way out;
+    elsewhere just the waiting."""
+
+    def __enter__(self) -> t.Callable[[float], str | None]:
+        self._saved = None
+        if sys.stdin.isatty():
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(sys.stdin)
+            tty.setcbreak(sys.stdin.fileno())
+        return self._read
+
+    def _read(self, timeout: float) -> str | None:
+        if self._saved is None:
+            time.sleep(timeout)
+            return None
+        import select
+
+        ready, _, _ = select.select([sys.stdin], [], [], timeout)
+        return sys.stdin.read(1) if ready else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, self._saved)
+
+
 #: ``laufband cancel`` exit codes: every running task finished within the drain (0), or
 #: some were abandoned (3).
 ABANDONED_EXIT = 3
@@ -422,6 +511,7 @@ def _parser() -> argparse.ArgumentParser:
             ("tasks", "tasks with their state, attempts, worker and last error"),
             ("explain", "why a task is in its state: dependencies, labels, attempts"),
             ("retry", "run failed, killed (and so blocked) tasks again, fresh budget"),
+            ("watch", "a live view: progress, states, workers, failures (q quits)"),
             ("cancel", "stop the workflow: no more claims, running tasks drain"),
             ("resume", "undo a cancel: workers may run the workflow again"),
             ("results", "every completed task's result, in graph order"),
@@ -445,6 +535,10 @@ def _parser() -> argparse.ArgumentParser:
         retry.add_argument(f"--{state}", action="store_true", help=f"every {state} task"
                            + (" (what blocks it)" if state == "blocked" else ""))
     retry.add_argument("--yes", "-y", action="store_true", help="do not ask first")
+    commands["watch"].add_argument("--interval", type=float, default=2.0,
+                                   help="seconds between refreshes (default 2)")
+    commands["watch"].add_argument("--count", type=int, default=None,
+                                   help="quit after this many frames")
     commands["cancel"].add_argument(
         "--drain-timeout", type=float, default=60.0, metavar="SECONDS",
         help="how long running tasks may take to finish (default 60); then they are "
@@ -487,6 +581,8 @@ def _run(args: argparse.Namespace) -> int:
         return retry(db, args)
     if args.command == "cancel":
         return cancel(db, args.drain_timeout)
+    if args.command == "watch":
+        return watch(db, args.interval, args.count)
     if args.command == "resume":
         back = writable_store(db).resume(f"laufband resume ({getpass.getuser()})")
         print(f"resumed: {back} cancelled task(s) may run again; start workers to run them")

@@ -130,3 +130,39 @@ def test_read_only_commands_while_workers_run(workers):
         out = laufband(workers.folder, *argv)
         assert out.returncode == 0, (argv, out.stderr)
     assert workers.wait().returncodes == [0, 0, 0]
+
+
+def test_watch_shows_the_run_and_quits_on_q(workers):
+    """In a real terminal (a pty): frames with progress and workers; q quits at once
+    and the terminal gets its mode back."""
+    import os
+    import pty
+    import select
+    import termios
+    import time
+
+    db = workers.folder / "graph.sqlite"
+    workers.start("flat:200", 2, sleep=0.02)
+    wait_until(lambda: live(db) >= 1, timeout=60, what="workers running")
+    leader, follower = pty.openpty()
+    before = termios.tcgetattr(follower)
+    proc = subprocess.Popen([sys.executable, "-m", "laufband.cli", "--db", str(db), "watch",
+                             "--interval", "0.2"], stdin=follower, stdout=follower,
+                            stderr=follower, cwd=workers.folder)
+    try:
+        seen = b""
+        end = time.monotonic() + 30
+        while b"q or Ctrl-C quits" not in seen and time.monotonic() < end:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 65536)
+        assert b"completed" in seen and b"worker" in seen, seen[-2000:]
+        os.write(leader, b"q")
+        assert proc.wait(timeout=10) == 0
+        assert termios.tcgetattr(follower)[3] == before[3]  # local modes restored
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+        os.close(follower)
+    workers.wait()

@@ -235,3 +235,13 @@ def test_cancel_refuses_a_bad_drain_timeout(capsys):
         code, _, err = run(capsys, "cancel", "--drain-timeout", bad)
         assert code == 2 and "--drain-timeout" in err
     assert states() == {"a": "ready"}
+
+
+def test_watch_draws_frames_and_refuses_a_bad_interval(capsys):
+    failed_run()
+    code, out, _ = run(capsys, "watch", "--count", "2", "--interval", "0.01")
+    assert code == 0
+    assert "2/4 completed" in out and "q or Ctrl-C quits" in out
+    assert "ZeroDivisionError" in out or "left the loop" in out  # the latest failure
+    code, _, err = run(capsys, "watch", "--interval", "0")
+    assert code == 2 and "--interval" in err
