@@ -168,6 +168,7 @@ def workers_data(store: Store) -> list[dict[str, t.Any]]:
             "heartbeat_age_s": round(max(0.0, now - w["heartbeat"]), 1),
             "heartbeat_expired": now - w["heartbeat"] > w["heartbeat_timeout"],
             "threads": w.get("threads", 1), "completed": w.get("completed", 0),
+            "slurm": w.get("slurm"),
             "running": [{"task": tid, "for_s": round(max(0.0, now - at), 1)}
                         for tid, at in zip(w["running"], w["running_since"], strict=True)],
         })
@@ -202,7 +203,11 @@ def workers_table(store: Store, out: t.TextIO | None = None,
                 f" +{len(run) - 1}" if len(run) > 1 else "")
             state = w["state"] + ("!" if w["heartbeat_expired"] and w["state"] in
                                   ("idle", "busy") else "")
-            table.add_row(f"  {w['id']}", state, w["host"], str(w["pid"]),
+            slurm = w["slurm"] or {}
+            job = (f"{slurm['array_job']}_{slurm['array_task']}" if "array_task" in slurm
+                   else slurm.get("job"))
+            host = f"{w['host']} ({job})" if job else w["host"]
+            table.add_row(f"  {w['id']}", state, host, str(w["pid"]),
                           _ago(w["heartbeat_age_s"]), str(w["completed"]), doing)
         _print(con, table)
 

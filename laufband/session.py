@@ -57,6 +57,18 @@ def _pid_gone(hostname: str, pid: int) -> bool:
     return False
 
 
+#: What a worker records of the SLURM job it runs in (its environment variables).
+SLURM_VARIABLES = {"job": "SLURM_JOB_ID", "array_job": "SLURM_ARRAY_JOB_ID",
+                   "array_task": "SLURM_ARRAY_TASK_ID", "node": "SLURMD_NODENAME"}
+
+
+def slurm_job() -> dict[str, str] | None:
+    """The SLURM job this process runs in, if any."""
+    found = {key: os.environ[var] for key, var in SLURM_VARIABLES.items()
+             if os.environ.get(var)}
+    return found or None
+
+
 def user_frame() -> types.FrameType | None:
     """The innermost frame outside laufband's own code (where the loop was left)."""
     frame = sys._getframe(1)
@@ -108,7 +120,8 @@ class Session:
             return
         s = self.settings
         info = WorkerInfo(s.identifier, socket.gethostname(), os.getpid(), s.labels,
-                          s.heartbeat_timeout, s.max_failed_retries, s.max_killed_retries)
+                          s.heartbeat_timeout, s.max_failed_retries, s.max_killed_retries,
+                          slurm_job())
         self.store.register_worker(info, _pid_gone)
         self.heartbeat.start()
         self.online = True

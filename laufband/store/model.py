@@ -133,3 +133,5 @@ class WorkerInfo:
     heartbeat_timeout: float
     max_failed: int = 0
     max_killed: int = 0
+    #: Inside a SLURM job: job, array job and task ids, node (from its environment).
+    slurm: dict[str, str] | None = None

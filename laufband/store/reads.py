@@ -62,6 +62,7 @@ def workers(conn: Connection) -> list[dict[str, t.Any]]:
         running.setdefault(worker, []).append((task_id, started))
     for row in rows:
         row["labels"] = frozenset(json.loads(row["labels"]))
+        row["slurm"] = json.loads(row["slurm"]) if row.get("slurm") else None
         row["running"] = [tid for tid, _ in running.get(row["id"], [])]
         row["running_since"] = [at for _, at in running.get(row["id"], [])]
     return rows

@@ -177,6 +177,8 @@ workers = Table(
     Column("threads", Integer, nullable=False, server_default="1"),
     # Attempts it completed (version 4), for displays: counted, never recounted.
     Column("completed", Integer, nullable=False, server_default="0"),
+    # Inside a SLURM job (version 4): job id, array job and task ids, node (JSON).
+    Column("slurm", String),
 )
 Index("ix_workers_state", workers.c.state)
 
@@ -353,6 +355,7 @@ def _from_3(conn: Connection) -> str:
             index.create(conn, checkfirst=True)
     conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN threads INTEGER DEFAULT '1' NOT NULL")
     conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN completed INTEGER DEFAULT '0' NOT NULL")
+    conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN slurm VARCHAR")
     conn.exec_driver_sql("UPDATE workers SET completed = (SELECT count(*) FROM attempts a"
                          " WHERE a.worker = workers.id AND a.outcome = 'completed')")
     have = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}

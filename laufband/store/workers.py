@@ -25,13 +25,14 @@ SQL = {
     "row": "SELECT state, hostname, pid, heartbeat, heartbeat_timeout FROM workers"
            " WHERE id = :worker",
     "insert": "INSERT INTO workers (id, state, hostname, pid, labels, heartbeat,"
-              " heartbeat_timeout, started_at, stopped_at, leave_as, max_failed, max_killed)"
-              " VALUES (:worker, 'idle', :hostname, :pid, :labels, :now, :timeout, :now,"
-              " NULL, NULL, :max_failed, :max_killed)",
+              " heartbeat_timeout, started_at, stopped_at, leave_as, max_failed, max_killed,"
+              " slurm) VALUES (:worker, 'idle', :hostname, :pid, :labels, :now, :timeout,"
+              " :now, NULL, NULL, :max_failed, :max_killed, :slurm)",
     "reuse": "UPDATE workers SET state = 'idle', hostname = :hostname, pid = :pid,"
              " labels = :labels, heartbeat = :now, heartbeat_timeout = :timeout,"
              " started_at = :now, stopped_at = NULL, leave_as = NULL,"
-             " max_failed = :max_failed, max_killed = :max_killed WHERE id = :worker",
+             " max_failed = :max_failed, max_killed = :max_killed, slurm = :slurm"
+             " WHERE id = :worker",
     "last_beat": "SELECT heartbeat FROM workers WHERE id = :worker",
     "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
     "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL, heartbeat = :now"
@@ -94,7 +95,8 @@ def register(led: Ledger, info: WorkerInfo, is_gone: Callable[[str, int], bool])
         "worker": info.id, "hostname": info.hostname, "pid": info.pid,
         "labels": json.dumps(sorted(info.labels)), "now": led.now,
         "timeout": info.heartbeat_timeout, "max_failed": info.max_failed,
-        "max_killed": info.max_killed})
+        "max_killed": info.max_killed,
+        "slurm": json.dumps(info.slurm, sort_keys=True) if info.slurm else None})
 
 
 def declare_dead(led: Ledger, worker: str, budget: int, why: str) -> None:

@@ -69,7 +69,7 @@ def test_workers_json_and_table(capsys):
     [w] = json.loads(out)
     assert w["id"] == "w" and w["state"] == "busy" and w["running"][0]["task"] == "a"
     assert set(w) == {"id", "state", "host", "pid", "labels", "heartbeat_age_s",
-                      "heartbeat_expired", "threads", "completed", "running"}
+                      "heartbeat_expired", "threads", "completed", "slurm", "running"}
     list(it)
     code, out, _ = run(capsys, "workers")
     assert code == 0 and out.splitlines()[0] == "labels -: 1 worker(s) (1 offline)"
@@ -245,3 +245,14 @@ def test_watch_draws_frames_and_refuses_a_bad_interval(capsys):
     assert "left the loop" in out  # the latest failure (pytest caught the exception)
     code, _, err = run(capsys, "watch", "--interval", "0")
     assert code == 2 and "--interval" in err
+
+
+def test_workers_show_the_slurm_job_they_run_in(capsys, monkeypatch):
+    for var, value in (("SLURM_JOB_ID", "1235"), ("SLURM_ARRAY_JOB_ID", "1230"),
+                       ("SLURM_ARRAY_TASK_ID", "5"), ("SLURMD_NODENAME", "node7")):
+        monkeypatch.setenv(var, value)
+    list(make([Task("a")]))
+    [w] = json.loads(run(capsys, "workers", "--json")[1])
+    assert w["slurm"] == {"job": "1235", "array_job": "1230", "array_task": "5",
+                          "node": "node7"}
+    assert "(1230_5)" in run(capsys, "workers")[1]
