@@ -137,7 +137,8 @@ def status(store: Store, out: t.TextIO | None = None, data: dict | None = None) 
     con.print(f"throughput: {rates}" + (f"; ETA {_ago(eta)}" if eta else ""))
     rt = d["runtimes_s"]
     if rt:
-        con.print(f"runtime of the last {int(rt['n'])} completed: median {rt['median']:.3g} s, "
+        # From claim to record: a task claimed in a batch or ahead waits in it too.
+        con.print(f"claim to completion, last {int(rt['n'])}: median {rt['median']:.3g} s, "
                   f"p90 {rt['p90']:.3g} s, max {rt['max']:.3g} s")
     summary = ", ".join(f"{n} {s}" for s, n in sorted(d["workers"].items()))
     con.print(f"workers: {sum(d['workers'].values())} ({summary or 'none'})")
