@@ -21,6 +21,7 @@ from laufband.clock import Clock, SystemClock
 from laufband.states import ALIVE, UNFINISHED, TaskState
 from laufband.store import Store, database_url, reads
 from laufband.store.reads import TaskRow
+from laufband.store.timeline import AttemptSpan, Timeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,17 @@ class Monitor:
     def get_workflow(self) -> WorkflowView:
         counts = self._store.counts()
         return WorkflowView("main", counts.total, counts.by_state())
+
+    def timeline(self, buckets: int = 60, limit: int | None = None) -> Timeline:
+        """A run as ``laufband report`` draws it (one short read): every attempt (at
+        most ``limit``, the latest by start), the workers, completions per bucket of
+        time (``buckets`` over the span of the attempts), counts per state, failures."""
+        return self._store.timeline(buckets, limit)
+
+    def get_attempts(self, limit: int | None = None) -> list[AttemptSpan]:
+        """Every attempt by start (at most ``limit``, the latest): task, attempt,
+        worker, started_at, ended_at (None while it runs), outcome, error."""
+        return list(self._store.timeline(1, limit).attempts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ one read), and nothing outside this package builds a query or knows the dialect.
     workers.py       worker rows: registering, heartbeats, reaping, leaving
     registration.py  adding a graph
     reads.py         read models for status displays and Monitor
+    timeline.py      what a report draws: every attempt, completions over time
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from laufband.store import (
     reads,
     resources,
     schema,
+    timeline,
     workers,
 )
 from laufband.store.connection import (
@@ -379,3 +381,9 @@ class Store:
         with self.db.read() as conn:
             return reads.invalidated(conn)
 
+    # ------------------------------------------------------------------- report
+    def timeline(self, buckets: int = 60, limit: int | None = None) -> timeline.Timeline:
+        """What a report draws, in one read: every attempt (at most ``limit``, the
+        latest), completions in ``buckets`` buckets, the workers, counts and failures."""
+        with self.db.read() as conn:
+            return timeline.read(conn, self.clock.now(), self.shown, buckets, limit)
