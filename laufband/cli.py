@@ -522,6 +522,7 @@ def _parser() -> argparse.ArgumentParser:
             ("resume", "undo a cancel: workers may run the workflow again"),
             ("results", "every completed task's result, in graph order"),
             ("limits", "show the global resource limits, or set them: limits api=4"),
+            ("report", "a report: HTML (timeline, throughput, tables), or PNG/SVG"),
             ("prune", "delete old history (safe while workers run)")):
         commands[name] = sub.add_parser(name, help=text, description=text)
         # --db after the command too (then it wins)
@@ -545,6 +546,10 @@ def _parser() -> argparse.ArgumentParser:
                                    help="seconds between refreshes (default 2)")
     commands["watch"].add_argument("--count", type=int, default=None,
                                    help="quit after this many frames")
+    commands["report"].add_argument(
+        "--output", "-o", default="report.html",
+        help="report.html (self-contained), or .png / .svg (pip install "
+             "'laufband[report]'); default report.html")
     commands["cancel"].add_argument(
         "--drain-timeout", type=float, default=60.0, metavar="SECONDS",
         help="how long running tasks may take to finish (default 60); then they are "
@@ -599,6 +604,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "limits":
         limits_table(store)
+        return 0
+    if args.command == "report":
+        from laufband.report import write_report
+
+        print(f"wrote {write_report(store, args.output)}")
         return 0
     data: t.Any
     if args.command == "status":

@@ -256,3 +256,14 @@ def test_workers_show_the_slurm_job_they_run_in(capsys, monkeypatch):
     assert w["slurm"] == {"job": "1235", "array_job": "1230", "array_task": "5",
                           "node": "node7"}
     assert "(1230_5)" in run(capsys, "workers")[1]
+
+
+def test_report_writes_a_self_contained_page_and_refuses_other_formats(capsys):
+    failed_run()
+    code, out, _ = run(capsys, "report", "--output", "out/r.html")
+    assert code == 0 and out.strip() == "wrote out/r.html"
+    page = Path("out/r.html").read_text()
+    assert all(tid in page for tid in ("a", "b", "d")) and "<svg" in page
+    assert "http://" not in page.replace("http://www.w3.org", "")  # nothing fetched
+    code, _, err = run(capsys, "report", "--output", "r.pdf")
+    assert code == 2 and ".html, .png, .svg" in err
