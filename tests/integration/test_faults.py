@@ -85,10 +85,11 @@ def test_one_kill_9_with_the_default_settings_does_not_block_the_workflow(worker
     faults = Faults(workers, "chain:20")
     [a] = faults.start(hold="c0")
     wait_until(lambda: faults.started("c0"), what="A inside c0")
-    faults.release()  # for the attempt that redoes c0; A is held already
-    others = faults.start(2)
     a.send_signal(signal.SIGKILL)
     a.wait()
+    # Only now: A polls for the release file, and must not finish c0 before the kill.
+    faults.release()  # for the attempt that redoes c0
+    others = faults.start(2)
     run = workers.wait(timeout=60)
     assert run.returncodes == [-signal.SIGKILL, 0, 0], run.stderr
     assert all(p.returncode == 0 for p in others)
