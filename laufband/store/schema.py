@@ -69,6 +69,11 @@ tasks = Table(
 Index("ix_tasks_claim", tasks.c.state, tasks.c.reqset, tasks.c.priority.desc(),
       tasks.c.depth.desc(), tasks.c.pk)
 
+# Tasks that run again because they were invalidated (version 4): status counts them
+# without reading every task.
+Index("ix_tasks_invalidated", tasks.c.invalidated, sqlite_where=tasks.c.invalidated == 1,
+      postgresql_where=tasks.c.invalidated == 1)
+
 # Dependency edges by integer key; the primary key (dep, task) finds dependents, and
 # the index on task a task's dependencies (fingerprints: a task whose dependencies
 # change, a task invalidated behind a failed one).
@@ -339,7 +344,7 @@ def _from_3(conn: Connection) -> str:
             f"ALTER TABLE tasks ADD COLUMN {column} INTEGER DEFAULT '0' NOT NULL")
     conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN timeout FLOAT")
     for index in tasks.indexes:
-        if index.name == "ix_tasks_claim":
+        if index.name in ("ix_tasks_claim", "ix_tasks_invalidated"):
             index.create(conn)
     rows = conn.exec_driver_sql("SELECT id, labels FROM reqsets").fetchall()
     conn.exec_driver_sql("DROP TABLE reqsets")
