@@ -45,6 +45,7 @@ from laufband.store import (
     sqlite_path,
 )
 from laufband.store.connection import absolute_url
+from laufband.store.resources import check_tasks
 from laufband.task import GraphSpec, Task, read_graph, validate
 from laufband.threads import Summary, ThreadedRun, encode_result
 
@@ -124,7 +125,12 @@ class Graphband(t.Generic[T]):
         spec = self._read_graph()
         path = sqlite_path(absolute_url(s.db))
         if path is None or not os.path.exists(path):
-            _ = spec.order  # a new workflow: check the graph before creating any file
+            # A new workflow: check the graph, and its resources against the limits
+            # given here (the only ones there are yet), before creating any file.
+            _ = spec.order
+            if path is not None:
+                check_tasks((task for task in spec.by_id.values() if task.resources),
+                            dict(s.limits), path)
         base = path or "laufband"
         # The user's lock is separate from the database lock, so that user critical
         # sections never block claims; the heartbeat keeps it alive while held.

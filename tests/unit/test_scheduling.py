@@ -58,13 +58,17 @@ def test_a_resource_without_a_limit_is_refused_before_anything_runs():
     with pytest.raises(GraphError, match="holds resource 'gpu', which has no limit.*"
                                          r"limits=\{'gpu': 4\}"):
         make([Task("a", resources={"gpu": 1})], limits={"api": 2})
-    assert rows("SELECT count(*) FROM tasks") == [(0,)]
+    assert not os.path.exists("g.sqlite")  # a new workflow: nothing written
 
 
 def test_a_task_that_needs_more_than_the_limit_is_refused():
     with pytest.raises(GraphError, match="needs 3 of resource 'api', more than its limit 2"):
         make([Task("a", resources={"api": 3})], limits={"api": 2})
-    assert rows("SELECT count(*) FROM tasks") == [(0,)]
+    assert not os.path.exists("g.sqlite")
+    list(make([Task("b")]))  # an existing workflow: checked against the stored limits
+    with pytest.raises(GraphError, match="holds resource 'api', which has no limit"):
+        make([Task("b"), Task("a", resources={"api": 3})], name="B")
+    assert rows("SELECT id FROM tasks") == [("b",)]
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
