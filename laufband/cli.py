@@ -13,6 +13,7 @@ declined); 2 bad arguments, no database, or a database laufband cannot read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -64,9 +65,15 @@ def _monitor(store: Store) -> Monitor:
 def _console(out: t.TextIO | None) -> Console:
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits with 1 here; `laufband status | head` is a success (main()).
+            self.quiet = True
+            raise BrokenPipeError
+
     # Not a terminal (a pipe, a file, a test): 80 columns, no colours.
-    return Console(file=out or sys.stdout, highlight=False, soft_wrap=False,
-                   width=None if (out or sys.stdout).isatty() else 80)
+    return _Console(file=out or sys.stdout, highlight=False, soft_wrap=False,
+                    width=None if (out or sys.stdout).isatty() else 80)
 
 
 def _print(con: Console, renderable: t.Any) -> None:
@@ -378,6 +385,9 @@ def retry(db: str, args: argparse.Namespace) -> int:
             return 1
     done = store.retry(args.tasks, states, f"laufband retry ({getpass.getuser()})")
     print(f"{len(done.ids)} task(s) ready to run again; start workers to run them")
+    if store.cancelled() is not None:
+        print("laufband: the workflow is cancelled: workers leave at once until "
+              "`laufband resume`", file=sys.stderr)
     return 0
 
 
@@ -427,8 +437,8 @@ def watch(db: str, interval: float, count: int | None) -> int:
         raise ConfigError(f"--interval {interval}: give a number of seconds > 0")
     store = open_store(db)
     frames = 0
-    with _keys() as pressed, Live(watch_view(store), auto_refresh=False,
-                                  console=_console(None)) as live:
+    with _quit_on_hangup(), _keys() as pressed, Live(
+            watch_view(store), auto_refresh=False, console=_console(None)) as live:
         try:
             while count is None or frames < count - 1:
                 if pressed(interval) == "q":
@@ -438,6 +448,23 @@ def watch(db: str, interval: float, count: int | None) -> int:
         except KeyboardInterrupt:
             pass
     return 0
+
+
+@contextlib.contextmanager
+def _quit_on_hangup() -> t.Iterator[None]:
+    """SIGTERM or SIGHUP (a closed terminal) quit watch like Ctrl-C: the terminal mode
+    is restored on the way out."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _keys:
@@ -487,9 +514,20 @@ def cancel(db: str, drain: float) -> int:
     flag, stopped, running = store.cancel(drain, who)
     print(f"cancelled: workers stop claiming; {stopped} task(s) that had not started are "
           f"cancelled; {running} running, waiting up to {flag.drain:g} s for them")
-    while store.live_attempts() and time.time() < flag.deadline:
-        time.sleep(min(0.2, max(0.0, flag.deadline - time.time())))
-    abandoned = store.abandon(who)
+    try:
+        while (store.live_attempts() and time.time() < flag.deadline
+               and store.cancelled() == flag):
+            time.sleep(min(0.2, max(0.0, flag.deadline - time.time())))
+    except KeyboardInterrupt:
+        print("\nlaufband: interrupted: the workflow stays cancelled, but what still runs "
+              "was not abandoned; `laufband cancel --drain-timeout 0` abandons it now, "
+              "`laufband resume` undoes the cancel.", file=sys.stderr)
+        return 130
+    abandoned = store.abandon(who, flag)
+    if abandoned is None:
+        print("the workflow was resumed (or cancelled anew) during the drain: nothing "
+              "abandoned")
+        return 0
     print(f"{running} running at the cancel: {running - abandoned} finished within the "
           f"drain, {abandoned} abandoned (recorded cancelled; their workers' results will "
           "be discarded). `laufband resume` undoes the cancel.")

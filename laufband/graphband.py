@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 T = t.TypeVar("T")
 
+#: Between the tasks of a batch, a loop looks for a cancel at most this often (seconds).
+CANCEL_CHECK = 1.0
+
 
 class Graphband(t.Generic[T]):
     """Iterate over the tasks of a DAG together with every other worker of the workflow.
@@ -381,8 +384,9 @@ class Graphband(t.Generic[T]):
 
     def _observe(self, result: StepResult) -> None:
         """Update the progress bar, note a cancel, and enforce the failure policy."""
-        if result.cancelled is not None:
-            self._cancelled = result.cancelled
+        # Every step and poll says whether the workflow is cancelled now: a resume
+        # during the drain lets a worker that has not left yet go on.
+        self._cancelled = result.cancelled
         counts = result.counts
         self._last_counts = counts
         self._see_reqsets(counts)
@@ -486,6 +490,8 @@ class _Loop:
         self._finished = threading.Event()  # ... for other threads to wait on
         self._guard = threading.RLock()  # one end(), also from other threads
         self._signals_before = signals_received()
+        self._cancel_check_at = 0.0  # _cancelled_meanwhile
+        self._cancel_mark: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------- the loop
     def run(self) -> Iterator[t.Any]:
@@ -519,12 +525,27 @@ class _Loop:
     def set_result(self, value: t.Any) -> None:
         self.result = encode_result(value, self.w.settings.max_result_size)
 
+    def _cancelled_meanwhile(self) -> bool:
+        """Between the tasks of a batch (no step runs): was the workflow cancelled? At
+        most once a second, and only if the database changed (a stat)."""
+        now = self.clock.monotonic()
+        if now < self._cancel_check_at:
+            return False
+        self._cancel_check_at = now + CANCEL_CHECK
+        mark = self.store.change_mark()
+        if mark is not None and mark == self._cancel_mark:
+            return False
+        self._cancel_mark = mark
+        self.w._cancelled = self.store.cancelled()
+        return self.w._cancelled is not None
+
     def _next(self) -> Claim | None:
         """The next task to run, or None when the loop is over."""
+        fresh = not self.queue  # a step now tells whether the workflow is cancelled
         if self._stopping() or (not self.queue and not self._refill()):
             return None
-        if self._stopping():
-            return None  # asked to stop while we stepped: what we claimed goes back
+        if self._stopping() or (not fresh and self._cancelled_meanwhile()):
+            return None  # asked to stop: what we claimed goes back
         claim = self.queue.popleft()
         if not self.queue:
             self._step_ahead()

@@ -104,6 +104,8 @@ class ThreadedRun:
         self.finished = False
         self._finished = threading.Event()
         self.left = False  # the store set this worker's state
+        self._mark: tuple[int, ...] | None = None  # the database file when last read
+        self._read_at = float("-inf")
         self.me.threads = threads
 
     # ------------------------------------------------- Graphband's loop protocol
@@ -201,11 +203,18 @@ class ThreadedRun:
         step = WATCH if watch else 0.25  # also how soon a stop signal is seen
         if until is not None:
             step = max(0.0, min(step, until - self.clock.monotonic()))
-        mark = self.store.change_mark()
         if self._collect(block_until=step):
             return False
-        if mark is not None and self.store.change_mark() == mark:
+        # Read only when the file changed since the last read (the mark is kept across
+        # waits: a commit between two of them is not missed); without free slots, only
+        # for a cancel, at most once a second.
+        now = self.clock.monotonic()
+        if not watch and now < self._read_at + 1.0:
             return False
+        mark = self.store.change_mark()
+        if mark is not None and mark == self._mark:
+            return False
+        self._mark, self._read_at = mark, now
         result = self.store.poll(self.me)
         self.w._observe(result)
         return watch and result.claimable

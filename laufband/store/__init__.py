@@ -201,7 +201,7 @@ class Store:
         with self._ledger(cancel) as led:
             if want.start:
                 workers.start_loop(led, me)
-            attempts.end(led, me.id, finishes)
+            attempts.end(led, me.id, cancelling.settle(led, finishes))
             stopped = cancelling.flag(led)
             if stopped is not None:  # `laufband cancel`: claim nothing, leave
                 return StepResult([], led.counts, cancelled=stopped)
@@ -260,7 +260,7 @@ class Store:
         the worker's state (``None``: keep it). A worker never leaves holding a live
         attempt: any left is handed back (no retry used)."""
         with self._ledger() as led:
-            attempts.end(led, worker, finishes)
+            attempts.end(led, worker, cancelling.settle(led, finishes))
             if state is not None:
                 workers.set_state(led, worker, state)
                 attempts.hand_back_all(led, worker, f"worker {worker} left holding it")
@@ -302,10 +302,11 @@ class Store:
         with self._ledger() as led:
             return cancelling.cancel(led, drain, who)
 
-    def abandon(self, who: str) -> int:
-        """After the drain: what still runs is recorded cancelled. Returns how many."""
+    def abandon(self, who: str, cancel: cancelling.Cancel) -> int | None:
+        """After the drain of ``cancel``: what still runs is recorded cancelled. Returns
+        how many; None if the workflow was resumed meanwhile (nothing done)."""
         with self._ledger() as led:
-            return cancelling.abandon(led, who)
+            return cancelling.abandon(led, who, cancel)
 
     def resume(self, who: str) -> int:
         """Undo a cancel: workers may claim again, cancelled tasks come back."""

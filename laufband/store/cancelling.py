@@ -57,22 +57,41 @@ def cancel(led: Ledger, drain: float, who: str) -> tuple[Cancel, int, int]:
     if current is None:
         current = Cancel(led.now, drain, who)
         led.run(SQL["set_flag"], {"value": json.dumps(dataclasses.asdict(current))})
-    pks = [pk for (pk,) in led.all(SQL["not_started"])]
-    led.move_all(pks, S.CANCELLED, Event.CANCELLED, None, detail=f"cancelled by {who}")
-    return current, len(pks), len(led.all(SQL["live"]))
+    before = led.counts.n([S.CANCELLED])
+    sweep(led, who)
+    return current, led.counts.n([S.CANCELLED]) - before, len(led.all(SQL["live"]))
 
 
-def abandon(led: Ledger, who: str) -> int:
-    """The drain is over: every live attempt is recorded cancelled, its task too, and
-    so is what became ready meanwhile (an attempt that failed with retries left)."""
+def abandon(led: Ledger, who: str, cancel: Cancel) -> int | None:
+    """The drain of ``cancel`` is over: every live attempt is recorded cancelled, its
+    task too, and so is what became ready meanwhile (an attempt that failed with
+    retries left). None, and nothing done, if the workflow was resumed meanwhile (or
+    cancelled anew)."""
+    if flag(led) != cancel:
+        return None
     live = led.all(SQL["live"])
     for pk, attempt, worker, task_id in live:
         attempts.end(led, worker, [Finish(Claim(pk, task_id, attempt), Event.CANCELLED,
                                           f"still running when the drain of the cancel "
                                           f"by {who} timed out")])
+    sweep(led, who)
+    return len(live)
+
+
+def settle(led: Ledger, finishes: list[Finish]) -> list[Finish]:
+    """A worker's own "cancelled" (its drain ran out) counts only while the workflow is
+    still cancelled; after a resume the attempt is handed back instead."""
+    if not any(f.outcome == Event.CANCELLED for f in finishes) or flag(led) is not None:
+        return finishes
+    return [dataclasses.replace(f, outcome=Event.PREEMPTED,
+                                detail="the workflow was resumed during the drain")
+            if f.outcome == Event.CANCELLED else f for f in finishes]
+
+
+def sweep(led: Ledger, who: str) -> None:
+    """While cancelled: tasks that are ready or waiting (new ones, too) are cancelled."""
     pks = [pk for (pk,) in led.all(SQL["not_started"])]
     led.move_all(pks, S.CANCELLED, Event.CANCELLED, None, detail=f"cancelled by {who}")
-    return len(live)
 
 
 def resume(led: Ledger, who: str) -> int:

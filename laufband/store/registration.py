@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from laufband.errors import ConfigError, GraphMismatchError
 from laufband.locking import DatabaseLock
 from laufband.states import TaskState
-from laufband.store import incremental, resources
+from laufband.store import cancelling, incremental, resources
 from laufband.store.ledger import Ledger
 from laufband.store.schema import counts, graphs, reqset_key, reqsets, tasks
 from laufband.task import GraphSpec, Task, spec_hash
@@ -153,6 +153,9 @@ class Registration:
         conn.execute(graphs.insert().values(
             generation=generation, digest=self.spec.digest, n_tasks=len(self.spec.by_id),
             registered_at=now, worker=self.worker))
+        cancel = cancelling.flag(led)
+        if cancel is not None:  # new (or rewired) tasks do not start under a cancel
+            cancelling.sweep(led, cancel.by)
         led.flush()  # what the changes booked: counts and history
         return generation
 

@@ -159,6 +159,19 @@ def test_watch_shows_the_run_and_quits_on_q(workers):
         os.write(leader, b"q")
         assert proc.wait(timeout=10) == 0
         assert termios.tcgetattr(follower)[3] == before[3]  # local modes restored
+        # SIGTERM (or a closed terminal: SIGHUP) quits the same way
+        while select.select([leader], [], [], 0.3)[0]:  # what the first one left
+            os.read(leader, 65536)
+        proc = subprocess.Popen([sys.executable, "-m", "laufband.cli", "--db", str(db),
+                                 "watch", "--interval", "0.2"], stdin=follower,
+                                stdout=follower, stderr=follower, cwd=workers.folder)
+        seen = b""
+        while b"q or Ctrl-C quits" not in seen and time.monotonic() < end + 30:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 65536)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert termios.tcgetattr(follower)[3] == before[3]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -166,3 +179,16 @@ def test_watch_shows_the_run_and_quits_on_q(workers):
         os.close(leader)
         os.close(follower)
     workers.wait()
+
+
+def test_status_into_a_closed_pipe_is_a_success(workers):
+    """`set -o pipefail; laufband status | head -2` must not fail: rich would exit 1."""
+    workers.start("flat:5")
+    workers.wait()
+    for n in (1, 2):
+        out = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; '{sys.executable}' -m laufband.cli --db "
+                           f"'{workers.folder / 'graph.sqlite'}' status | head -{n}"],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (n, out.stderr)
+        assert len(out.stdout.splitlines()) == n

@@ -267,3 +267,51 @@ def test_report_writes_a_self_contained_page_and_refuses_other_formats(capsys):
     assert "http://" not in page.replace("http://www.w3.org", "")  # nothing fetched
     code, _, err = run(capsys, "report", "--output", "r.pdf")
     assert code == 2 and ".html, .png, .svg" in err
+
+
+def test_a_resume_during_the_drain_is_not_undone_by_the_waiting_cancel():
+    worker = make([Task("a"), Task("b")], batch_size=1)
+    it = iter(worker)
+    next(it)
+    store = cli.writable_store("g.sqlite")
+    flag, stopped, running = store.cancel(60.0, "op")
+    assert (stopped, running) == (1, 1)
+    store.resume("op")
+    assert store.abandon("op", flag) is None  # the cancel's own abandon does nothing
+    assert states() == {"a": "running", "b": "ready"}
+    assert [t.id for t in it] == ["b"]  # the loop goes on
+    assert states() == {"a": "completed", "b": "completed"}
+
+
+def test_a_workers_own_cancelled_finish_after_a_resume_hands_the_task_back():
+    from laufband.states import Event
+    from laufband.store import Finish, Want
+
+    worker = make([Task("a")])
+    claim = worker._store.step(worker._me, [], Want(1, start=True)).claims[0]
+    store = cli.writable_store("g.sqlite")
+    store.cancel(0.0, "op")
+    store.resume("op")
+    worker._store.step(worker._me, [Finish(claim, Event.CANCELLED, "drain over")], Want(0))
+    assert rows("SELECT outcome FROM attempts") == [("preempted",)]
+    assert states() == {"a": "ready"}
+
+
+def test_a_batch_stops_between_its_tasks_when_the_workflow_is_cancelled(capsys):
+    worker = make([Task(f"t{i}") for i in range(5)], batch_size=5)
+    it = iter(worker)
+    assert next(it).id == "t0"  # the batch holds all five
+    cli.writable_store("g.sqlite").cancel(60.0, "op")
+    with pytest.raises(SystemExit) as exc:
+        next(it)  # t0 is recorded; t1..t4 are handed back, not started
+    assert exc.value.code == 75
+    assert rows("SELECT outcome, count(*) FROM attempts GROUP BY outcome"
+                " ORDER BY outcome") == [("completed", 1), ("preempted", 4)]
+
+
+def test_tasks_a_rerun_adds_under_a_cancel_are_cancelled_too():
+    list(make([Task("a")], name="first"))
+    cli.writable_store("g.sqlite").cancel(0.0, "op")
+    with pytest.raises(SystemExit):
+        list(make([Task("a"), Task("b")], name="second"))
+    assert states() == {"a": "completed", "b": "cancelled"}
