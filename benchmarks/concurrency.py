@@ -166,15 +166,8 @@ def launch(ctx: Context, cfg: Config, folder: Path, m: Measure) -> list[dict]:
             errs.append(err)
             procs.append(subprocess.Popen([*cmd, "--out", str(out)], cwd=folder, env=env,
                                           stdout=subprocess.DEVNULL, stderr=err))
-        ready_by = launched + 120
-        while not all(out.with_suffix(".ready").exists() for out in outs):
-            if any(p.poll() is not None for p in procs):
-                m.problems.append("a worker exited before it was ready")
-                break
-            if time.monotonic() > ready_by:
-                m.problems.append("workers not ready within 120 s")
-                break
-            time.sleep(0.002)
+        bench.wait_ready(procs, [out.with_suffix(".ready") for out in outs], launched + 120,
+                         m.problems)
         m.setup_s = time.monotonic() - launched
         go.touch()
         bench.wait_workers(procs, 60 + 10 * cfg.ideal_s, m.problems)

@@ -283,6 +283,20 @@ def build_shim(ctx: Context) -> Path | None:
     return target
 
 
+def wait_ready(procs: list[subprocess.Popen], ready: list[Path], by: float,
+               problems: list[str]) -> None:
+    """Wait until every worker wrote its ready file (registered the graph, waits for the
+    start), or report why not."""
+    while not all(path.exists() for path in ready):
+        if any(p.poll() is not None for p in procs):
+            problems.append("a worker exited before it was ready")
+            return
+        if time.monotonic() > by:
+            problems.append("workers not ready in time")
+            return
+        time.sleep(0.002)
+
+
 def wait_workers(procs: list[subprocess.Popen], within: float, problems: list[str]) -> None:
     """Wait for the workers to exit; kill (and report) any still running after
     ``within`` seconds."""
@@ -378,15 +392,8 @@ def run_once(ctx: Context, sc: Scenario, impl: str, keep: bool = False) -> Resul
             procs.append(subprocess.Popen(
                 [*cmd_base, "--out", str(out / f"w{i}.json")], cwd=data, env=env,
                 stdout=subprocess.DEVNULL, stderr=err))
-        ready_by = launched + 600
-        while sum((out / f"w{i}.ready").exists() for i in range(sc.workers)) < sc.workers:
-            if any(p.poll() is not None for p in procs):
-                res.problems.append("a worker exited before it was ready")
-                break
-            if time.monotonic() > ready_by:
-                res.problems.append("workers not ready within 600 s")
-                break
-            time.sleep(0.005)
+        wait_ready(procs, [out / f"w{i}.ready" for i in range(sc.workers)], launched + 600,
+                   res.problems)
         res.setup_s = time.monotonic() - launched
         t0 = time.monotonic_ns()
         go.touch()
