@@ -111,17 +111,21 @@ def shares(led: Ledger, limits: dict[str, int], worker: str) -> dict[str, int]:
     that can run tasks holding it and wait for work or run such a task. Without this,
     a worker whose slot came free takes it again in the same step, every time, and
     runs all the capped work while the others wait. A worker busy with other work does
-    not count (its share would stay unused); a worker alone may hold the whole limit."""
+    not count (its share would stay unused); a worker alone may hold the whole limit.
+    A share is never below what one task needs (else such a task could never run)."""
     busy = [frozenset(json.loads(raw))
             for (raw,) in led.all(SQL["competing"], {"worker": worker})]
-    capable: dict[str, int] = {}
     users: dict[str, list[frozenset[str]]] = {}
+    most: dict[str, int] = {}  # the most one task needs
     for labels, res in led.all(SQL["capped_labels"]):
-        for name in json.loads(res):
+        for name, amount in json.loads(res).items():
             users.setdefault(name, []).append(frozenset(json.loads(labels)))
-    for name, needed in users.items():
-        capable[name] = sum(1 for have in busy if any(req <= have for req in needed))
-    return {name: -(-cap // max(1, capable.get(name, 1))) for name, cap in limits.items()}
+            most[name] = max(most.get(name, 0), amount)
+    result = {}
+    for name, cap in limits.items():
+        capable = sum(1 for have in busy if any(req <= have for req in users.get(name, ())))
+        result[name] = max(-(-cap // max(1, capable)), min(most.get(name, 1), cap))
+    return result
 
 
 def fits(need: dict[str, int], left: dict[str, int]) -> int:

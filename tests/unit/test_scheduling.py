@@ -445,3 +445,21 @@ def test_worker_lock_is_shared_by_the_threads_of_map():
     assert worker.map(fn, threads=4).completed == 8
     assert most[0] == 1
     assert not worker.lock.is_locked
+
+
+def test_a_task_needing_more_than_a_workers_share_still_runs():
+    """Limit 3 shared by 3 competing workers is 1 each; a task that needs 2 must still
+    be claimable (a share is never below what one task needs)."""
+    from laufband.states import WorkerState
+    from laufband.store import Want
+
+    tasks = [Task("long"), Task("big", resources={"api": 2}), Task("x", resources={"api": 1})]
+    d = make(tasks, name="D", limits={"api": 3})
+    assert [cl.id for cl in d._store.step(d._me, [], Want(1, start=True)).claims] == ["long"]
+    a, b, c = (make(tasks, name=n) for n in "ABC")
+    for w in (b, c):  # two others wait for work ("long" runs), so they compete for api
+        w._store.step(w._me, [], Want(0, start=True, leave=WorkerState.OFFLINE))
+    assert rows("SELECT id FROM workers WHERE leave_as IS NOT NULL ORDER BY id") == [
+        ("B",), ("C",)]
+    waiting = Want(1, 1, start=True, leave=WorkerState.OFFLINE)
+    assert [cl.id for cl in a._store.step(a._me, [], waiting).claims] == ["big"]
