@@ -268,7 +268,7 @@ class Graphband(t.Generic[T]):
             return summary
         self._start_run()
         run = self._loop = ThreadedRun(self, fn, threads)
-        self._session.track(None)
+        self._session.track(run.end_at_exit)
         self._session.loop_active = True
         return run.run()
 

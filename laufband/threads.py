@@ -33,7 +33,7 @@ import typing as t
 from collections.abc import Callable
 
 from laufband import waiting
-from laufband.errors import ResultError
+from laufband.errors import ResultError, TaskFailedError
 from laufband.signals import Cancelled, Preempted, announce_cancel, stop_signals
 from laufband.states import Event, WorkerState
 from laufband.store import Claim, Failure, Finish, StepResult, Want
@@ -104,6 +104,7 @@ class ThreadedRun:
         self.finished = False
         self._finished = threading.Event()
         self.left = False  # the store set this worker's state
+        self.failure: TaskFailedError | None = None  # failure_policy="stop" (_observe)
         self._mark: tuple[int, ...] | None = None  # the database file when last read
         self._read_at = float("-inf")
         self.me.threads = threads
@@ -120,6 +121,21 @@ class ThreadedRun:
     def wait_finished(self) -> None:
         self._finished.wait()
 
+    def end_at_exit(self) -> None:
+        """The interpreter exits while map runs on another (daemon) thread: its running
+        tasks are handed back and the worker goes offline, now (the coordinator and the
+        task threads stop with the process)."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self.store.leave(self.me.id, [], WorkerState.OFFLINE)
+        finally:
+            self.session.went_offline()
+            self.finished = True
+            self.session.loop_active = False
+            self._finished.set()
+
     # ----------------------------------------------------------- the run
     def run(self) -> Summary:
         with stop_signals(self.session.on_signal):
@@ -129,11 +145,23 @@ class ThreadedRun:
                 self._end(exc)
                 raise
             self._end(None)
+        if self.failure is not None:
+            raise self.failure
         return self.summary
 
     def _stopping(self) -> bool:
         return (self.w._closing or self.session.signal is not None
-                or self.w._cancelled is not None)
+                or self.w._cancelled is not None or self.failure is not None)
+
+    def _observe(self, result: StepResult) -> None:
+        """The worker's bookkeeping; a task failed for good under failure_policy="stop"
+        stops the claiming like close(): the running tasks finish and are recorded
+        (handing them back while their threads still run would let another worker run
+        them at the same time), then ``run`` raises it."""
+        try:
+            self.w._observe(result)
+        except TaskFailedError as exc:
+            self.failure = exc
 
     def _drain_over(self) -> bool:
         """Cancelled, and the drain timeout passed: what runs is recorded cancelled."""
@@ -162,7 +190,7 @@ class ThreadedRun:
                 result = self._step(Want(free, free, start=first, leave=leave))
                 first = False
                 self._start(result.claims)
-                self.w._observe(result)
+                self._observe(result)
                 if result.left:
                     self.left = True
                     return
@@ -183,7 +211,7 @@ class ThreadedRun:
 
     def _observe_waiting(self, result: StepResult) -> None:
         self.left |= result.left
-        self.w._observe(result)
+        self._observe(result)
 
     def _step(self, want: Want) -> StepResult:
         finishes, self.pending = self.pending, []
@@ -216,7 +244,7 @@ class ThreadedRun:
             return False
         self._mark, self._read_at = mark, now
         result = self.store.poll(self.me)
-        self.w._observe(result)
+        self._observe(result)
         return watch and result.claimable
 
     # ------------------------------------------------------ task threads
@@ -295,6 +323,8 @@ class ThreadedRun:
     # -------------------------------------------------------------- the end
     def _end(self, exc: BaseException | None) -> None:
         """Record what finished, hand back what still runs, set the worker's state."""
+        if self.ended:
+            return  # the process is exiting: end_at_exit did it
         self.ended = True
         try:
             self._collect(block_until=None)
@@ -320,6 +350,7 @@ class ThreadedRun:
                 self.session.went_offline()
             if self.w._bar is not None:
                 self.w._bar.close()
+            signum = self.session.signal  # again: one may have come while we recorded
             if signum is not None:
                 # The progress bar was closed first, so this starts a line of its own.
                 print(f"laufband: {signal.Signals(signum).name} received: {len(back)} "

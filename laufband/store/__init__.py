@@ -210,7 +210,7 @@ class Store:
             limit = 0 if final else claiming.how_many(led, me, want)
             if limit:
                 workers.ensure_alive(led, me.id)
-            claimed = claiming.claim(led, me, limit)
+            claimed = claiming.claim(led, me, limit, want.ahead)
             left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
             if not (claimed or left) and want.leave is not None:
                 workers.wait(led, me.id, want.leave)

@@ -86,11 +86,14 @@ SQL = {
     "live_of": "SELECT a.task, a.attempt, t.id FROM attempts a JOIN tasks t ON t.pk = a.task"
                " WHERE a.worker = :worker AND a.ended_at IS NULL"
                " ORDER BY a.started_at, a.task",
-    # Live attempts past their deadline (Task.timeout), with their worker's budget.
+    # Live attempts past their deadline (Task.timeout), with their worker's budget: by
+    # the clock of the worker that claimed them for its own, and for another worker's
+    # only a heartbeat timeout later (the clocks of two nodes may differ by as much).
     "overdue": "SELECT a.task, a.attempt, t.id, a.worker, a.deadline - a.started_at,"
                " coalesce(w.max_failed, 0) FROM attempts a CROSS JOIN tasks t"
                " LEFT JOIN workers w ON w.id = a.worker"
-               " WHERE a.ended_at IS NULL AND a.deadline < :now AND t.pk = a.task",
+               " WHERE a.ended_at IS NULL AND t.pk = a.task AND (a.deadline < :now"
+               " AND a.worker = :me OR a.deadline + coalesce(w.heartbeat_timeout, 0) < :now)",
     "set_result": "UPDATE attempts SET result = :result WHERE task = :pk"
                   " AND attempt = :attempt AND worker = :worker AND outcome = 'completed'",
     "add_error": "UPDATE attempts SET error = :error, traceback = :traceback"
@@ -349,7 +352,7 @@ def end_all_of_dead(led: Ledger, worker: str, budget: int, why: str,
 def time_out(led: Ledger, by: str) -> int:
     """Record failed every live attempt that ran past its task's timeout (whoever runs
     it: its resources are released now; what the attempt does later is fenced)."""
-    overdue = led.all(SQL["overdue"], {"now": led.now})
+    overdue = led.all(SQL["overdue"], {"now": led.now, "me": by})
     for pk, attempt, task_id, worker, timeout, budget in overdue:
         error = f"TimeoutError: the attempt ran longer than its timeout of {timeout:g} s"
         _end_other(led, worker, Finish(

@@ -24,7 +24,8 @@ SQL = {
     # which it holds no live attempt (a shared task's second slot is someone else's);
     # not a shared task that waits again (a dependency was invalidated while one of its
     # attempts ran: it stays 'ready') nor one to be removed (fingerprints).
-    "find_ready": "SELECT pk, priority, depth FROM tasks WHERE state = 'ready'"
+    "find_ready": "SELECT pk, priority, depth, timeout IS NOT NULL FROM tasks"
+                  " WHERE state = 'ready'"
                   " AND reqset = :reqset AND generation <= :generation AND waiting_on = 0"
                   " AND dirty != 2"
                   " AND NOT EXISTS (SELECT 1 FROM attempts"
@@ -55,16 +56,21 @@ def how_many(led: Ledger, me: Me, want: Want) -> int:
     return limit
 
 
-def find(led: Ledger, me: Me, limit: int) -> list[int]:
+def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
     """Up to ``limit`` ready tasks this worker may claim: higher priority first, then
     deeper (depth-first workflows), then the most specific requirements, then graph
-    order; tasks that hold resources only as far as the limits leave room."""
+    order; tasks that hold resources only as far as the limits leave room.
+
+    A task with a timeout starts its clock at the claim, so a loop (one task at a
+    time) claims it alone and never ahead: in a batch it would wait for the others,
+    and its completion is recorded only with the next step (worker.map starts every
+    claim at once: no such rule)."""
     ready = [r for r in me.reqset_ids if led.counts.n([S.READY], [r])]
     if not ready:
         return []
     capped = [r for r in ready if r in me.needs]
     left = resources.free(led, me.needs, me.id) if capped else {}
-    found: list[tuple[int, int, int, int, int]] = []
+    found: list[tuple[int, int, int, int, int, int]] = []
     for reqset in ready:
         n = limit
         if reqset in me.needs:
@@ -72,13 +78,16 @@ def find(led: Ledger, me: Me, limit: int) -> list[int]:
             if n <= 0:
                 continue  # its resources are all held
         rank = -me.specific.get(reqset, 0)
-        found += [(-prio, -depth, rank, pk, reqset) for pk, prio, depth in led.all(
+        found += [(-prio, -depth, rank, pk, reqset, timed) for pk, prio, depth, timed in led.all(
             SQL["find_ready"], {"reqset": reqset, "generation": me.generation,
                                 "worker": me.id, "limit": n})]
     if len(ready) > 1:
         found.sort()
     pks: list[int] = []
-    for *_, pk, reqset in found:
+    sequential = me.threads <= 1
+    for *_, pk, reqset, timed in found:
+        if timed and sequential and (ahead or pks):
+            break  # claimed alone, by a step of its own
         need = me.needs.get(reqset)
         if need:
             if resources.fits(need, left) < 1:
@@ -86,14 +95,14 @@ def find(led: Ledger, me: Me, limit: int) -> list[int]:
             for name, amount in need.items():
                 left[name] -= amount
         pks.append(pk)
-        if len(pks) == limit:
+        if len(pks) == limit or (timed and sequential):
             break
     return pks
 
 
-def claim(led: Ledger, me: Me, limit: int) -> list[Claim]:
+def claim(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[Claim]:
     """Claim up to ``limit`` tasks: a new attempt each, live in ``attempts``."""
-    pks = find(led, me, limit) if limit > 0 else []
+    pks = find(led, me, limit, ahead) if limit > 0 else []
     if not pks:
         return []
     marks, params = in_list(pks)

@@ -96,8 +96,11 @@ def free(led: Ledger, needs: dict[int, dict[str, int]], worker: str = "") -> dic
     of each limit (``shares``) minus what it holds itself."""
     limits = stored(led)
     left, mine = dict(limits), dict.fromkeys(limits, 0)
+    # What every live attempt holds, by the requirement sets as they are now (a rerun
+    # may have added some that this worker has not seen yet).
+    held_by = resourced(led)
     for rid, n, own in led.all(SQL["held"], {"worker": worker}):
-        for name, amount in needs.get(rid, {}).items():
+        for name, amount in held_by.get(rid, {}).items():
             left[name] = left.get(name, 0) - n * amount
             mine[name] = mine.get(name, 0) + (own or 0) * amount
     if worker:

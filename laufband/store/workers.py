@@ -54,6 +54,7 @@ SQL = {
     "leave": "UPDATE workers SET state = :state, stopped_at = :stopped, leave_as = NULL"
              " WHERE id = :worker",
     "reqsets": "SELECT id, labels FROM reqsets",
+    "any_live": "SELECT 1 FROM attempts WHERE ended_at IS NULL LIMIT 1",
     "live_labels": "SELECT DISTINCT labels FROM workers WHERE state IN ('idle', 'busy')"
                    " AND id != :me",
     "newest_generation": "SELECT max(generation) FROM graphs",
@@ -123,7 +124,7 @@ def heartbeat(led: Ledger, worker: str, budget: int, stalled_after: float) -> bo
                  worker, led.now - last)
     else:
         reap(led, worker, budget)
-    attempts.time_out(led, worker)
+        attempts.time_out(led, worker)  # not after a stall: nobody could record meanwhile
     return state != WorkerState.DEAD
 
 
@@ -172,9 +173,10 @@ def released(led: Ledger, worker: str, leave: WorkerState) -> bool:
 def done_for(led: Ledger, me: Me) -> bool:
     """Can nothing this worker could run become claimable any more?"""
     capped = [r for r in me.reqset_ids if r in me.needs]
-    if capped and led.counts.n([TaskState.READY], capped) and led.counts.n(
-            [TaskState.RUNNING]):
-        return False  # ready tasks wait for resources that running tasks hold
+    if capped and led.counts.n([TaskState.READY], capped) and led.all(SQL["any_live"]):
+        # Ready tasks wait for resources that running attempts hold (a shared task
+        # holds them while it is still 'ready': look at the attempts, not the counts).
+        return False
     if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
         return not _can_change_up_to(led, me)
     return not led.counts.can_change(me.reqset_ids, lambda: _live_reqsets(led, me.id))

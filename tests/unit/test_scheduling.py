@@ -382,6 +382,10 @@ def test_a_schema_3_database_is_upgraded_and_goes_on():
         conn.close()
     assert json.loads(rows("SELECT value FROM laufband_meta WHERE key = 'schema_version'")
                       [0][0]) == 4
+    from test_database import schema_of
+
+    list(make([Task("x")], db="fresh.sqlite"))
+    assert schema_of("g.sqlite") == schema_of("fresh.sqlite")  # migrated == fresh
 
 
 def test_claim_lookup_and_cap_reads_use_their_indexes():
@@ -394,7 +398,7 @@ def test_claim_lookup_and_cap_reads_use_their_indexes():
     list(make([Task(str(i), priority=i % 3, resources={"api": 1} if i % 2 else {})
                for i in range(50)], limits={"api": 2}))
     conn = sqlite3.connect("g.sqlite")
-    params = {"reqset": 0, "generation": 1, "worker": "w", "limit": 3, "now": 0.0}
+    params = {"reqset": 0, "generation": 1, "worker": "w", "limit": 3, "now": 0.0, "me": "w"}
     try:
         plans = {name: [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
                  for name, sql in (("find", CLAIMING["find_ready"]),
@@ -463,3 +467,70 @@ def test_a_task_needing_more_than_a_workers_share_still_runs():
         ("B",), ("C",)]
     waiting = Want(1, 1, start=True, leave=WorkerState.OFFLINE)
     assert [cl.id for cl in a._store.step(a._me, [], waiting).claims] == ["big"]
+
+
+def test_a_loop_claims_a_task_with_a_timeout_alone_and_never_ahead():
+    """Its clock starts at the claim: in a batch it would wait for the others, and its
+    completion would be recorded only with the next step (found by review: finished
+    tasks were timed out and their completions fenced)."""
+    from laufband.store import Want
+
+    tasks = [Task("a"), Task("t1", timeout=5), Task("b"), Task("t2", timeout=5)]
+    w = make(tasks, batch_size=4)
+    first = w._store.step(w._me, [], Want(4, 4, start=True)).claims
+    assert [c.id for c in first] == ["a"]  # stops before the task with a timeout
+    assert w._store.step(w._me, [], Want(4, 4, ahead=True)).claims == []  # not ahead
+    assert [c.id for c in w._store.step(w._me, [], Want(4, 4)).claims] == ["t1"]  # alone
+    w._me.threads = 4  # worker.map starts every claim at once: no such rule
+    assert [c.id for c in w._store.step(w._me, [], Want(4, 4)).claims] == ["b", "t2"]
+
+
+def test_a_peer_times_out_another_workers_attempt_only_a_heartbeat_timeout_late():
+    """Deadlines are stamped by the claiming node's clock: another node (whose clock
+    may differ) waits a heartbeat timeout longer."""
+    clock = FakeClock()
+    a = make([Task("slow", timeout=10)], name="A", clock=clock, heartbeat_timeout=60,
+             heartbeat_interval=1)
+    it = iter(a)
+    assert next(it).id == "slow"
+    clock.advance(30)
+    b = make([Task("slow", timeout=10)], name="B", clock=clock)
+    beat(b)  # 20 s past the deadline by this clock: not yet for another worker's
+    assert states() == {"slow": "running"}
+    beat(a)  # by its own clock
+    assert states() == {"slow": "failed"}
+
+
+def test_a_shared_capped_task_keeps_a_worker_that_waits_for_its_resource():
+    """A shared task holds its resource while it is still 'ready' (free slots): a
+    worker whose capped task waits for that resource must not leave."""
+    from laufband.states import WorkerState
+    from laufband.store import Want
+
+    tasks = [Task("S", resources={"api": 1}, max_parallel_workers=2, priority=10),
+             Task("T", resources={"api": 1}, requirements={"b"})]
+    a = make(tasks, name="A", limits={"api": 1})
+    b = make(tasks, name="B", labels={"b"})
+    assert [c.id for c in a._store.step(a._me, [], Want(1, start=True)).claims] == ["S"]
+    result = b._store.step(b._me, [], Want(1, start=True, leave=WorkerState.OFFLINE))
+    assert result.claims == [] and not result.left
+
+
+def test_failure_policy_stop_under_map_lets_running_tasks_finish_then_raises():
+    from laufband import TaskFailedError
+
+    gate = threading.Event()
+
+    def fn(task):
+        if task.id == "bad":
+            gate.set()
+            raise ValueError("bad")
+        assert gate.wait(10)
+        time.sleep(0.05)  # still running when the failure is seen
+        return "ok"
+
+    worker = make([Task("slow"), Task("bad")], failure_policy="stop", clock=SystemClock())
+    with pytest.raises(TaskFailedError):
+        worker.map(fn, threads=2)
+    assert states() == {"slow": "completed", "bad": "failed"}
+    assert rows("SELECT count(*) FROM attempts WHERE outcome = 'preempted'") == [(0,)]
