@@ -13,6 +13,7 @@ import json
 import typing as t
 
 from laufband.errors import ConfigError, GraphError
+from laufband.states import TaskState
 from laufband.store.ledger import Ledger
 from laufband.task import named_amounts
 
@@ -28,7 +29,7 @@ SQL = {
     "held": "SELECT t.reqset, count(*), sum(a.worker = :worker) FROM attempts a"
             " CROSS JOIN tasks t WHERE a.ended_at IS NULL AND t.pk = a.task"
             " GROUP BY t.reqset",
-    "capped_labels": "SELECT labels, resources FROM reqsets WHERE resources != '{}'",
+    "capped_labels": "SELECT id, labels, resources FROM reqsets WHERE resources != '{}'",
     # Busy workers that compete for capped work: this one, those waiting for work,
     # and those running a task that holds resources.
     "competing": "SELECT labels FROM workers w WHERE state = 'busy' AND (id = :worker"
@@ -120,13 +121,17 @@ def shares(led: Ledger, limits: dict[str, int], worker: str) -> dict[str, int]:
             for (raw,) in led.all(SQL["competing"], {"worker": worker})]
     users: dict[str, list[frozenset[str]]] = {}
     most: dict[str, int] = {}  # the most one task needs
-    for labels, res in led.all(SQL["capped_labels"]):
+    for rid, labels, res in led.all(SQL["capped_labels"]):
         for name, amount in json.loads(res).items():
-            users.setdefault(name, []).append(frozenset(json.loads(labels)))
             most[name] = max(most.get(name, 0), amount)
+            if led.counts.n([TaskState.READY], [rid]):
+                # Only ready work makes a worker compete: one waiting for later capped
+                # work would otherwise halve the share of the one that can run it now.
+                users.setdefault(name, []).append(frozenset(json.loads(labels)))
     result = {}
     for name, cap in limits.items():
         capable = sum(1 for have in busy if any(req <= have for req in users.get(name, ())))
+        # (this worker always competes: it asks because it can run ready capped work)
         result[name] = max(-(-cap // max(1, capable)), min(most.get(name, 1), cap))
     return result
 
