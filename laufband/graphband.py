@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 
-from flufl.lock import Lock
+from flufl.lock import AlreadyLockedError, Lock
 from tqdm import tqdm
 
 from laufband import config, waiting
@@ -417,12 +417,18 @@ class ThreadSharedLock:
     def __init__(self, lock: Lock) -> None:
         self._lock = lock
         self._threads = threading.Lock()
+        self._owner: int | None = None
 
     def __enter__(self) -> ThreadSharedLock:
+        if self._owner == threading.get_ident():
+            # As flufl says for a nested acquisition (waiting would wait for ourselves).
+            raise AlreadyLockedError("We already had the lock")
         self._threads.acquire()
+        self._owner = threading.get_ident()
         try:
             self._lock.__enter__()
         except BaseException:
+            self._owner = None
             self._threads.release()
             raise
         return self
@@ -431,6 +437,7 @@ class ThreadSharedLock:
         try:
             self._lock.__exit__(*exc)
         finally:
+            self._owner = None
             self._threads.release()
 
     def __getattr__(self, name: str) -> t.Any:

@@ -105,6 +105,7 @@ class ThreadedRun:
         self._finished = threading.Event()
         self.left = False  # the store set this worker's state
         self.failure: TaskFailedError | None = None  # failure_policy="stop" (_observe)
+        self._step_began = 0.0  # when the step that claimed the running tasks began
         self._mark: tuple[int, ...] | None = None  # the database file when last read
         self._read_at = float("-inf")
         self.me.threads = threads
@@ -214,6 +215,8 @@ class ThreadedRun:
         self._observe(result)
 
     def _step(self, want: Want) -> StepResult:
+        # Deadlines count from before the step: the stored ones start at the claim.
+        self._step_began = self.clock.monotonic()
         finishes, self.pending = self.pending, []
         try:
             return self.store.step(self.me, finishes, want)
@@ -251,7 +254,7 @@ class ThreadedRun:
     def _start(self, claims: list[Claim]) -> None:
         for claim in claims:
             task = self.w._by_id[claim.id]
-            deadline = (self.clock.monotonic() + task.timeout
+            deadline = (self._step_began + task.timeout
                         if task.timeout is not None else None)
             thread = threading.Thread(target=self._run_task, args=(claim, task),
                                       name=f"laufband-task-{claim.id}", daemon=True)

@@ -534,3 +534,12 @@ def test_failure_policy_stop_under_map_lets_running_tasks_finish_then_raises():
         worker.map(fn, threads=2)
     assert states() == {"slow": "completed", "bad": "failed"}
     assert rows("SELECT count(*) FROM attempts WHERE outcome = 'preempted'") == [(0,)]
+
+
+def test_taking_worker_lock_twice_on_one_thread_raises_as_flufl_does():
+    from flufl.lock import AlreadyLockedError
+
+    worker = make([Task("a")])
+    with worker.lock, pytest.raises(AlreadyLockedError):
+        worker.lock.__enter__()
+    assert not worker.lock.is_locked
