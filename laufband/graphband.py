@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import typing as t
 import weakref
@@ -31,7 +30,13 @@ from laufband.errors import ConfigError, LaufbandError, ResultError, TaskFailedE
 from laufband.locking import DatabaseLock, FastLock, database_lock, speed_up
 from laufband.prefetch import MAX_HOLD, Prefetch
 from laufband.session import Session, signals_received, user_frame, where
-from laufband.signals import Cancelled, Preempted, announce_cancel, stop_signals
+from laufband.signals import (
+    Cancelled,
+    Preempted,
+    announce_cancel,
+    announce_stop,
+    stop_signals,
+)
 from laufband.states import UNFINISHED, Event, WorkerState
 from laufband.store import (
     Claim,
@@ -381,6 +386,28 @@ class Graphband(t.Generic[T]):
     def _see_reqsets(self, counts: Counts) -> None:
         if not self._known_reqsets.issuperset(counts.rows):
             self._refresh_reqsets()  # another worker added tasks with new requirements
+
+    def _record_end(self, finishes: list[Finish], left: bool,
+                    exc: BaseException | None) -> None:
+        """The end of a loop or a map, in one transaction: record ``finishes`` and set
+        the worker's state (unless the store set it already: ``left``); going offline
+        stops the heartbeat, even if the record failed."""
+        offline = self._leave_as() == WorkerState.OFFLINE
+        state = None if left else self._leave_as()
+        try:
+            if finishes or state is not None:
+                self._store.leave(self._me.id, finishes, state)
+        except LaufbandError as err:
+            if exc is None:
+                raise
+            # On the way out of another error (often the database went bad): report
+            # this one, raise that one. What we hold comes back when we are declared
+            # dead (the heartbeat stops below).
+            log.error("could not record the end of worker %s's loop: %s", self._me.id, err)
+        finally:
+            if offline:
+                self._prefetch.shutdown()
+                self._session.went_offline()
 
     def _observe(self, result: StepResult) -> None:
         """Update the progress bar, note a cancel, and enforce the failure policy."""
@@ -745,22 +772,7 @@ class _Loop:
             Finish(c, Event.PREEMPTED, "claimed ahead, not started") for c in claims]
 
     def _record(self, finishes: list[Finish], exc: BaseException | None) -> None:
-        offline = self.w._leave_as() == WorkerState.OFFLINE
-        state = None if self.left else self.w._leave_as()
-        try:
-            if finishes or state is not None:
-                self.store.leave(self.me.id, finishes, state)
-        except LaufbandError as err:
-            if exc is None:
-                raise
-            # On the way out of another error (often the database went bad): report
-            # this one, raise that one. What we hold comes back when we are declared
-            # dead (the heartbeat stops below).
-            log.error("could not record the end of worker %s's loop: %s", self.me.id, err)
-        finally:
-            if offline:
-                self.w._prefetch.shutdown()
-                self.session.went_offline()
+        self.w._record_end(finishes, self.left, exc)
 
     def _hint_failures(self) -> None:
         """A loop that ends with tasks failed for good says so, and how to rerun them
@@ -778,8 +790,5 @@ class _Loop:
                 else "")
 
     def _announce(self, signum: int, task: str | None) -> None:
-        name = signal.Signals(signum).name
-        what = f"task {task!r} was handed back to other workers; " if task else ""
-        # The progress bar was closed first, so this starts a line of its own.
-        print(f"laufband: {name} received: {what}worker {self.me.id} stops "
-              f"(exit code {128 + signum}).", file=sys.stderr, flush=True)
+        announce_stop(signum, self.me.id,
+                      f"task {task!r} was handed back to other workers; " if task else "")

@@ -42,6 +42,13 @@ class Cancelled(SystemExit):
         self.by = by
 
 
+def announce_stop(signum: int, worker: str, what: str) -> None:
+    """What a worker does on a stop signal (on a line of its own: the progress bar was
+    closed first); ``what``: what it handed back, e.g. "task 'x' was handed back ...; "."""
+    print(f"laufband: {signal.Signals(signum).name} received: {what}worker {worker} stops "
+          f"(exit code {128 + signum}).", file=sys.stderr, flush=True)
+
+
 def announce_cancel(cancel: t.Any, worker: str) -> None:
     """Why a worker leaves a cancelled workflow (on a line of its own: the progress
     bar was closed first)."""

@@ -25,8 +25,6 @@ import dataclasses
 import json
 import logging
 import queue
-import signal
-import sys
 import threading
 import traceback
 import typing as t
@@ -34,7 +32,13 @@ from collections.abc import Callable
 
 from laufband import waiting
 from laufband.errors import ResultError, TaskFailedError
-from laufband.signals import Cancelled, Preempted, announce_cancel, stop_signals
+from laufband.signals import (
+    Cancelled,
+    Preempted,
+    announce_cancel,
+    announce_stop,
+    stop_signals,
+)
 from laufband.states import Event, WorkerState
 from laufband.store import Claim, Failure, Finish, StepResult, Want
 
@@ -338,27 +342,13 @@ class ThreadedRun:
             self.summary.handed_back += len(back)
             self.running.clear()
             finishes, self.pending = self.pending + back, []
-            leave_as = self.w._leave_as()
-            state = None if self.left else leave_as
-            if finishes or state is not None:
-                try:
-                    self.store.leave(self.me.id, finishes, state)
-                except Exception as err:
-                    if exc is None:
-                        raise
-                    log.error("could not record the end of worker %s's map: %s",
-                              self.me.id, err)
-            if leave_as == WorkerState.OFFLINE:
-                self.w._prefetch.shutdown()
-                self.session.went_offline()
+            self.w._record_end(finishes, self.left, exc)
             if self.w._bar is not None:
                 self.w._bar.close()
             signum = self.session.signal  # again: one may have come while we recorded
             if signum is not None:
-                # The progress bar was closed first, so this starts a line of its own.
-                print(f"laufband: {signal.Signals(signum).name} received: {len(back)} "
-                      f"running task(s) handed back to other workers; worker {self.me.id} "
-                      f"stops (exit code {128 + signum}).", file=sys.stderr, flush=True)
+                announce_stop(signum, self.me.id, f"{len(back)} running task(s) handed "
+                                                  "back to other workers; ")
                 if exc is None:
                     raise Preempted(signum)
             cancel = self.w._cancelled
