@@ -240,3 +240,34 @@ def peek(db_file: Path, sql: str, params=()) -> list[tuple] | None:
         if "no such table" in str(exc):
             return None
         raise
+
+
+# ------------------------------------------------------------------ services
+#: Set by scripts/postgres-up.sh and scripts/slurm-up.sh (read here, before the autouse
+#: fixture above clears LAUFBAND_* for each test). In CI (LAUFBAND_REQUIRE_SERVICES=1)
+#: a test that needs a missing service fails instead of skipping.
+SERVICES = {
+    "postgres": os.environ.get("LAUFBAND_TEST_POSTGRES", ""),
+    "slurm": os.environ.get("LAUFBAND_TEST_SLURM", ""),
+}
+REQUIRE_SERVICES = os.environ.get("LAUFBAND_REQUIRE_SERVICES") == "1"
+
+
+def need(service: str) -> str:
+    """The service's address (a URL, or "1"), or skip (fail in CI) with the way to
+    start it."""
+    value = SERVICES[service]
+    if not value:
+        msg = (f"no {service} here: `source <(scripts/{service}-up.sh)` starts one and "
+               f"sets LAUFBAND_TEST_{service.upper()} (CI does)")
+        if REQUIRE_SERVICES:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return value
+
+
+@pytest.fixture(autouse=True)
+def _services(request):
+    for service in SERVICES:
+        if request.node.get_closest_marker(service) is not None:
+            need(service)
