@@ -342,8 +342,6 @@ def parse_limits(pairs: list[str]) -> dict[str, int]:
 def writable_store(db: str) -> Store:
     """The workflow's database for a command that changes it, under its database lock
     (as workers take it). Never creates one."""
-    from laufband.clock import SystemClock
-    from laufband.locking import FastLock, database_lock
     from laufband.store import Store, database_url, sqlite_path
     from laufband.store.connection import absolute_url
 
@@ -351,8 +349,7 @@ def writable_store(db: str) -> Store:
     path = sqlite_path(absolute_url(url))
     if path is not None and not os.path.exists(path):
         raise LaufbandError(f"No workflow database at {path}.")
-    lock = database_lock(FastLock(f"{path}.lock")) if path is not None else None
-    return Store(url, lock, SystemClock())
+    return Store.open_existing(url)
 
 
 def set_limits(db: str, pairs: list[str]) -> None:

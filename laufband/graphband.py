@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import typing as t
 import weakref
@@ -27,7 +28,7 @@ from laufband import config, waiting
 from laufband.batching import Batcher
 from laufband.clock import Clock, SystemClock
 from laufband.errors import ConfigError, LaufbandError, ResultError, TaskFailedError
-from laufband.locking import DatabaseLock, FastLock, database_lock, speed_up
+from laufband.locking import DatabaseLock, FastLock
 from laufband.prefetch import MAX_HOLD, Prefetch
 from laufband.session import Session, signals_received, user_frame, where
 from laufband.signals import (
@@ -76,7 +77,7 @@ class Graphband(t.Generic[T]):
         self,
         tasks: Iterable[Task[T]],
         *,
-        lock: Lock | None = None,
+        lock: Lock | str | None = None,
         db_lock: Lock | None = None,
         db: str | None = None,
         identifier: str | Callable[[], str] | None = None,
@@ -117,7 +118,8 @@ class Graphband(t.Generic[T]):
         self._loop: _Loop | ThreadedRun | None = None
         self._context_managed = False
         if self.settings.disabled:
-            self.lock = lock if lock is not None else nullcontext()
+            self.lock = (FastLock(lock) if isinstance(lock, str)
+                         else lock if lock is not None else nullcontext())
             self.db_lock = db_lock if db_lock is not None else nullcontext()
             return
         self._open(lock, db_lock)
@@ -128,7 +130,7 @@ class Graphband(t.Generic[T]):
         return read_graph(self._tasks_input, fingerprints=self.settings.enable_fingerprints,
                           depth_first=self.settings.depth_first)
 
-    def _open(self, lock: Lock | None, db_lock: Lock | None) -> None:
+    def _open(self, lock: Lock | str | None, db_lock: Lock | None) -> None:
         s = self.settings
         spec = self._read_graph()
         path = sqlite_path(absolute_url(s.db))
@@ -139,17 +141,16 @@ class Graphband(t.Generic[T]):
             if path is not None:
                 check_tasks((task for task in spec.by_id.values() if task.resources),
                             dict(s.limits), path)
-        base = path or "laufband"
         # The user's lock is separate from the database lock, so that user critical
         # sections never block claims; the heartbeat keeps it alive while held.
-        user_lock = lock if lock is not None else FastLock(
-            f"{base}.user.lock", lifetime=max(2 * s.heartbeat_interval, s.lock_lifetime))
-        # Ours is shared by this process's threads too (worker.map); one passed in is
+        given = lock if isinstance(lock, Lock) else None
+        user_lock = given if given is not None else FastLock(
+            lock if isinstance(lock, str) else user_lock_file(path),
+            lifetime=max(2 * s.heartbeat_interval, s.lock_lifetime))
+        # Ours is shared by this process's threads too (worker.map); a Lock passed in is
         # exposed as it is.
-        self.lock = user_lock if lock is not None else ThreadSharedLock(user_lock)
-        file_lock = speed_up(db_lock) if db_lock is not None else FastLock(
-            f"{base}.lock", lifetime=s.lock_lifetime)
-        self._db_lock = database_lock(file_lock)
+        self.lock = given if given is not None else ThreadSharedLock(user_lock)
+        self._db_lock = Store.writers_lock(s.db, s.lock_lifetime, db_lock)
         self._store = Store(s.db, self._db_lock, self._clock, s.journal_mode)
         if self._store.generation_of(spec) is None:
             # Not registered yet (a new or a changed graph): check it before going online.
@@ -434,6 +435,18 @@ class Graphband(t.Generic[T]):
                 "allows another attempt runs them again, and their dependents after them. "
                 "Completed tasks are kept."
             )
+
+
+def user_lock_file(db_path: str | None) -> str:
+    """Where ``worker.lock`` lives by default: next to a SQLite database; for a server
+    (PostgreSQL), next to the script, the one file workers on every node share as
+    surely as a database file (their working folders may differ). ``lock="path"``
+    puts it elsewhere."""
+    if db_path is not None:
+        return f"{db_path}.user.lock"
+    script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else ""
+    folder = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
+    return os.path.join(folder, "laufband.user.lock")
 
 
 class ThreadSharedLock:

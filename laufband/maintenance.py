@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from laufband.clock import SystemClock
 from laufband.errors import ConfigError
-from laufband.locking import FastLock, database_lock
-from laufband.store import Store, database_url, sqlite_path
+from laufband.store import Store, database_url
 from laufband.store.connection import absolute_url
 from laufband.store.pruning import Pruned
 
@@ -17,8 +15,4 @@ def prune(db: str, keep: int = 10, vacuum: bool = False) -> Pruned:
     ``vacuum``, shrink the file (workers wait for that). Returns what was deleted."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ConfigError(f"keep={keep!r} is invalid: it must be an integer >= 1.")
-    url = absolute_url(database_url(db))
-    Store.open_read_only(url)  # a clear error for a missing, foreign or older database
-    path = sqlite_path(url)
-    lock = database_lock(FastLock(f"{path or 'laufband'}.lock"))
-    return Store(url, lock, SystemClock()).prune(keep, vacuum)
+    return Store.open_existing(absolute_url(database_url(db))).prune(keep, vacuum)

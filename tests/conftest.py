@@ -15,7 +15,8 @@ WORKER = HERE / "worker.py"
 FAULT_WORKER = HERE / "fault_worker.py"  # side effects keyed by attempt, fault hooks
 sys.path.insert(0, str(HERE))
 
-from graphs import build  # noqa: E402 - tests/ is on the path only from here on
+import backends  # noqa: E402 - tests/ is on the path only from here on
+from graphs import build  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,7 @@ class Workers:
 
     def start(self, graph: str, n: int = 1, *, db: str | None = None, env: dict | None = None,
               script: Path = WORKER, **options: object) -> list[subprocess.Popen]:
-        db = db or f"sqlite:///{self.folder / 'graph.sqlite'}"
+        db = db or backends.current.url(self.folder / "graph.sqlite")
         started = []
         for _ in range(n):
             out = self.folder / f"worker{len(self.procs)}.jsonl"
@@ -175,8 +176,9 @@ class Faults:
         """Every task completed once, by its latest attempt, whose side effect exists
         exactly once; the database is intact and its bookkeeping matches the rows."""
         ids = {t.id for t in build(self.graph)}
-        assert query(self.db, "PRAGMA integrity_check") == [("ok",)]
-        assert not Path(f"{self.db}-journal").exists()
+        if backends.current.sqlite:
+            assert query(self.db, "PRAGMA integrity_check") == [("ok",)]
+            assert not Path(f"{self.db}-journal").exists()
         states = dict(query(self.db, "SELECT id, state FROM tasks"))
         assert states == dict.fromkeys(ids, "completed")
         assert query(self.db, "SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
@@ -214,30 +216,21 @@ def wait_until(condition, timeout: float = 60.0, interval: float = 0.02, what: s
 
 
 def query(db_file: Path, sql: str, params=()) -> list[tuple]:
-    """Read the database directly (for checks). Any error raises: a check must never
-    pass because the database is not there (yet)."""
-    import sqlite3
-
-    if not Path(db_file).exists():
-        raise AssertionError(f"no database at {db_file}")
-    conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=30)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    """Read the database directly (for checks): the file ``db_file``, or on PostgreSQL
+    the test database made for that name. Any error raises: a check must never pass
+    because the database is not there (yet)."""
+    return backends.current.rows(sql, params, name=db_file)
 
 
 def peek(db_file: Path, sql: str, params=()) -> list[tuple] | None:
     """``query`` for conditions polled while workers start: None until the database and
     its tables exist."""
-    import sqlite3
-
     try:
         return query(db_file, sql, params)
     except AssertionError:
         return None
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
+    except Exception as exc:
+        if backends.current.missing_table(exc):
             return None
         raise
 
@@ -266,8 +259,41 @@ def need(service: str) -> str:
     return value
 
 
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``backends`` (or asking for ``backend``) run on SQLite and on
+    PostgreSQL."""
+    if metafunc.definition.get_closest_marker("sqlite_only") is not None:
+        return  # about the file itself (permissions, journal, lock file)
+    if (metafunc.definition.get_closest_marker("backends") is not None
+            and "backend" not in metafunc.fixturenames):
+        metafunc.fixturenames.append("backend")
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    """The backend of this test (``backends.current`` while it runs); its PostgreSQL
+    databases are dropped afterwards."""
+    kind = getattr(request, "param", "sqlite")
+    chosen = backends.Backend(kind, SERVICES["postgres"]) if kind != "sqlite" \
+        else backends.SQLITE
+    backends.current = chosen
+    try:
+        yield chosen
+    finally:
+        backends.current = backends.SQLITE
+        if not chosen.sqlite:
+            chosen.drop_all()
+
+
 @pytest.fixture(autouse=True)
 def _services(request):
     for service in SERVICES:
         if request.node.get_closest_marker(service) is not None:
             need(service)
+    if request.node.get_closest_marker("backends") is not None:
+        request.getfixturevalue("backend")  # set backends.current for the whole test

@@ -19,9 +19,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
+from flufl.lock import Lock
 
 from laufband.clock import Clock, SystemClock
-from laufband.locking import DatabaseLock, FastLock, database_lock
+from laufband.errors import ConfigError
+from laufband.locking import (
+    DEFAULT_LIFETIME,
+    DatabaseLock,
+    FastLock,
+    database_lock,
+    speed_up,
+)
 from laufband.states import TaskState, WorkerState
 from laufband.store import (
     attempts,
@@ -34,6 +42,7 @@ from laufband.store import (
     timeline,
     workers,
 )
+from laufband.store.advisory import advisory_lock
 from laufband.store.connection import (
     Database,
     absolute_url,
@@ -87,10 +96,35 @@ class Store:
         create the lock file (consistent reads on any file system), else reads under
         SQLite's own locks."""
         path = sqlite_path(absolute_url(url))
-        lock = None
+        lock = None  # a server's snapshot needs none (connection.Database.read)
         if path is not None and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             lock = database_lock(FastLock(f"{path}.lock"))
         return cls(url, lock, clock or SystemClock(), read_only=True)
+
+    @classmethod
+    def open_existing(cls, url: str) -> Store:
+        """For a command that changes an existing workflow (retry, cancel, prune):
+        under the writers' lock as workers take it; never creates or upgrades one."""
+        cls.open_read_only(url)  # a clear error for a missing, foreign or older one
+        return cls(url, cls.writers_lock(url, DEFAULT_LIFETIME), SystemClock())
+
+    @staticmethod
+    def writers_lock(url: str, lifetime: float, given: Lock | None = None) -> DatabaseLock:
+        """The lock that serialises this database's writers (and is ``worker.db_lock``):
+        for SQLite, the file lock ``<db>.lock`` next to it (or ``given``, a flufl Lock);
+        for PostgreSQL, an advisory lock on the server (advisory.py)."""
+        url = absolute_url(url)
+        path = sqlite_path(url)
+        if path is None and sa.engine.make_url(url).get_backend_name() == "sqlite":
+            path = "laufband"  # an in-memory database: a lock file in this folder
+        if path is not None:
+            return database_lock(speed_up(given) if given is not None
+                                 else FastLock(f"{path}.lock", lifetime=lifetime))
+        if given is not None:
+            raise ConfigError(
+                f"db_lock= is a lock file for SQLite; on {display_url(url)} workers "
+                "serialise with an advisory lock on the server. Leave db_lock out.")
+        return advisory_lock(url, lifetime)
 
     @property
     def url(self) -> str:

@@ -7,16 +7,17 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import typing as t
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from laufband.errors import ConfigError, DatabaseError
-from laufband.locking import DatabaseLock
+from laufband.locking import DEFAULT_LIFETIME, DatabaseLock
 
 #: How long SQLite waits for its own file lock. Our file lock serialises workers, so
 #: SQLite's lock is only ever contended by a holder whose file lock was broken while it
@@ -72,6 +73,15 @@ def sqlite_path(url: str) -> str | None:
     return parsed.database
 
 
+def server_connect(url: str) -> Callable[[], t.Any]:
+    """A function that opens a new DBAPI connection to the server at ``url``, outside
+    any pool (the advisory lock's own connection). Without a password in the URL, the
+    driver (libpq) takes it from PGPASSWORD or ~/.pgpass."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    args, kwargs = engine.dialect.create_connect_args(engine.url)
+    return lambda: engine.dialect.connect(*args, **kwargs)
+
+
 def read_only_reason(path: str) -> str:
     """Why ``path`` cannot be written, for error messages."""
     try:
@@ -95,6 +105,7 @@ class Database:
         self.url = url
         self.lock = lock
         self.path = sqlite_path(url)
+        self.sqlite = sa.engine.make_url(url).get_backend_name() == "sqlite"
         self.shown = self.path or display_url(url)  # for messages: a path, or no password
         self.opened = False  # the schema was read or made once (the file exists)
         # The files a commit writes: the database (rollback journal) or its -wal file.
@@ -140,9 +151,9 @@ class Database:
         if read_only and self.path is not None:
             url = f"sqlite:///file:{urllib.parse.quote(os.path.abspath(self.path))}" \
                   "?mode=ro&uri=true"
+        if not self.sqlite:
+            return self._make_server_engine(url, read_only)
         engine = sa.create_engine(url)
-        if engine.dialect.name != "sqlite":
-            return engine
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # pragma: no branch
@@ -160,6 +171,27 @@ class Database:
             conn.exec_driver_sql(conn.get_execution_options().get("laufband_begin",
                                                                   "BEGIN IMMEDIATE"))
 
+        return engine
+
+    def _make_server_engine(self, url: str, read_only: bool) -> Engine:
+        """PostgreSQL (a server): writers are serialised by the advisory lock
+        (advisory.py), readers see one snapshot (REPEATABLE READ) and take no lock."""
+        engine = sa.create_engine(url, pool_pre_ping=True)
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # pragma: no branch
+            with dbapi_conn.cursor() as cur:
+                # A worker that hangs inside a transaction (SIGSTOP, a lost node) would
+                # hold its row locks for ever: the server ends it, and rolls it back,
+                # after a few lock lifetimes (a legitimate transaction never idles so
+                # long between its statements).
+                cur.execute("SET idle_in_transaction_session_timeout = "
+                            f"{int(6 * DEFAULT_LIFETIME * 1000)}")
+                cur.execute("SET application_name = 'laufband'")
+            dbapi_conn.commit()
+
+        if read_only:
+            return engine.execution_options(postgresql_readonly=True)
         return engine
 
     # ---------------------------------------------------------- transactions
@@ -181,10 +213,14 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only snapshot; callers keep it to a statement or two."""
-        with (self._locked(None), self._inside(), self.translate_errors(),
-              self.engine.connect() as conn):
-            conn.execution_options(laufband_begin="BEGIN")
+        """A read-only snapshot; callers keep it to a statement or two. On SQLite under
+        the database lock (consistent reads on NFS); a server's snapshot needs none."""
+        with (self._locked(None) if self.sqlite else nullcontext(), self._inside(),
+              self.translate_errors(), self.engine.connect() as conn):
+            if self.sqlite:
+                conn.execution_options(laufband_begin="BEGIN")
+            else:
+                conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 yield conn
 
@@ -240,10 +276,7 @@ class Database:
                 f"The database {where} was deleted or moved away while this worker was "
                 "using it. Stop all workers; restore the file, or move it aside and start "
                 f"again (its finished tasks will run again). ({text})")
-        for needle, hint in _hints(path).items():
-            if needle in text:
-                return DatabaseError(f"The database {where} {hint}. ({text})")
-        return DatabaseError(f"Database error on {where}: {text}")
+        return explain_text(text, where, _hints(path) if self.sqlite else SERVER_HINTS)
 
     def vacuum(self) -> None:
         """Rebuild the file without its free pages, under the database lock (VACUUM
@@ -251,6 +284,8 @@ class Database:
         with self._locked(None), self.translate_errors():
             raw = self.engine.raw_connection()  # no BEGIN of ours (see _make_engine)
             try:
+                if not self.sqlite:
+                    raw.driver_connection.autocommit = True  # VACUUM needs it there too
                 raw.driver_connection.execute("VACUUM")
             finally:
                 raw.close()
@@ -272,6 +307,33 @@ class Database:
             else:
                 mark += (st.st_size, st.st_mtime_ns)
         return tuple(mark)
+
+
+def explain_text(text: str, where: str, hints: dict[str, str]) -> DatabaseError:
+    """A DatabaseError for the driver's message ``text``, with what to do if known."""
+    for needle, hint in hints.items():
+        if needle in text:
+            return DatabaseError(f"The database {where} {hint}. ({text.strip()})")
+    return DatabaseError(f"Database error on {where}: {text.strip()}")
+
+
+#: PostgreSQL's messages (libpq's and the server's) and what to do about them.
+SERVER_HINTS = {
+    "password authentication failed": "rejected the password: put it in ~/.pgpass "
+    "(host:port:database:user:password, mode 600) or PGPASSWORD, not in the URL",
+    "no password supplied": "asks for a password and none was given: put it in "
+    "~/.pgpass (host:port:database:user:password, mode 600) or PGPASSWORD",
+    "does not exist": "does not exist on the server (or the role does not): create it "
+    "(createdb NAME) or fix the URL",
+    "Connection refused": "is not reachable: is the server running, and are host and "
+    "port right?",
+    "could not translate host name": "names a host that cannot be resolved: fix the URL",
+    "terminating connection due to idle": "ended this worker's connection because it "
+    "hung inside a transaction (paused, or its node lost the network) for longer than "
+    "the lock lifetime; its tasks are handed to other workers",
+    "too many clients": "has no free connection: raise max_connections on the server "
+    "(each worker holds two), or run fewer workers",
+}
 
 
 def _hints(path: str | None) -> dict[str, str]:

@@ -35,7 +35,9 @@ SQL = {
     # Every descendant, whatever its state (CROSS JOIN: walk the edges by key).
     "below": "WITH RECURSIVE down(pk) AS (SELECT pk FROM laufband_set"
              " UNION SELECT e.task FROM down CROSS JOIN edges e WHERE e.dep = down.pk)"
-             " INSERT OR IGNORE INTO laufband_set (pk) SELECT pk FROM down",
+             # WHERE true: SQLite's parser needs it to tell ON CONFLICT from a join's ON.
+             " INSERT INTO laufband_set (pk) SELECT pk FROM down WHERE true"
+             " ON CONFLICT DO NOTHING",
     "states": "SELECT t.pk, t.state, t.running, t.reqset, t.id FROM laufband_set s"
               " CROSS JOIN tasks t WHERE t.pk = s.pk",
     "ready_below": "SELECT DISTINCT t.pk FROM laufband_done d CROSS JOIN edges e"

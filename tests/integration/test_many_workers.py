@@ -8,7 +8,7 @@ from graphs import build
 
 from laufband.batching import MAX_DEFERRAL
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.backends]
 
 
 def complete_graph(workers, graph: str, n: int, env: dict | None = None, **options):
@@ -47,6 +47,7 @@ def test_layered_dag_1000_tasks_8_workers_in_dependency_order(workers):
     complete_graph(workers, "layered:10x100", 8)
 
 
+@pytest.mark.sqlite_only
 def test_layered_dag_with_short_tasks_in_wal_mode(workers):
     """WAL: commits change the -wal file, not the database, which waiting workers watch
     too; 5 ms tasks make the workers step ahead (claim while a task runs)."""

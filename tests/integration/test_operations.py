@@ -10,19 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import backends
 import pytest
 from conftest import peek, query, wait_until
 from graphs import build
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.backends]
 
 MAP_WORKER = Path(__file__).parent.parent / "map_worker.py"
 
 
 def laufband(folder: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "laufband.cli", "--db",
-                           str(folder / "graph.sqlite"), *argv], capture_output=True,
-                          text=True, timeout=timeout, cwd=folder)
+    db = backends.current.url(folder / "graph.sqlite")
+    return subprocess.run([sys.executable, "-m", "laufband.cli", "--db", db, *argv],
+                          capture_output=True, text=True, timeout=timeout, cwd=folder)
 
 
 def live(db: Path) -> int:
@@ -146,7 +147,8 @@ def test_watch_shows_the_run_and_quits_on_q(workers):
     wait_until(lambda: live(db) >= 1, timeout=60, what="workers running")
     leader, follower = pty.openpty()
     before = termios.tcgetattr(follower)
-    proc = subprocess.Popen([sys.executable, "-m", "laufband.cli", "--db", str(db), "watch",
+    url = backends.current.url(db)
+    proc = subprocess.Popen([sys.executable, "-m", "laufband.cli", "--db", url, "watch",
                              "--interval", "0.2"], stdin=follower, stdout=follower,
                             stderr=follower, cwd=workers.folder)
     try:
@@ -162,7 +164,7 @@ def test_watch_shows_the_run_and_quits_on_q(workers):
         # SIGTERM (or a closed terminal: SIGHUP) quits the same way
         while select.select([leader], [], [], 0.3)[0]:  # what the first one left
             os.read(leader, 65536)
-        proc = subprocess.Popen([sys.executable, "-m", "laufband.cli", "--db", str(db),
+        proc = subprocess.Popen([sys.executable, "-m", "laufband.cli", "--db", url,
                                  "watch", "--interval", "0.2"], stdin=follower,
                                 stdout=follower, stderr=follower, cwd=workers.folder)
         seen = b""
@@ -185,10 +187,11 @@ def test_status_into_a_closed_pipe_is_a_success(workers):
     """`set -o pipefail; laufband status | head -2` must not fail: rich would exit 1."""
     workers.start("flat:5")
     workers.wait()
+    url = backends.current.url(workers.folder / "graph.sqlite")
     for n in (1, 2):
         out = subprocess.run(
             ["bash", "-c", f"set -o pipefail; '{sys.executable}' -m laufband.cli --db "
-                           f"'{workers.folder / 'graph.sqlite'}' status | head -{n}"],
+                           f"'{url}' status | head -{n}"],
             capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, (n, out.stderr)
         assert len(out.stdout.splitlines()) == n

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
+import backends
 
 from laufband import Graphband, Laufband
 from laufband.clock import FakeClock
@@ -13,7 +12,8 @@ def make(tasks, name="w", db="g.sqlite", cls=Graphband, clock=None, **kw):
     kw.setdefault("heartbeat_interval", 3600)
     kw.setdefault("heartbeat_timeout", 7200)
     kw.setdefault("tqdm_kwargs", {"disable": True})
-    return cls(tasks, db=f"sqlite:///{db}", identifier=name, clock=clock or FakeClock(), **kw)
+    return cls(tasks, db=backends.current.url(db), identifier=name, clock=clock or FakeClock(),
+               **kw)
 
 
 def beat(worker) -> None:
@@ -26,11 +26,7 @@ def flat_worker(items, name="w", **kw):
 
 
 def rows(sql: str, db: str = "g.sqlite") -> list[tuple]:
-    conn = sqlite3.connect(Path(db))
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return backends.current.rows(sql, name=db)
 
 
 def live(worker: str | None = None, db: str = "g.sqlite") -> int:

@@ -7,15 +7,18 @@ import os
 import sqlite3
 from pathlib import Path
 
+import backends
 import pytest
 from helpers import beat, make, rows, states
 
 from laufband import Task, cli
 from laufband.clock import FakeClock
 
+pytestmark = pytest.mark.backends
+
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["--db", "g.sqlite", *argv])
+    code = cli.main(["--db", backends.current.url("g.sqlite"), *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -160,6 +163,7 @@ def test_retry_refuses_what_it_cannot_do(capsys, argv, message):
     assert states() == before
 
 
+@pytest.mark.sqlite_only
 def test_version_help_and_default_database(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
@@ -173,6 +177,7 @@ def test_version_help_and_default_database(capsys, monkeypatch):
     assert "Both graphband.sqlite and laufband.sqlite" in capsys.readouterr().err
 
 
+@pytest.mark.sqlite_only
 def test_read_only_commands_work_on_a_read_only_file_and_never_write(capsys):
     failed_run()
     os.chmod("g.sqlite", 0o444)
@@ -187,6 +192,7 @@ def test_read_only_commands_work_on_a_read_only_file_and_never_write(capsys):
     assert Path("g.sqlite").read_bytes() == before
 
 
+@pytest.mark.sqlite_only
 def test_not_a_laufband_database(capsys):
     sqlite3.connect("g.sqlite").execute("CREATE TABLE x (y)")
     code, _, err = run(capsys, "status")
@@ -273,7 +279,7 @@ def test_a_resume_during_the_drain_is_not_undone_by_the_waiting_cancel():
     worker = make([Task("a"), Task("b")], batch_size=1)
     it = iter(worker)
     next(it)
-    store = cli.writable_store("g.sqlite")
+    store = cli.writable_store(backends.current.url("g.sqlite"))
     flag, stopped, running = store.cancel(60.0, "op")
     assert (stopped, running) == (1, 1)
     store.resume("op")
@@ -289,7 +295,7 @@ def test_a_workers_own_cancelled_finish_after_a_resume_hands_the_task_back():
 
     worker = make([Task("a")])
     claim = worker._store.step(worker._me, [], Want(1, start=True)).claims[0]
-    store = cli.writable_store("g.sqlite")
+    store = cli.writable_store(backends.current.url("g.sqlite"))
     store.cancel(0.0, "op")
     store.resume("op")
     worker._store.step(worker._me, [Finish(claim, Event.CANCELLED, "drain over")], Want(0))
@@ -301,7 +307,7 @@ def test_a_batch_stops_between_its_tasks_when_the_workflow_is_cancelled(capsys):
     worker = make([Task(f"t{i}") for i in range(5)], batch_size=5)
     it = iter(worker)
     assert next(it).id == "t0"  # the batch holds all five
-    cli.writable_store("g.sqlite").cancel(60.0, "op")
+    cli.writable_store(backends.current.url("g.sqlite")).cancel(60.0, "op")
     with pytest.raises(SystemExit) as exc:
         next(it)  # t0 is recorded; t1..t4 are handed back, not started
     assert exc.value.code == 75
@@ -311,7 +317,7 @@ def test_a_batch_stops_between_its_tasks_when_the_workflow_is_cancelled(capsys):
 
 def test_tasks_a_rerun_adds_under_a_cancel_are_cancelled_too():
     list(make([Task("a")], name="first"))
-    cli.writable_store("g.sqlite").cancel(0.0, "op")
+    cli.writable_store(backends.current.url("g.sqlite")).cancel(0.0, "op")
     with pytest.raises(SystemExit):
         list(make([Task("a"), Task("b")], name="second"))
     assert states() == {"a": "completed", "b": "cancelled"}

@@ -1,0 +1,150 @@
+"""The database lock on PostgreSQL: a session advisory lock, not a file.
+
+Workers on different nodes and in different folders share no lock file, so on
+PostgreSQL the lock that serialises writers is ``pg_advisory_lock`` on a connection of
+its own, held around each write transaction exactly as the file lock is on SQLite (and
+as ``worker.db_lock``). Why serialise at all when PostgreSQL has row locks: every
+transaction books state changes in the ``counts`` rows, sums held resources and
+applies the waiting rules; they must see one order of the transactions before them,
+which the lock gives for the price of two round trips on a local network.
+
+How a holder that stops is noticed: a killed process closes its connection and the
+server drops its lock at once. A process that hangs (SIGSTOP, a node that lost the
+network) holds an idle lock connection: the server ends it after the lock's lifetime
+(``idle_session_timeout``), which releases the lock. While this process holds the
+lock legitimately for long (registering a huge graph), the heartbeat thread calls
+``refresh`` every third of that, which keeps the connection from looking idle. The
+hung holder's own transaction is ended by ``idle_in_transaction_session_timeout``
+(connection.py) and rolled back; its later writes are fenced like any stale worker's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import typing as t
+import weakref
+
+from laufband.errors import LockTimeoutError
+from laufband.locking import DEFAULT_LIFETIME, DEFAULT_TIMEOUT, DatabaseLock
+from laufband.store.connection import SERVER_HINTS, display_url, explain_text, server_connect
+
+log = logging.getLogger(__name__)
+
+#: The advisory lock key (advisory locks are per database): "laufband" as an int64.
+KEY = int.from_bytes(b"laufband", "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class AdvisoryLock(DatabaseLock):
+    """``DatabaseLock`` whose cross-process part is ``pg_advisory_lock(KEY)``: the
+    threads of this process still take turns on ``_turns`` first (re-entrant, with
+    the same cancel rules); only the outermost hold talks to the server."""
+
+    def __init__(self, url: str, lifetime: float = DEFAULT_LIFETIME) -> None:
+        # Not DatabaseLock.__init__: there is no flufl Lock behind this one.
+        self._connect = server_connect(url)
+        self._shown = display_url(url)
+        self._lifetime = lifetime
+        self._conn: t.Any = None
+        self._conn_guard = threading.Lock()  # the heartbeat refreshes from its thread
+        self._turns = threading.RLock()
+        self._depth = 0
+        self._owner: int | None = None
+        self.refresh_interval = max(0.1, lifetime / 3)
+        self._acquired_at = 0.0
+        self._hold: float | None = None
+
+    @property
+    def lockfile(self) -> str:
+        """What the lock is, for messages (there is no file)."""
+        return f"the advisory lock of {self._shown}"
+
+    def _server(self) -> t.Any:
+        """The lock connection, made anew if the server ended it (idle, restarted)."""
+        if self._conn is None or self._conn.closed:
+            conn = self._connect()
+            conn.autocommit = True
+            ms = int(self._lifetime * 1000)
+            with conn.cursor() as cur:
+                # Waiting longer than DEFAULT_TIMEOUT is a stuck lock (reported below);
+                # idle longer than the lifetime while holding it is a hung holder.
+                cur.execute(f"SET lock_timeout = {int(DEFAULT_TIMEOUT * 1000)}")
+                cur.execute(f"SET idle_session_timeout = {ms}")
+                cur.execute("SET application_name = 'laufband lock'")
+            self._conn = conn
+        return self._conn
+
+    def _acquire_file(self) -> None:
+        with self._conn_guard:
+            for tried in range(2):
+                try:
+                    self._server().execute("SELECT pg_advisory_lock(%s)", (KEY,))
+                    return
+                except Exception as exc:  # psycopg.Error: this module imports no driver
+                    closed = self._conn is not None and self._conn.closed
+                    if closed and tried == 0:
+                        continue  # the server ended an idle connection: one new one
+                    raise self._explain(exc) from None
+
+    def _explain(self, exc: Exception) -> Exception:
+        if type(exc).__name__ == "LockNotAvailable":
+            return LockTimeoutError(
+                f"Could not acquire {self.lockfile} within {DEFAULT_TIMEOUT:.0f} s: a "
+                "worker holds it and does not let go. Find it with `laufband workers` or "
+                "pg_locks (locktype 'advisory') and stop it.")
+        return explain_text(str(exc), self._shown, SERVER_HINTS)
+
+    def _release_file(self) -> None:
+        # Never raises (see DatabaseLock.release): if the connection is gone, so is the
+        # lock, which the server dropped with it.
+        with self._conn_guard:
+            try:
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (KEY,))
+            except Exception as exc:
+                log.warning("laufband: releasing %s: %s (the server dropped it with the "
+                            "connection)", self.lockfile, exc)
+                self._close()
+
+    def _observe_hold(self, seconds: float) -> None:
+        """The server queues waiters: no backoff to tune."""
+
+    def refresh(self) -> None:
+        """Keep the lock connection from looking idle while a long hold lasts."""
+        if not self._depth:
+            return
+        with self._conn_guard:
+            try:
+                if self._conn is not None and not self._conn.closed:
+                    self._conn.execute("SELECT 1")
+            except Exception:
+                pass  # left to the next acquisition
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def close(self) -> None:
+        """Close the lock connection (the lock is not held)."""
+        with self._conn_guard:
+            self._close()
+
+
+_LOCKS: weakref.WeakValueDictionary[tuple[int, str], AdvisoryLock] = (
+    weakref.WeakValueDictionary())
+_LOCKS_GUARD = threading.Lock()
+
+
+def advisory_lock(url: str, lifetime: float = DEFAULT_LIFETIME) -> AdvisoryLock:
+    """The one AdvisoryLock of this process for the database at ``url``: two workers of
+    one process must share it, or a thread holding it for one would wait on the server
+    for itself through the other (see locking.database_lock)."""
+    key = (os.getpid(), url)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = AdvisoryLock(url, lifetime)
+        return lock
