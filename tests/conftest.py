@@ -52,7 +52,8 @@ class Workers:
         self.outs: list[Path] = []
 
     def start(self, graph: str, n: int = 1, *, db: str | None = None, env: dict | None = None,
-              script: Path = WORKER, **options: object) -> list[subprocess.Popen]:
+              script: Path = WORKER, cwd: Path | None = None,
+              **options: object) -> list[subprocess.Popen]:
         db = db or backends.current.url(self.folder / "graph.sqlite")
         started = []
         for _ in range(n):
@@ -63,7 +64,8 @@ class Workers:
             # stderr goes to a file: a full pipe could stall a worker that others wait for
             with open(out.with_suffix(".err"), "w") as err:
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
-                                        env={**os.environ, **(env or {})}, cwd=self.folder)
+                                        env={**os.environ, **(env or {})},
+                                        cwd=cwd or self.folder)
             self.procs.append(proc)
             self.outs.append(out)
             started.append(proc)

@@ -72,7 +72,7 @@ class AdvisoryLock(DatabaseLock):
                 # idle longer than the lifetime while holding it is a hung holder.
                 cur.execute(f"SET lock_timeout = {int(DEFAULT_TIMEOUT * 1000)}")
                 cur.execute(f"SET idle_session_timeout = {ms}")
-                cur.execute("SET application_name = 'laufband lock'")
+                cur.execute(f"SET application_name = 'laufband lock pid {os.getpid()}'")
             self._conn = conn
         return self._conn
 

@@ -17,12 +17,15 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from laufband.errors import ConfigError, DatabaseError
-from laufband.locking import DEFAULT_LIFETIME, DatabaseLock
+from laufband.locking import DatabaseLock
 
 #: How long SQLite waits for its own file lock. Our file lock serialises workers, so
 #: SQLite's lock is only ever contended by a holder whose file lock was broken while it
 #: lived on (paused inside a transaction), by a read-only monitor, or by another program.
 BUSY_TIMEOUT_MS = 60_000
+#: PostgreSQL: a worker's transaction idle for this long (the worker hangs) is ended by
+#: the server. Until then other workers wait for its row locks (SQLite: until it wakes).
+HUNG_TRANSACTION_S = 60
 
 
 def database_url(value: str, name: str = "db") -> str:
@@ -183,11 +186,12 @@ class Database:
             with dbapi_conn.cursor() as cur:
                 # A worker that hangs inside a transaction (SIGSTOP, a lost node) would
                 # hold its row locks for ever: the server ends it, and rolls it back,
-                # after a few lock lifetimes (a legitimate transaction never idles so
-                # long between its statements).
+                # after HUNG_TRANSACTION_S (a legitimate transaction never idles so long
+                # between its statements).
                 cur.execute("SET idle_in_transaction_session_timeout = "
-                            f"{int(6 * DEFAULT_LIFETIME * 1000)}")
-                cur.execute("SET application_name = 'laufband'")
+                            f"{HUNG_TRANSACTION_S * 1000}")
+                # Which process a session is (pg_stat_activity), for operators and tests.
+                cur.execute(f"SET application_name = 'laufband pid {os.getpid()}'")
             dbapi_conn.commit()
 
         if read_only:
@@ -331,6 +335,9 @@ SERVER_HINTS = {
     "terminating connection due to idle": "ended this worker's connection because it "
     "hung inside a transaction (paused, or its node lost the network) for longer than "
     "the lock lifetime; its tasks are handed to other workers",
+    "permission denied for schema": "does not let this role create laufband's tables: "
+    "give it a database of its own (createdb -O ROLE NAME) or GRANT CREATE ON SCHEMA "
+    "public TO ROLE",
     "too many clients": "has no free connection: raise max_connections on the server "
     "(each worker holds two), or run fewer workers",
 }

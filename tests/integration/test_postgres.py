@@ -1,0 +1,169 @@
+"""PostgreSQL as the workflow database, against a real server (scripts/postgres-up.sh):
+workers that share no folder, concurrent first starts, passwords that never show, and
+``worker.lock`` next to the script. (The exactly-once, fault and CLI suites run on
+PostgreSQL too: they are marked ``backends``.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import backends
+import pytest
+import sqlalchemy as sa
+from conftest import assert_dependency_order, assert_exactly_once, query
+from graphs import build
+
+pytestmark = [pytest.mark.processes, pytest.mark.postgres]
+
+SECRET = "laufband-secret"  # the password scripts/postgres-up.sh gives the role laufband
+
+
+@pytest.fixture
+def pg(tmp_path):
+    """The PostgreSQL backend for this test (its databases are dropped afterwards)."""
+    from conftest import SERVICES
+
+    chosen = backends.Backend("postgres", SERVICES["postgres"])
+    backends.current = chosen
+    try:
+        yield chosen
+    finally:
+        backends.current = backends.SQLITE
+        chosen.drop_all()
+
+
+def as_role(url: str, password: str | None) -> str:
+    """``url`` for the password-protected role ``laufband`` (with ``password`` in it),
+    which is made the owner of the database (PostgreSQL 15: only the owner may create
+    tables in its schema public)."""
+    parsed = sa.engine.make_url(url)
+    backends.current._admin(f'ALTER DATABASE "{parsed.database}" OWNER TO laufband')
+    return parsed.set(username="laufband", password=password).render_as_string(
+        hide_password=False)
+
+
+def test_workers_in_different_folders_start_together_on_an_empty_database(workers, pg):
+    """What crashed before: workers started at once, each in a folder of its own (jobs on
+    different nodes), on an empty database: concurrent schema creation, then claims.
+    Every task runs exactly once in dependency order, and no lock file is made."""
+    url = pg.url()
+    folders = [workers.folder / f"node{i}" for i in range(8)]
+    for folder in folders:
+        folder.mkdir()
+        workers.start("layered:5x40", db=url, cwd=folder, sleep=0.01)
+    run = workers.wait(timeout=180)
+    assert run.returncodes == [0] * 8, run.stderr
+    tasks = build("layered:5x40")
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    assert len({r["pid"] for r in run.records}) > 1, "one worker did everything"
+    assert not list(workers.folder.rglob("*.lock")), "a lock file on PostgreSQL"
+    assert query("graph.sqlite", "SELECT count(*) FROM workers") == [(8,)]
+
+
+def laufband_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "laufband.cli", *argv], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_the_password_never_shows(workers, pg):
+    """Errors, the CLI's tables and its JSON print the URL with the password masked."""
+    url = pg.url()
+    wrong = as_role(url, "not-the-password")
+    [bad] = workers.start("flat:3", db=wrong)
+    assert bad.wait(timeout=60) != 0
+    err = workers.stderr_of(bad)
+    assert "password" in err and "~/.pgpass" in err, err  # says what to do
+    assert "not-the-password" not in err
+    good = as_role(url, SECRET)
+    [ok] = workers.start("flat:3", db=good)
+    assert ok.wait(timeout=60) == 0, workers.stderr_of(ok)
+    for argv in (["status"], ["status", "--json"], ["workers"], ["workers", "--json"],
+                 ["tasks"]):
+        out = laufband_cli("--db", good, *argv)
+        assert out.returncode == 0, out.stderr
+        assert SECRET not in out.stdout + out.stderr, argv
+    missing = sa.engine.make_url(good).set(database="no_such_db").render_as_string(
+        hide_password=False)
+    out = laufband_cli("--db", missing, "status")
+    assert out.returncode != 0 and "does not exist" in out.stderr, out.stderr
+    assert SECRET not in out.stdout + out.stderr
+    assert "***" in out.stderr  # the URL is shown, masked
+
+
+def test_the_password_comes_from_pgpass_or_the_environment(workers, pg, tmp_path):
+    """As libpq does: no password in the URL, it is read from ~/.pgpass or PGPASSWORD;
+    with neither, a clear error."""
+    url = as_role(pg.url(), None)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PGPASSFILE": str(home / ".pgpass")}
+    env.pop("PGPASSWORD", None)
+    [none] = workers.start("flat:3", db=url, env=env)
+    assert none.wait(timeout=60) != 0
+    assert "password" in workers.stderr_of(none), workers.stderr_of(none)
+    u = sa.engine.make_url(url)
+    (home / ".pgpass").write_text(f"{u.host}:{u.port}:*:laufband:{SECRET}\n")
+    (home / ".pgpass").chmod(0o600)
+    [from_file] = workers.start("flat:3", db=url, env=env)
+    assert from_file.wait(timeout=60) == 0, workers.stderr_of(from_file)
+    (home / ".pgpass").unlink()
+    [from_env] = workers.start("flat:3", db=url, env={**env, "PGPASSWORD": SECRET})
+    assert from_env.wait(timeout=60) == 0, workers.stderr_of(from_env)
+    assert query("graph.sqlite", "SELECT count(*) FROM tasks WHERE state = 'completed'") \
+        == [(3,)]
+
+
+USER_LOCK_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from laufband import Laufband
+
+    counter = Path(sys.argv[2])
+    worker = Laufband(range(40), db=sys.argv[1], tqdm_kwargs={"disable": True})
+    for item in worker:
+        with worker.lock:  # a read-modify-write that loses updates without the lock
+            n = int(counter.read_text() or 0) if counter.exists() else 0
+            time.sleep(0.005)
+            counter.write_text(str(n + 1))
+""")
+
+
+def test_worker_lock_lives_next_to_the_script(workers, pg, tmp_path):
+    """On PostgreSQL there is no database file to put worker.lock next to: it is next to
+    the script, so workers in different folders still exclude each other."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    script = shared / "main.py"
+    script.write_text(USER_LOCK_SCRIPT)
+    counter = shared / "counter.txt"
+    url = pg.url()
+    procs = []
+    for i in range(4):
+        folder = tmp_path / f"node{i}"
+        folder.mkdir()
+        with open(folder / "err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(script), url, str(counter)],
+                                          cwd=folder, stderr=err))
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    errs = [(tmp_path / f"node{i}" / "err").read_text() for i in range(4)]
+    assert codes == [0] * 4, errs
+    assert counter.read_text() == "40"  # no update lost
+
+
+def test_db_lock_is_refused_on_postgres(pg):
+    from laufband import Graphband, Task
+    from laufband.errors import ConfigError
+    from laufband.locking import FastLock
+
+    with pytest.raises(ConfigError, match="advisory lock"):
+        Graphband([Task("a")], db=pg.url(), db_lock=FastLock("x.lock"))
