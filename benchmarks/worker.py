@@ -150,8 +150,12 @@ def main() -> int:
                    help="seconds after the start signal to give up (reported as timeout)")
     p.add_argument("--instrument", action="store_true", help="time laufband internals")
     args = p.parse_args()
+    # backends.py runs run.py's scenarios on PostgreSQL: run.py passes a SQLite file as
+    # --db, and this variable (set by backends.py only) replaces it.
+    args.db = os.environ.get("BENCH_DB_URL") or args.db
 
-    info: dict = {"pid": os.getpid(), "impl": args.impl, "timed_out": False}
+    info: dict = {"pid": os.getpid(), "impl": args.impl, "timed_out": False,
+                  "db_scheme": args.db.split(":", 1)[0]}
     t = time.monotonic()
     import laufband  # imported here to time it
     from laufband import Graphband, Task

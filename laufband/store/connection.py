@@ -327,8 +327,9 @@ SERVER_HINTS = {
     "(host:port:database:user:password, mode 600) or PGPASSWORD, not in the URL",
     "no password supplied": "asks for a password and none was given: put it in "
     "~/.pgpass (host:port:database:user:password, mode 600) or PGPASSWORD",
-    "does not exist": "does not exist on the server (or the role does not): create it "
-    "(createdb NAME) or fix the URL",
+    "FATAL:  database": "does not exist on the server: create it (createdb NAME) or fix "
+    "the URL",
+    "FATAL:  role": "names a role (user) the server does not know: fix the URL",
     "Connection refused": "is not reachable: is the server running, and are host and "
     "port right?",
     "could not translate host name": "names a host that cannot be resolved: fix the URL",

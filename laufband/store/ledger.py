@@ -84,6 +84,8 @@ class Ledger:
         return rows[0][0] if rows else None
 
     def run(self, sql: str, params: dict[str, t.Any] | list[dict[str, t.Any]]) -> int:
+        if isinstance(params, list) and not params:
+            return 0  # nothing to run (SQLAlchemy would take [] for "no parameters")
         if self._raw is not None:
             if isinstance(params, list):
                 return self._raw.executemany(sql, params).rowcount

@@ -26,8 +26,8 @@ SQL = {
     "resourced": "SELECT id, resources FROM reqsets WHERE resources != '{}'",
     # Live attempts by requirement set (the partial index of live attempts), and how
     # many of them are the asking worker's.
-    "held": "SELECT t.reqset, count(*), sum(a.worker = :worker) FROM attempts a"
-            " CROSS JOIN tasks t WHERE a.ended_at IS NULL AND t.pk = a.task"
+    "held": "SELECT t.reqset, count(*), sum(CASE WHEN a.worker = :worker THEN 1 ELSE 0 END)"
+            " FROM attempts a CROSS JOIN tasks t WHERE a.ended_at IS NULL AND t.pk = a.task"
             " GROUP BY t.reqset",
     "capped_labels": "SELECT id, labels, resources FROM reqsets WHERE resources != '{}'",
     # Busy workers that compete for capped work: this one, those waiting for work,

@@ -16,6 +16,11 @@ def make(tasks, name="w", db="g.sqlite", cls=Graphband, clock=None, **kw):
                **kw)
 
 
+def url(name: str = "g.sqlite") -> str:
+    """The URL of the test's database ``name`` on the backend under test."""
+    return backends.current.url(name)
+
+
 def beat(worker) -> None:
     """One heartbeat of ``worker``, by hand (its thread never fires in unit tests)."""
     worker._session.heartbeat.beat()

@@ -10,6 +10,9 @@ from helpers import beat, history, live, make, rows, states
 from laufband import Task
 from laufband.clock import FakeClock
 
+pytestmark = pytest.mark.backends
+
+
 
 def two_workers(clock, **kw):
     """A and B over a -> b; a task whose worker dies is killed for good unless the test
@@ -175,6 +178,7 @@ def test_a_worker_declared_dead_beats_before_it_claims_again():
 
 
 @pytest.mark.parametrize("state", ["dead", "offline"])
+@pytest.mark.sqlite_only
 def test_claims_are_reaped_whatever_their_holders_row_says(state):
     clock = FakeClock()
     tasks = [Task("t0"), Task("t1")]

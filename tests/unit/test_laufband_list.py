@@ -16,6 +16,8 @@ from helpers import flat_worker, rows
 from laufband import GraphError, GraphMismatchError
 from laufband.laufband import item_digest
 
+pytestmark = pytest.mark.backends
+
 
 def snapshot() -> list:
     return rows("SELECT id, state, label FROM tasks ORDER BY pk")
@@ -73,8 +75,10 @@ DIGEST_OF = """
 import dataclasses, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
+sys.path.insert(0, {tests!r} + '/..')
 from test_laufband_list import Plain, Sample
 from laufband.laufband import item_digest
+
 items = [{{"b": [1, 2], "a": {{"x", "y", "z"}}}}, Path("/data/x.h5"),
          Sample("s", {{"k": frozenset({{"p", "q"}})}}), Plain({{"r", "s"}}), 1.5, None]
 print(",".join(item_digest(i) for i in items))

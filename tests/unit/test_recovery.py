@@ -7,12 +7,15 @@ from __future__ import annotations
 import io
 
 import pytest
-from helpers import beat, history, live, make, rows, states
+from helpers import beat, history, live, make, rows, states, url
 from test_heartbeat import outlive
 
 from laufband import Task, TaskFailedError
 from laufband.cli import open_store, status
 from laufband.clock import FakeClock
+
+pytestmark = pytest.mark.backends
+
 
 CHAIN = [Task("a"), Task("b", dependencies={"a"}), Task("c", dependencies={"b"}), Task("d")]
 
@@ -208,7 +211,7 @@ def test_status_groups_failures_by_error():
     for name in ("x", "y", "z"):
         fail_at(make(graph, name=f"w{name}"), name)
     out = io.StringIO()
-    status(open_store("g.sqlite"), out=out)
+    status(open_store(url()), out=out)
     text = out.getvalue()
     assert "failed or killed for good, by error:" in text
     assert "     3 x the loop body raised an exception" in text  # one line, same place

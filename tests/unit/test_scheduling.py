@@ -11,10 +11,13 @@ import threading
 import time
 
 import pytest
-from helpers import beat, flat_worker, history, make, rows, states
+from helpers import beat, flat_worker, history, make, rows, states, url
 
 from laufband import ConfigError, GraphError, ResultError, Task
 from laufband.clock import FakeClock, SystemClock
+
+pytestmark = pytest.mark.backends
+
 
 # ---------------------------------------------------------------- bad input
 
@@ -61,6 +64,7 @@ def test_a_resource_without_a_limit_is_refused_before_anything_runs():
     assert not os.path.exists("g.sqlite")  # a new workflow: nothing written
 
 
+@pytest.mark.sqlite_only
 def test_a_task_that_needs_more_than_the_limit_is_refused():
     with pytest.raises(GraphError, match="needs 3 of resource 'api', more than its limit 2"):
         make([Task("a", resources={"api": 3})], limits={"api": 2})
@@ -177,14 +181,14 @@ def test_laufband_limits_shows_and_changes_the_limits(capsys):
     from laufband import cli
 
     make([Task("a", resources={"api": 2}), Task("b")], limits={"api": 4})
-    assert cli.main(["--db", "g.sqlite", "limits"]) == 0
+    assert cli.main(["--db", url(), "limits"]) == 0
     assert "api" in capsys.readouterr().out
-    assert cli.main(["--db", "g.sqlite", "limits", "api=3", "disk=1"]) == 0
+    assert cli.main(["--db", url(), "limits", "api=3", "disk=1"]) == 0
     assert rows("SELECT name, capacity FROM limits ORDER BY name") == [("api", 3), ("disk", 1)]
-    assert cli.main(["--db", "g.sqlite", "limits", "api=1"]) == 2  # a needs 2
+    assert cli.main(["--db", url(), "limits", "api=1"]) == 2  # a needs 2
     assert "need more than that" in capsys.readouterr().err
     for bad in ("api=0", "api=-1", "api=x", "api", "=3"):
-        assert cli.main(["--db", "g.sqlite", "limits", bad]) == 2, bad
+        assert cli.main(["--db", url(), "limits", bad]) == 2, bad
     assert rows("SELECT name, capacity FROM limits ORDER BY name") == [("api", 3), ("disk", 1)]
 
 
@@ -363,6 +367,7 @@ def test_flat_list_map_gets_items_and_disabled_runs_locally():
 # ---------------------------------------------------------------- migration
 
 
+@pytest.mark.sqlite_only
 def test_a_schema_3_database_is_upgraded_and_goes_on():
     data = os.path.join(os.path.dirname(__file__), "..", "data", "schema3.sqlite")
     shutil.copy(data, "g.sqlite")
@@ -388,6 +393,7 @@ def test_a_schema_3_database_is_upgraded_and_goes_on():
     assert schema_of("g.sqlite") == schema_of("fresh.sqlite")  # migrated == fresh
 
 
+@pytest.mark.sqlite_only
 def test_claim_lookup_and_cap_reads_use_their_indexes():
     """The ordered claim lookup is one seek in ix_tasks_claim (no sort of the ready
     tasks), and what running tasks hold is read from the live attempts only."""

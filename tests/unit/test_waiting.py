@@ -10,6 +10,9 @@ from laufband import Task
 from laufband.states import Event, WorkerState
 from laufband.store import Finish, Want
 
+pytestmark = pytest.mark.backends
+
+
 OFFLINE, IDLE = WorkerState.OFFLINE, WorkerState.IDLE
 
 
@@ -46,6 +49,7 @@ def poll(worker, leave):
 
 
 @pytest.mark.parametrize("leave", [OFFLINE, IDLE])
+@pytest.mark.sqlite_only  # counts SQLite's commits in the file header
 def test_last_completion_releases_a_waiting_worker(two, leave):
     w = two
     [x] = step(w["A"], [], 1, busy=True, leave=OFFLINE).claims

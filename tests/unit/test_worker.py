@@ -12,6 +12,9 @@ from helpers import flat_worker, history, make, rows, states
 from laufband import Graphband, Laufband, Task, TaskFailedError
 from laufband.clock import FakeClock
 
+pytestmark = pytest.mark.backends
+
+
 
 def test_flat_list_yields_items_including_none_with_index_ids():
     items = ["a", None, {"x": 1}, None]
@@ -155,6 +158,7 @@ def test_labels_subset_matching():
         "both", "gpu"]
 
 
+@pytest.mark.sqlite_only
 def test_user_locks_are_exposed_as_given():
     lock, db_lock = Lock("user.lock"), Lock("db.lock")
     worker = make([Task("a")], lock=lock, db_lock=db_lock)
