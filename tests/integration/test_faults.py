@@ -277,7 +277,9 @@ def test_stop_signal_while_waiting_exits_promptly(workers):
 def advisory_holders(faults) -> list[int]:
     """PostgreSQL: the server processes (pids) that hold laufband's advisory lock."""
     return [pid for (pid,) in query(faults.db, "SELECT pid FROM pg_locks WHERE"
-                                    " locktype = 'advisory' AND granted")]
+                                    " locktype = 'advisory' AND granted AND database ="
+                                    " (SELECT oid FROM pg_database"
+                                    " WHERE datname = current_database())")]
 
 
 def test_sigkill_inside_a_write_transaction_holding_the_lock(workers):
@@ -300,7 +302,8 @@ def test_sigkill_inside_a_write_transaction_holding_the_lock(workers):
     else:
         assert len(advisory_holders(faults)) == 1  # A holds the lock
         assert query(faults.db, "SELECT count(*) FROM pg_stat_activity WHERE"
-                     " state = 'idle in transaction'") == [(1,)]  # its transaction is open
+                     " state = 'idle in transaction' AND datname = current_database()"
+                     ) == [(1,)]  # its transaction is open
     a.send_signal(signal.SIGKILL)
     a.wait()
     wait_until(lambda: completed(faults) == 60, timeout=60,

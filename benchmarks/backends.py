@@ -1,0 +1,436 @@
+"""SQLite against PostgreSQL: throughput of flat tasks with 1, 8 and 32 worker processes.
+
+    eval "$(scripts/postgres-up.sh)"                  # a throw-away server on this machine
+    python benchmarks/backends.py                     # full run (about 10 minutes)
+    python benchmarks/backends.py --quick             # smoke run for CI (under a minute)
+    python benchmarks/backends.py --compare-upstream  # + laufband 0.2.1 on SQLite
+    python benchmarks/backends.py --postgres URL --repeat 5 --json out.json
+
+The server: --postgres URL, else $LAUFBAND_TEST_POSTGRES (postgresql+psycopg://...; the
+user must be allowed to CREATE DATABASE). Without either the script says how to start
+one and exits 2.
+
+Each cell is a scenario of benchmarks/run.py, run by run.py's machinery: real worker
+processes (benchmarks/worker.py) build the graph, construct their worker (registering
+the graph), wait for a common start signal, run their loop and record every task they
+ran; the driver checks from those records that every task ran exactly once (attempt 1),
+and exits 1 if not. Backends:
+
+    SQLite      a file in a fresh temporary directory, the default rollback journal
+                (journal_mode="delete") and flufl.lock file lock
+    PostgreSQL  a fresh database on the server per run (dropped afterwards); writers
+                take turns on the server's advisory lock
+
+Tasks: flat (no dependencies), either trivial (no body work) or 10 ms each
+(time.sleep(0.01)), always batch_size="auto". Rows run in rounds (each round runs every
+cell once, SQLite and PostgreSQL back to back) so that a change of the machine's load
+falls on all cells alike; a cell shows the median of its --repeat runs.
+
+Columns:
+    tasks/s     tasks / wall s, all workers together; wall = start signal until the last
+                worker's loop ended (every completion recorded)
+    setup s     launch of the processes until all are ready (interpreter start, imports,
+                graph built and registered; for PostgreSQL: connecting, schema), slowest
+    PG/SQLite   ratio of the two tasks/s
+    eff         10 ms tasks: tasks/s against the ideal workers / 10 ms
+    xacts/task  PostgreSQL: transactions the server committed in the run's database per
+                task (pg_stat_database; every statement of the lock's autocommit
+                connection is one, pool pings too)
+    0.2.1       laufband 0.2.1 (its cached virtualenv, as run.py --compare-upstream), on
+                SQLite only: it cannot use PostgreSQL safely. A run that reaches
+                --upstream-deadline is closed and counted up to then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as bench  # noqa: E402  (benchmarks/run.py: scenarios, checks, tables)
+
+#: kind -> (seconds per task, {workers: tasks}) for the full run and for --quick (16
+#: workers, not 32: starting 32 interpreters four times takes most of a minute on 2 cores)
+SIZES = {
+    "trivial": (0.0, {1: 10_000, 8: 20_000, 32: 20_000}),
+    "10 ms": (0.01, {1: 500, 8: 2_000, 32: 4_000}),
+}
+QUICK_SIZES = {
+    "trivial": (0.0, {1: 1_000, 8: 2_000, 16: 2_000}),
+    "10 ms": (0.01, {1: 50, 8: 200, 16: 400}),
+}
+BACKENDS = ("sqlite", "postgres")
+UPSTREAM_WORKERS = (1, 8)  # 0.2.1 at more workers: see --upstream-32
+PG_TARGET = 1000.0  # tasks/s, 8 workers, flat trivial, PostgreSQL
+
+
+@dataclasses.dataclass
+class Cell:
+    kind: str
+    workers: int
+    tasks: int
+    sleep: float
+
+    def scenario(self) -> bench.Scenario:
+        return bench.Scenario(f"flat {self.kind}", f"flat:{self.tasks}", self.workers,
+                              sleep=self.sleep, deadline=300.0)
+
+
+# ------------------------------------------------------------------ the server
+class Server:
+    """The PostgreSQL server: a fresh database per run, its statistics, the cleanup."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        parsed = sa.engine.make_url(url)
+        if parsed.get_backend_name() != "postgresql":
+            raise SystemExit(f"--postgres: not a PostgreSQL URL: {url}")
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.url = parsed
+        self.shown = parsed.render_as_string(hide_password=True)
+        self.made: list[str] = []
+
+    def libpq(self, database: str | None = None) -> str:
+        url = self.url.set(drivername="postgresql")
+        if database:
+            url = url.set(database=database)
+        return url.render_as_string(hide_password=False)
+
+    def laufband_url(self, database: str) -> str:
+        return self.url.set(database=database).render_as_string(hide_password=False)
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        import psycopg
+
+        with psycopg.connect(self.libpq(), autocommit=True, connect_timeout=10) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def describe(self) -> dict:
+        names = ("server_version", "max_connections", "shared_buffers", "fsync",
+                 "synchronous_commit", "data_directory")
+        out = {n: self.sql(f"SHOW {n}")[0][0] for n in names if n != "data_directory"}
+        with contextlib.suppress(Exception):  # superusers only
+            out["data_directory"] = self.sql("SHOW data_directory")[0][0]
+        out["url"] = self.shown
+        out["connections_in_use"] = self.sql("SELECT count(*) FROM pg_stat_activity "
+                                             "WHERE backend_type = 'client backend'")[0][0]
+        return out
+
+    def create(self) -> str:
+        name = f"lb_bench_{uuid.uuid4().hex[:12]}"
+        self.sql(f'CREATE DATABASE "{name}"')
+        self.made.append(name)
+        return name
+
+    def stats(self, name: str) -> dict:
+        """The run's database as the server saw it, once its sessions are gone (a
+        session reports its statistics as it exits)."""
+        by = time.monotonic() + 5
+        while time.monotonic() < by and self.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,))[0][0]:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        rows = self.sql("SELECT xact_commit, xact_rollback, pg_database_size(datname) "
+                        "FROM pg_stat_database WHERE datname = %s", (name,))
+        if not rows:
+            return {}
+        commits, rollbacks, size = rows[0]
+        return {"xact_commit": commits, "xact_rollback": rollbacks, "db_mb": size / 2**20}
+
+    def drop(self, name: str) -> None:
+        self.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.made.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.made):
+            with contextlib.suppress(Exception):
+                self.drop(name)
+
+
+# -------------------------------------------------------------------- one cell
+class Context(bench.Context):
+    """run.py's context; its progress lines and failures name the backend (run_once
+    labels them [current] or [upstream])."""
+
+    backend = ""
+
+    def say(self, text: str) -> None:
+        tag = f"[{self.backend}]"
+        super().say(text.replace("[current] ", tag.ljust(10)).replace("[current]", tag))
+
+
+def run_cell(ctx: Context, server: Server, cell: Cell, backend: str) -> bench.Result:
+    sc = cell.scenario()
+    ctx.backend = backend
+    known = len(ctx.failures)
+    if backend == "sqlite":
+        res = bench.run_once(ctx, sc, "current")
+    else:
+        name = server.create()
+        os.environ["BENCH_DB_URL"] = server.laufband_url(name)  # worker.py's --db
+        try:
+            res = bench.run_once(ctx, sc, "current")
+        finally:
+            os.environ.pop("BENCH_DB_URL", None)
+            try:
+                stats = server.stats(name)
+            finally:
+                server.drop(name)
+        res.db_mb = stats.get("db_mb", 0.0)
+        res.timer_calls["pg_xact_commit"] = stats.get("xact_commit", 0)
+        res.timer_calls["pg_xact_rollback"] = stats.get("xact_rollback", 0)
+    ctx.failures[known:] = [f.replace("[current]", f"[{backend}]")
+                            for f in ctx.failures[known:]]
+    want = "postgresql+psycopg" if backend == "postgres" else "sqlite"
+    used = {info.get("db_scheme") for info in res.workers_info}
+    if used != {want}:
+        problem = f"workers used {sorted(map(str, used))}, not {want}"
+        res.problems.append(problem)
+        res.ok = False
+        ctx.failures.append(f"{sc.name} x{sc.workers} [{backend}]: {problem}")
+    return res
+
+
+def median(runs: list[bench.Result]) -> bench.Result:
+    """The run with the median throughput; every run's problems count (as run.py)."""
+    chosen = sorted(runs, key=lambda r: r.tasks_per_s)[len(runs) // 2]
+    chosen.repeats = [r.tasks_per_s for r in runs]
+    for r in runs:
+        if r is not chosen and r.problems:
+            chosen.ok = False
+            chosen.problems += r.problems
+    return chosen
+
+
+# ---------------------------------------------------------------------- report
+def cells(quick: bool) -> list[Cell]:
+    sizes = QUICK_SIZES if quick else SIZES
+    return [Cell(kind, w, n, sleep) for kind, (sleep, counts) in sizes.items()
+            for w, n in counts.items()]
+
+
+def rate(r: bench.Result | None) -> str:
+    if r is None:
+        return "-"
+    text = bench.f1(r.tasks_per_s, 0)
+    if len(r.repeats) > 1:
+        text += f" ({min(r.repeats):,.0f}-{max(r.repeats):,.0f})"
+    return text + ("" if r.ok else " FAILED")
+
+
+def cell_notes(cell: Cell, got: dict[str, bench.Result]) -> str:
+    parts = []
+    for backend, short in (("sqlite", "SQLite"), ("postgres", "PG"), ("upstream", "0.2.1")):
+        r = got.get(backend)
+        if r is None:
+            continue
+        if r.problems:
+            parts.append(f"{short}: {'; '.join(r.problems[:2])}")
+        if cell.sleep and r.efficiency is not None:
+            parts.append(f"{short} eff {100 * r.efficiency:.0f} %")
+        if r.other_cpu > 0.25:
+            who = "others (with the server)" if backend == "postgres" else "others"
+            parts.append(f"{short}: {who} used {r.other_cpu:.1f} cores")
+    return "; ".join(parts)
+
+
+def main_table(rows_in: list[tuple[Cell, dict[str, bench.Result]]], upstream: bool) -> str:
+    rows = []
+    for cell, got in rows_in:
+        lite, pg, old = got.get("sqlite"), got.get("postgres"), got.get("upstream")
+        ratio = (f"{pg.tasks_per_s / lite.tasks_per_s:.2f}"
+                 if lite and pg and lite.tasks_per_s else "-")
+        xacts = (f"{pg.timer_calls.get('pg_xact_commit', 0) / pg.tasks:.2f}"
+                 if pg and pg.tasks else "-")
+        row = [f"flat {cell.kind}", cell.workers, f"{cell.tasks:,}", rate(lite),
+               bench.f1(lite.setup_s if lite else None), rate(pg),
+               bench.f1(pg.setup_s if pg else None), ratio, xacts]
+        if upstream:
+            row += [rate(old) if old else "skipped", bench.f1(old.setup_s if old else None)]
+        rows.append([*row, cell_notes(cell, got)])
+    headers = ["tasks", "workers", "n", "SQLite tasks/s", "setup s", "PostgreSQL tasks/s",
+               "setup s", "PG/SQLite", "PG xacts/task"]
+    if upstream:
+        headers += [f"{bench.UPSTREAM} tasks/s (SQLite)", "setup s"]
+    return bench.table([*headers, "notes"], rows,
+                       "Throughput, batch_size='auto' (median of the runs; the range in "
+                       "brackets)")
+
+
+def targets(rows_in: list[tuple[Cell, dict[str, bench.Result]]], quick: bool
+            ) -> list[list[str]]:
+    def pg(kind: str, workers: int) -> bench.Result | None:
+        return next((got.get("postgres") for cell, got in rows_in
+                     if cell.kind == kind and cell.workers == workers), None)
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "NO"
+
+    out = []
+    most = max((cell.workers for cell, _ in rows_in), default=0)
+    for kind in SIZES:
+        a, b = pg(kind, 8), pg(kind, most)
+        if a and b and most > 8:
+            out.append([f"PostgreSQL, flat {kind}: {most} workers >= 8 workers",
+                        f"{b.tasks_per_s:,.0f} / {a.tasks_per_s:,.0f} tasks/s",
+                        yes(b.tasks_per_s >= a.tasks_per_s)])
+    a = pg("trivial", 8)
+    if a:
+        out.append([f"PostgreSQL, flat trivial, 8 workers >= {PG_TARGET:,.0f} tasks/s",
+                    f"{a.tasks_per_s:,.0f} tasks/s", yes(a.tasks_per_s >= PG_TARGET)])
+    if quick:
+        out = [[f"{t} (quick sizes)", m, ok] for t, m, ok in out]
+    return out
+
+
+def header(info: dict, args: argparse.Namespace, pg: dict) -> str:
+    text = bench.header(info, args).replace("# laufband benchmark",
+                                            "# laufband backends benchmark", 1)
+    where = f", data in {pg['data_directory']}" if "data_directory" in pg else ""
+    return (f"{text}\n- PostgreSQL {pg['server_version']} at {pg['url']}{where}: "
+            f"max_connections {pg['max_connections']}, shared_buffers "
+            f"{pg['shared_buffers']}, fsync {pg['fsync']}, synchronous_commit "
+            f"{pg['synchronous_commit']}; {pg['connections_in_use']} client connections "
+            "open at the start\n"
+            f"- {args.repeat} run(s) per cell, in rounds; batch_size='auto'")
+
+
+# ------------------------------------------------------------------------ main
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--postgres", default=os.environ.get("LAUFBAND_TEST_POSTGRES", ""),
+                   metavar="URL", help="the server (default: $LAUFBAND_TEST_POSTGRES)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, one run each (CI smoke run, under a minute)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs of each cell, the median is shown (default 3; 1 with --quick)")
+    p.add_argument("--compare-upstream", action="store_true",
+                   help=f"also laufband {bench.UPSTREAM} on SQLite (own cached virtualenv), "
+                   "one run per cell, 1 and 8 workers")
+    p.add_argument("--upstream-32", action="store_true",
+                   help=f"with --compare-upstream: {bench.UPSTREAM} at 32 (16) workers too")
+    p.add_argument("--upstream-deadline", type=float, default=0.0,
+                   help=f"seconds a {bench.UPSTREAM} cell may run before it is closed and "
+                   "counted (default 30, 15 with --quick)")
+    p.add_argument("--only", default="", help="cells whose 'kind xWORKERS' matches this "
+                   "regex, e.g. 'trivial x(8|32)'")
+    p.add_argument("--workdir", default=tempfile.gettempdir(),
+                   help="where the SQLite scenario directories are made (the disk under test)")
+    p.add_argument("--keep", action="store_true", help="keep the SQLite scenario directories")
+    p.add_argument("--json", help="write every measurement to this file")
+    args = p.parse_args()
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if not args.postgres:
+        print("backends.py needs a PostgreSQL server: pass --postgres URL, or start the "
+              "throw-away one and export its URL with\n\n"
+              '    eval "$(scripts/postgres-up.sh)"\n', file=sys.stderr)
+        return 2
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)  # so that workers and databases go
+    server = Server(args.postgres)
+    try:
+        return run(args, server)
+    except KeyboardInterrupt:
+        print("\ninterrupted; worker processes were stopped", file=sys.stderr)
+        return 130
+    finally:
+        server.drop_all()
+
+
+def run(args: argparse.Namespace, server: Server) -> int:
+    try:
+        pg_info = server.describe()
+    except Exception as exc:
+        print(f"cannot reach PostgreSQL at {server.shown}: {str(exc).strip()}\n"
+              'start the throw-away server with: eval "$(scripts/postgres-up.sh)"',
+              file=sys.stderr)
+        return 2
+    ctx = Context(args)
+    started = time.monotonic()
+    info = bench.machine()
+    info["filesystem"] = bench.filesystem(ctx.workdir)
+    if args.compare_upstream:
+        ctx.python["upstream"] = bench.upstream_python(ctx)
+    only = re.compile(args.only) if args.only else None
+    todo = [c for c in cells(args.quick)
+            if only is None or only.search(f"{c.kind} x{c.workers}")]
+    whole = bench.CpuMeter()
+    print(header(info, args, pg_info))
+
+    runs: dict[tuple[int, str], list[bench.Result]] = {}
+    for round_ in range(args.repeat):
+        ctx.say(f"round {round_ + 1} of {args.repeat}")
+        for i, cell in enumerate(todo):
+            # alternate which backend goes first, so that neither always follows the other
+            order = BACKENDS if (i + round_) % 2 == 0 else BACKENDS[::-1]
+            for backend in order:
+                runs.setdefault((i, backend), []).append(run_cell(ctx, server, cell, backend))
+    skipped_32 = False
+    most = max((c.workers for c in todo), default=0)
+    if args.compare_upstream:
+        ctx.say(f"laufband {bench.UPSTREAM} (SQLite)")
+        for i, cell in enumerate(todo):
+            if cell.workers not in UPSTREAM_WORKERS and not args.upstream_32:
+                skipped_32 = True
+                continue
+            runs[(i, "upstream")] = [bench.run_once(ctx, cell.scenario(), "upstream")]
+
+    rows = [(cell, {b: median(runs[(i, b)]) for b in (*BACKENDS, "upstream")
+                    if (i, b) in runs}) for i, cell in enumerate(todo)]
+    print(main_table(rows, args.compare_upstream))
+    if skipped_32:
+        print(f"\n{bench.UPSTREAM} at {most} workers skipped (so many processes contend for "
+              "its file lock that a cell takes the whole deadline; --upstream-32 runs them).")
+    checks = targets(rows, args.quick)
+    if checks:
+        print(bench.table(["target", "measured", "met"], checks, "Targets"))
+    elapsed = time.monotonic() - started
+    info["others_cores"] = whole.others()
+    after = bench.machine()
+    if ((after["laufband_tree"], after["diff_sha256"])
+            != (info["laufband_tree"], info["diff_sha256"])):
+        print(f"\nWARNING: laufband/ changed during the run (now commit {after['commit']}, "
+              f"diff {after['diff_sha256'] or 'none'}): the numbers mix two versions.")
+    print(f"\nOther processes on this machine (the PostgreSQL server counts as one) used "
+          f"{info['others_cores']:.2f} cores on average during the measurements.")
+    print(f"\nbenchmark finished in {elapsed:.0f} s; "
+          + ("all correctness checks passed." if not ctx.failures else
+             f"{len(ctx.failures)} FAILURE(S):"))
+    for failure in ctx.failures:
+        print(f"  - {failure}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": info, "postgres": pg_info, "quick": args.quick,
+            "repeat": args.repeat, "elapsed_s": elapsed, "targets": checks,
+            "failures": ctx.failures,
+            "cells": [{"cell": dataclasses.asdict(cell),
+                       "median": {b: r.to_json() for b, r in got.items()},
+                       "runs": {b: [r.tasks_per_s for r in runs[(i, b)]] for b in got}}
+                      for i, (cell, got) in enumerate(rows)],
+        }, indent=1, default=str))
+    return 1 if ctx.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
