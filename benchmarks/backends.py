@@ -419,17 +419,8 @@ def run(args: argparse.Namespace, server: Server) -> int:
     elapsed = time.monotonic() - started
     info["others_cores"] = whole.others()
     after = bench.machine()
-    if ((after["laufband_tree"], after["diff_sha256"])
-            != (info["laufband_tree"], info["diff_sha256"])):
-        print(f"\nWARNING: laufband/ changed during the run (now commit {after['commit']}, "
-              f"diff {after['diff_sha256'] or 'none'}): the numbers mix two versions.")
-    print(f"\nOther processes on this machine (the PostgreSQL server counts as one) used "
-          f"{info['others_cores']:.2f} cores on average during the measurements.")
-    print(f"\nbenchmark finished in {elapsed:.0f} s; "
-          + ("all correctness checks passed." if not ctx.failures else
-             f"{len(ctx.failures)} FAILURE(S):"))
-    for failure in ctx.failures:
-        print(f"  - {failure}")
+    bench.print_footer(ctx, info, after, elapsed,
+                       others=" (the PostgreSQL server counts as one)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": info, "postgres": pg_info, "quick": args.quick,

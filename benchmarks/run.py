@@ -669,6 +669,23 @@ def filesystem(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------- main
+def print_footer(ctx: Context, info: dict, after: dict, elapsed: float,
+                 others: str = "") -> None:
+    """The end of a benchmark's report: a warning if laufband/ changed during the run,
+    the load of other processes (``others``: what counts as one), the verdict."""
+    if ((after["laufband_tree"], after["diff_sha256"])
+            != (info["laufband_tree"], info["diff_sha256"])):
+        print(f"\nWARNING: laufband/ changed during the run (now commit {after['commit']}, "
+              f"diff {after['diff_sha256'] or 'none'}): the numbers mix two versions.")
+    print(f"\nOther processes on this machine{others} used {info['others_cores']:.2f} cores "
+          "on average during the measurements.")
+    print(f"\nbenchmark finished in {elapsed:.0f} s; "
+          + ("all correctness checks passed." if not ctx.failures else
+             f"{len(ctx.failures)} FAILURE(S):"))
+    for failure in ctx.failures:
+        print(f"  - {failure}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -782,17 +799,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     info["others_cores"] = whole_run.others()
     after = machine()
-    if ((after["laufband_tree"], after["diff_sha256"])
-            != (info["laufband_tree"], info["diff_sha256"])):
-        print(f"\nWARNING: laufband/ changed during the run (now commit {after['commit']}, "
-              f"diff {after['diff_sha256'] or 'none'}): the numbers mix two versions.")
-    print(f"\nOther processes on this machine used {info['others_cores']:.2f} cores on average "
-          "during the measurements.")
-    print(f"\nbenchmark finished in {elapsed:.0f} s; "
-          + ("all correctness checks passed." if not ctx.failures else
-             f"{len(ctx.failures)} FAILURE(S):"))
-    for failure in ctx.failures:
-        print(f"  - {failure}")
+    print_footer(ctx, info, after, elapsed)
     if args.json:
         out.update(
             limit=limit, limits=limits, extra=extra, elapsed_s=elapsed,
