@@ -229,7 +229,9 @@ def query(db_file: Path, sql: str, params=()) -> list[tuple]:
 
 def peek(db_file: Path, sql: str, params=()) -> list[tuple] | None:
     """``query`` for conditions polled while workers start: None until the database and
-    its tables exist."""
+    its tables exist, and while a worker killed inside a transaction left a hot journal
+    (a read-only connection cannot roll it back; the next writer does, once it broke
+    the dead holder's lock: lifetime + 5 s)."""
     import sqlite3
 
     try:
@@ -237,7 +239,8 @@ def peek(db_file: Path, sql: str, params=()) -> list[tuple] | None:
     except AssertionError:
         return None
     except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
+        if ("no such table" in str(exc)
+                or getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK"):
             return None
         raise
 
