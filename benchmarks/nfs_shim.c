@@ -2,7 +2,8 @@
  *
  * Wraps the libc calls that are server round trips on NFS -- open/close (close-to-open
  * consistency), link/unlink/rename (the lock-file protocol and SQLite's journal),
- * fsync/fdatasync (COMMIT) and fcntl byte-range locks (lockd) -- for files under one
+ * fsync/fdatasync (COMMIT), ftruncate/truncate (SETATTR: SQLite's journal_mode=truncate)
+ * and fcntl byte-range locks (lockd) -- for files under one
  * directory, and sleeps a configurable time before each. It also counts every call and
  * the real time spent in it (without the injected delay), separately for lock files
  * (names containing ".lock": flufl.lock's lock and claim files) and everything else
@@ -13,8 +14,8 @@
  *   NFSSIM_PREFIX     only paths under this directory (absolute) are affected
  *   NFSSIM_DELAY_US   microseconds to sleep before each delayed operation (default 0)
  *   NFSSIM_OPS        comma list of categories to delay (default
- *                     "open,close,link,unlink,rename,fsync,lock"; also "stat", "utime",
- *                     "access")
+ *                     "open,close,link,unlink,rename,fsync,truncate,lock"; also "stat",
+ *                     "utime", "access")
  *   NFSSIM_STATS      directory: at exit each process writes <pid>.txt with lines
  *                     "<kind> <category> <calls> <real_ns> <delay_ns>", kind db|lock
  *
@@ -34,9 +35,9 @@
 #include <unistd.h>
 
 enum { C_OPEN, C_CLOSE, C_LINK, C_UNLINK, C_RENAME, C_FSYNC, C_LOCK, C_STAT, C_UTIME,
-       C_ACCESS, C_N };
+       C_ACCESS, C_TRUNC, C_N };
 static const char *NAMES[C_N] = {"open", "close", "link", "unlink", "rename", "fsync",
-                                 "lock", "stat", "utime", "access"};
+                                 "lock", "stat", "utime", "access", "truncate"};
 /* kind 1: database files and anything else under the prefix; kind 2: lock files */
 enum { K_NONE, K_DB, K_LOCK, K_N };
 static const char *KINDS[K_N] = {"none", "db", "lock"};
@@ -66,7 +67,7 @@ __attribute__((constructor)) static void init(void) {
     const char *d = getenv("NFSSIM_DELAY_US");
     delay_ns = d ? atol(d) * 1000L : 0;
     const char *ops = getenv("NFSSIM_OPS");
-    if (!ops) ops = "open,close,link,unlink,rename,fsync,lock";
+    if (!ops) ops = "open,close,link,unlink,rename,fsync,truncate,lock";
     for (int c = 0; c < C_N; c++) {
         const char *hit = strstr(ops, NAMES[c]);
         size_t n = strlen(NAMES[c]);
@@ -192,6 +193,18 @@ int close(int fd) {
 }
 int fsync(int fd) { REAL(fsync); TIMED(fd_kind(fd), C_FSYNC, real_fsync(fd)); }
 int fdatasync(int fd) { REAL(fdatasync); TIMED(fd_kind(fd), C_FSYNC, real_fdatasync(fd)); }
+int ftruncate(int fd, off_t n) {
+    REAL(ftruncate); TIMED(fd_kind(fd), C_TRUNC, real_ftruncate(fd, n));
+}
+int ftruncate64(int fd, off64_t n) {
+    REAL(ftruncate64); TIMED(fd_kind(fd), C_TRUNC, real_ftruncate64(fd, n));
+}
+int truncate(const char *p, off_t n) {
+    REAL(truncate); TIMED(kind_of(AT_FDCWD, p), C_TRUNC, real_truncate(p, n));
+}
+int truncate64(const char *p, off64_t n) {
+    REAL(truncate64); TIMED(kind_of(AT_FDCWD, p), C_TRUNC, real_truncate64(p, n));
+}
 
 static int is_lock_cmd(int cmd) {
     return cmd == F_SETLK || cmd == F_SETLKW || cmd == F_GETLK || cmd == F_OFD_SETLK ||

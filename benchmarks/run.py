@@ -37,8 +37,8 @@ throughput is shown and the range of tasks/s is given in the notes.
 
 The simulated NFS (skip with --no-nfs; needs gcc) preloads benchmarks/nfs_shim.c, built
 once into ~/.cache/laufband-bench, into the workers. It sleeps a given time before every
-open/close, link/unlink/rename, fsync/fdatasync and fcntl lock of a file in the scenario
-directory, as an NFS client waits for a server round trip, and counts the calls.
+open/close, link/unlink/rename, fsync/fdatasync, (f)truncate and fcntl lock of a file in
+the scenario directory, as an NFS client waits for a server round trip, and counts the calls.
 
 --compare-upstream installs laufband==0.2.1 into its own virtualenv (cached under
 ~/.cache/laufband-bench) and runs the same process scenarios with it. 0.2.1 makes one
@@ -79,6 +79,8 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "laufba
 UPSTREAM = "0.2.1"
 NFS_DELAYS_MS = (0, 1, 5)
 NFS_BATCHES = (1, 10, 50)
+#: The shim's default delayed categories (nfs_shim.c): what counts as a round trip.
+DELAYED = ("open", "close", "link", "unlink", "rename", "fsync", "truncate", "lock")
 
 
 # ----------------------------------------------------------------------- scenarios
@@ -93,6 +95,7 @@ class Scenario:
     max_tasks: int = 0
     deadline: float = 180.0
     delay_us: int | None = None  # preload the NFS shim with this delay (None: no shim)
+    delay_ops: str = ""  # the shim's NFSSIM_OPS (categories delayed; "": its default)
     instrument: bool = False
     repeat: int = 1
     upstream: bool = True  # run with 0.2.1 too under --compare-upstream
@@ -371,6 +374,8 @@ def run_once(ctx: Context, sc: Scenario, impl: str, keep: bool = False) -> Resul
         assert ctx.shim is not None
         env.update(LD_PRELOAD=str(ctx.shim), NFSSIM_PREFIX=str(data),
                    NFSSIM_DELAY_US=str(sc.delay_us), NFSSIM_STATS=str(stats))
+        if sc.delay_ops:
+            env["NFSSIM_OPS"] = sc.delay_ops
     up_deadline = ctx.args.upstream_deadline or (15.0 if ctx.args.quick else 30.0)
     deadline = sc.deadline if impl == "current" else min(sc.deadline, up_deadline)
     go = folder / "go"
@@ -916,7 +921,7 @@ def registration_table(reg: list[dict]) -> str:
 
 def nfs_table(results: list[Result]) -> str:
     rows = []
-    delayed = {"open", "close", "link", "unlink", "rename", "fsync", "lock"}
+    delayed = set(DELAYED)
     zero = {r.scenario.batch: r for r in results if r.scenario.delay_us == 0}
 
     def ms_per_txn(r: Result) -> float:
@@ -938,9 +943,9 @@ def nfs_table(results: list[Result]) -> str:
     return table(["injected latency per operation", "workers", "tasks", "tasks/s",
                   "tasks/txn", "wall ms/txn", "latencies/txn", "lock-file ops/txn",
                   "db ops/txn", "setup s", "notes"], rows,
-                 "Simulated NFS: every open/close, link/unlink/rename, fsync and fcntl lock "
-                 "in the scenario directory waits the given time. Ops are counted while "
-                 "claiming, all workers, per committed claim+finish transaction; "
+                 "Simulated NFS: every open/close, link/unlink/rename, fsync, truncate and "
+                 "fcntl lock in the scenario directory waits the given time. Ops are counted "
+                 "while claiming, all workers, per committed claim+finish transaction; "
                  "'latencies/txn' = (wall ms/txn - the same at 0 ms) / latency: how many "
                  "round trips one transaction costs on the critical path")
 

@@ -1,12 +1,32 @@
-"""The database lock: flufl.lock (NFS-safe hard-link protocol) with a fast backoff,
-made re-entrant and shared by the threads of one process.
+"""The database lock: flufl.lock's NFS-safe hard-link protocol in fewer file-server
+round trips, with a fast backoff, made re-entrant and shared by the threads of one
+process.
 
-flufl.lock sleeps a random 10 ms - 2 s between tries (``Lock._sleep``), so under
-contention every collision costs about a second (8 workers crawl: see
-SCALING_ANALYSIS.md, 'Measurements behind the code'). We retry with full jitter,
-growing from half a millisecond up to about as long as this process's own recent holds
-of the lock last: a short hold (a local disk) is retried often, a long one (NFS, where
-every retry is a network round trip) less often.
+On NFS every open, close, link, unlink and utime of the lock file is a round trip to
+the server. flufl.lock spends 7 of them (plus 3 utimes and a stat) on an uncontended
+acquire + release: it writes a new claim file each time, touches it twice, and reads
+the lock file back before removing it; and each failed try of a waiting worker is a
+link, two stats and an open/read/close. ``FastLock`` keeps the protocol (a lock file is a
+hard link to the holder's claim file, whose content names it and whose mtime is its
+expiry; a lock past its expiry plus a slop is broken), so it interoperates with stock
+flufl locks on the same file, but:
+
+- the claim file is written once per process and kept (removed at exit);
+- its expiry is re-stamped only when less than ``_RESTAMP`` of the lifetime is left
+  (the heartbeat thread refreshes it every third of the lifetime while we hold it);
+- a failed try is one link; the lock file is looked at (one stat: is it ours after all?
+  has it expired?) only every ``_LOOK_EVERY`` of waiting;
+- the release is one unlink while the stamp we wrote has not passed by our clocks:
+  nobody may break a lock before its stamp plus the slop (which covers clock skew), so
+  it is still ours. Only a hold that outlived its stamp (the process was paused) checks
+  first that the lock file still names us, as flufl does.
+
+So an uncontended acquire + release costs 2 round trips (link, unlink) instead of 7.
+flufl.lock also sleeps a random 10 ms - 2 s between tries, so under contention every
+collision costs about a second (SCALING_ANALYSIS.md, 'Measurements behind the code').
+We retry with full jitter, up to ``_SPREAD`` times as long as this process's own
+recent holds of the lock last: a short hold (a local disk) is retried often, a long one
+(NFS, where every try is a round trip) less often (SCALING_ANALYSIS.md, 'NFS').
 
 There is exactly one lock per worker process and database (``DatabaseLock``): the
 loop, the heartbeat thread, the step thread and user code (``worker.db_lock``) all take
@@ -18,6 +38,7 @@ the waiter holds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -28,8 +49,8 @@ import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from flufl.lock import AlreadyLockedError, Lock, LockState, TimeOutError
-from flufl.lock._lockfile import CLOCK_SLOP
+from flufl.lock import AlreadyLockedError, Lock, LockState, NotLockedError, TimeOutError
+from flufl.lock._lockfile import CLOCK_SLOP, ERRORS
 
 from laufband.errors import DatabaseError, LockTimeoutError
 
@@ -47,10 +68,23 @@ DEFAULT_TIMEOUT = 600.0
 #: A thread of ours waiting for another of ours looks at its cancel flag this often.
 _WAIT_SLICE = 0.05
 
-_BACKOFF_BASE = 0.0005
-#: Bounds of the backoff cap, which follows the smoothed hold time (``DatabaseLock``).
-BACKOFF_CAP_MIN, BACKOFF_CAP_MAX = 0.001, 0.1
+#: Bounds of the backoff cap: the smoothed hold time times the spread (``DatabaseLock``).
+BACKOFF_CAP_MIN, BACKOFF_CAP_MAX = 0.001, 0.75
 _BACKOFF_CAP = 0.02  # until a hold was measured
+#: Longest hold that counts at full length in the smoothed hold time.
+_HOLD_MAX = 0.25
+#: Backoff cap / hold time. Each failed try is a link (a round trip on NFS); W waiters
+#: fail about 2 W / spread times per hold in all, and the lock waits about a
+#: spread / (2 W) hold for the next try after a release. 3: with 8 workers about 6
+#: failed tries per transaction (flufl: over 15, each 5 file operations), a few per
+#: cent of throughput (SCALING_ANALYSIS.md, 'NFS').
+_SPREAD = 3.0
+#: A waiting FastLock looks at the lock file (is it ours, has it expired?) after this
+#: share of the lifetime of waiting, and at least once a second.
+_LOOK_EVERY = 0.25
+#: Re-stamp our claim file's expiry before linking when less than this share of the
+#: lifetime is left (the heartbeat refreshes it every third of it while we hold it).
+_RESTAMP = 0.9
 
 
 _local = threading.local()
@@ -84,20 +118,46 @@ class Cancelled(Exception):
 
 
 def _fast_sleep(lock: Lock) -> None:
-    # The exponent is capped: 2**tries overflows a float after ~1000 tries (about ten
-    # seconds of waiting, e.g. for a dead holder's lock to expire).
-    tries = min(getattr(lock, "_laufband_tries", 0), 16)
+    # Full jitter, growing from an eighth of the cap: the first tries after a short
+    # hold come soon. The exponent is capped: 2**tries overflows a float after ~1000
+    # tries (about ten seconds of waiting, e.g. for a dead holder's lock to expire).
+    tries = getattr(lock, "_laufband_tries", 0)
     lock._laufband_tries = tries + 1
     cap = getattr(lock, "_laufband_cap", _BACKOFF_CAP)
-    time.sleep(random.uniform(0, min(cap, _BACKOFF_BASE * 2**tries)))
+    time.sleep(random.uniform(0, min(cap, cap / 8 * 2 ** min(tries, 16))))
+
+
+def _seconds(interval: timedelta | float | None) -> float | None:
+    return interval.total_seconds() if isinstance(interval, timedelta) else interval
+
+
+def _remove_claim(path: str, pid: int) -> None:
+    """At exit (or when its lock is collected): remove our claim file, in the process
+    that wrote it only (a forked child inherits the finaliser)."""
+    if os.getpid() == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 class FastLock(Lock):
-    """A flufl Lock with a bounded, jittered backoff and a configurable breaking slop."""
+    """A flufl Lock with fewer file-server round trips (see the module doc), a bounded
+    jittered backoff and a configurable breaking slop.
+
+    Its lock and claim files are flufl's, so it excludes stock flufl Locks on the same
+    file and they can break each other's expired locks. Differences a caller may see:
+    the claim file stays while the process lives (flufl removes it at each unlock), and
+    the expiry is stamped with sub-second precision."""
 
     def __init__(self, lockfile: str, lifetime: float = DEFAULT_LIFETIME) -> None:
         super().__init__(lockfile, lifetime=timedelta(seconds=lifetime))
         self._slop = timedelta(seconds=DEFAULT_SLOP)
+        self._claim_pid = 0  # the process our claim file was written by (0: none yet)
+        self._claim_id: tuple[int, int] | None = None  # its (st_dev, st_ino)
+        # The expiry our claim file's mtime holds, by the wall clock and by ours.
+        self._stamp = (0.0, 0.0)
+        # Until when (wall, monotonic) the lock file is surely ours: set when our link
+        # succeeded or a refresh found it ours, to the stamp it then carried.
+        self._ours_until = (0.0, 0.0)
 
     def _sleep(self) -> None:
         _fast_sleep(self)
@@ -109,6 +169,129 @@ class FastLock(Lock):
         if release == -1:
             return release
         return release - CLOCK_SLOP + self._slop
+
+    # ----------------------------------------------------------- the claim file
+    def _claim(self) -> None:
+        """Write our claim file, once per process (and again if it was removed: by a
+        worker that broke our expired lock, or by hand)."""
+        pid = os.getpid()
+        if self._claim_pid != pid:
+            self._set_claimfile()  # its name holds the pid: a forked child needs its own
+            self._claim_id = None
+        if self._claim_id is not None:
+            return
+        self._write()
+        self._touch()
+        st = os.stat(self._claimfile)
+        self._claim_id = (st.st_dev, st.st_ino)
+        if self._claim_pid != pid:
+            self._claim_pid = pid
+            weakref.finalize(self, _remove_claim, self._claimfile, pid)
+
+    def _touch(self, filename: str | None = None) -> None:
+        """Stamp an expiry of now + lifetime on our claim file (or ``filename``), as
+        flufl does, but to the sub-second (flufl truncates to the second)."""
+        life = self.lifetime.total_seconds()
+        wall, mono = time.time() + life, time.monotonic() + life
+        try:
+            os.utime(filename or self._claimfile, (wall, wall))
+        except OSError as error:
+            if error.errno not in ERRORS:
+                raise
+            return
+        if filename is None:
+            self._stamp = (wall, mono)
+
+    # --------------------------------------------------------- lock and unlock
+    def lock(self, timeout: timedelta | float | None = None) -> None:
+        """Acquire the lock (as flufl's ``Lock.lock``: ``TimeOutError`` after
+        ``timeout``, ``AlreadyLockedError`` if the lock file already names us)."""
+        limit = _seconds(self._default_timeout if timeout is None else timeout)
+        started = time.monotonic()
+        deadline = None if limit is None else started + limit
+        life = self.lifetime.total_seconds()
+        look_every = min(1.0, _LOOK_EVERY * life)
+        next_look = started + look_every
+        self._ours_until = (0.0, 0.0)
+        self._laufband_tries = 0
+        self._claim()
+        if self._stamp[0] - time.time() < _RESTAMP * life:
+            self._touch()
+        while True:
+            try:
+                os.link(self._claimfile, self._lockfile)
+            except FileExistsError:
+                pass  # held; perhaps by us (a lost reply, a release that failed): look
+            except OSError as error:
+                if error.errno not in ERRORS:
+                    raise
+                # Our claim file is gone: write it again (a missing folder fails there).
+                self._claim_id = None
+                self._claim()
+            else:
+                self._ours_until = self._stamp
+                return
+            now = time.monotonic()
+            if now >= next_look:
+                next_look = now + look_every
+                if self._look():
+                    continue
+            if deadline is not None and now > deadline:
+                raise TimeOutError("Could not acquire the lock")
+            self._sleep()
+
+    def _look(self) -> bool:
+        """One stat of the lock file: raise AlreadyLockedError if it is ours; break it
+        if it expired. True if it is worth trying again at once."""
+        try:
+            st = os.stat(self._lockfile)
+        except OSError as error:
+            if error.errno not in ERRORS:
+                raise
+            return True  # released meanwhile
+        if (st.st_dev, st.st_ino) == self._claim_id and self._read() == self._claimfile:
+            raise AlreadyLockedError("We already had the lock")
+        if time.time() > st.st_mtime + self._slop.total_seconds():
+            log.warning("laufband: the lock %s expired %.0f s ago (its holder died or "
+                        "hung): breaking it", self._lockfile, time.time() - st.st_mtime)
+            self._break()
+            return True
+        return False
+
+    def _surely_ours(self) -> bool:
+        wall, mono = self._ours_until
+        return time.time() < wall and time.monotonic() < mono
+
+    def unlock(self, *, unconditionally: bool = False) -> None:
+        """Release the lock: one unlink while the stamp of our hold has not passed;
+        past it (we were paused: another worker may have broken the lock and taken it),
+        only if the lock file still names us. Keeps the claim file."""
+        ours = self._surely_ours() or self._is_locked_no_refresh()
+        self._ours_until = (0.0, 0.0)
+        if not ours:
+            if not unconditionally:
+                raise NotLockedError("Already unlocked")
+            return
+        try:
+            os.unlink(self._lockfile)
+        except OSError as error:
+            if error.errno not in ERRORS:
+                raise
+
+    def refresh(self, lifetime: timedelta | float | None = None, *,
+                unconditionally: bool = False) -> None:
+        """Extend the lifetime if the lock is ours: stamp our claim file, then check
+        that the lock file is still it (a stamp on a claim file that is no longer the
+        lock file extends nothing)."""
+        if lifetime is not None:
+            self.lifetime = lifetime
+        self._touch()
+        if self._is_locked_no_refresh():
+            self._ours_until = self._stamp
+        else:
+            self._ours_until = (0.0, 0.0)
+            if not unconditionally:
+                raise NotLockedError(f"{self!r}: {self._read()}")
 
 
 def speed_up(lock: Lock) -> Lock:
@@ -229,10 +412,11 @@ class DatabaseLock:
         own holds stand in for everyone's: all workers run the same transactions."""
         # Clamped first: one long hold (registering a big graph) must not slow the
         # retries of the next few dozen short transactions.
-        seconds = min(seconds, BACKOFF_CAP_MAX)
+        seconds = min(seconds, _HOLD_MAX)
         hold = seconds if self._hold is None else 0.8 * self._hold + 0.2 * seconds
         self._hold = hold
-        self.file_lock._laufband_cap = min(BACKOFF_CAP_MAX, max(BACKOFF_CAP_MIN, hold))
+        self.file_lock._laufband_cap = min(BACKOFF_CAP_MAX,
+                                           max(BACKOFF_CAP_MIN, _SPREAD * hold))
 
     def _acquire_file(self) -> None:
         self.file_lock._laufband_tries = 0
@@ -269,9 +453,12 @@ class DatabaseLock:
         and took is not ours to extend. Errors are left to the next acquisition."""
         if not self._depth:
             return
+        lock = self.file_lock
         try:
-            if self.file_lock.state in (LockState.ours, LockState.ours_expired):
-                self.file_lock.refresh(unconditionally=True)
+            if isinstance(lock, FastLock):
+                lock.refresh(unconditionally=True)  # checks that it is ours after stamping
+            elif lock.state in (LockState.ours, LockState.ours_expired):
+                lock.refresh(unconditionally=True)
         except OSError:
             pass
 

@@ -226,13 +226,16 @@ def query(db_file: Path, sql: str, params=()) -> list[tuple]:
 
 def peek(db_file: Path, sql: str, params=()) -> list[tuple] | None:
     """``query`` for conditions polled while workers start: None until the database and
-    its tables exist."""
+    its tables exist, and while a worker killed inside a transaction left a hot journal
+    (a read-only connection cannot roll it back; the next writer does, once it broke
+    the dead holder's lock: lifetime + 5 s)."""
     try:
         return query(db_file, sql, params)
     except AssertionError:
         return None
     except Exception as exc:
-        if backends.current.missing_table(exc):
+        if (backends.current.missing_table(exc)
+                or getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK"):
             return None
         raise
 

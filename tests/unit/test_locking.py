@@ -1,6 +1,16 @@
-"""The database lock: its fast backoff, and one lock per process and file."""
+"""The database lock: its file protocol (flufl's, in fewer round trips), its backoff,
+and one lock per process and file."""
 
 from __future__ import annotations
+
+import builtins
+import gc
+import os
+import time
+from pathlib import Path
+
+import pytest
+from flufl.lock import AlreadyLockedError, Lock, NotLockedError, TimeOutError
 
 from laufband import locking
 from laufband.locking import BACKOFF_CAP_MAX, FastLock, _fast_sleep, database_lock
@@ -28,3 +38,159 @@ def test_one_database_lock_per_process_and_file():
     with first, database_lock(FastLock("db.lock")):
         assert first.held_here() and first._depth == 2
     assert not first.is_locked
+
+
+# ------------------------------------------------------------- the file protocol
+class _Calls:
+    """Counts the file operations the lock makes (each is a round trip on NFS)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.seen: list[str] = []
+        for name in ("link", "unlink", "utime", "stat"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, self._wrap(name, real))
+        real_open = builtins.open
+        monkeypatch.setattr(builtins, "open", self._wrap("open", real_open))
+
+    def _wrap(self, name, real):
+        def call(path, *args, **kwargs):
+            if ".lock" in str(path):
+                self.seen.append(name)
+            return real(path, *args, **kwargs)
+        return call
+
+    def take(self) -> list[str]:
+        seen, self.seen = self.seen, []
+        return seen
+
+
+def _claims(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if "|" in p.name]
+
+
+def test_an_uncontended_hold_is_one_link_and_one_unlink(tmp_path, monkeypatch):
+    """flufl writes a claim file, touches it twice, and reads the lock file back before
+    removing it (7 round trips on NFS); ours keeps its claim file and stamp."""
+    lock = FastLock(str(tmp_path / "db.lock"))
+    calls = _Calls(monkeypatch)
+    lock.lock()
+    assert "open" in calls.take()  # the claim file is written once
+    assert os.path.samefile(tmp_path / "db.lock", lock.claimfile)  # flufl's protocol
+    lock.unlock()
+    assert calls.take()[-1:] == ["unlink"]
+    assert not (tmp_path / "db.lock").exists() and len(_claims(tmp_path)) == 1
+    calls.take()
+    for _ in range(3):
+        lock.lock()
+        lock.unlock()
+        assert calls.take() == ["link", "unlink"]
+
+
+def test_the_stamp_is_renewed_before_it_runs_short(tmp_path):
+    lock = FastLock(str(tmp_path / "db.lock"), lifetime=10)
+    lock.lock()
+    lock.unlock()
+    stamp = os.stat(lock.claimfile).st_mtime
+    lock._stamp = (time.time() + 8, time.monotonic() + 8)  # less than 90 % left
+    lock.lock()
+    assert os.stat(tmp_path / "db.lock").st_mtime >= stamp  # re-stamped: now + 10 s
+    assert lock._stamp[0] > time.time() + 9.5
+    lock.unlock()
+
+
+def test_waiting_fails_with_one_link_per_try_and_breaks_an_expired_lock(tmp_path,
+                                                                       monkeypatch):
+    """Another process's lock (a stock flufl Lock: the protocols mix) whose stamp is
+    past the slop is broken; until then a waiter only links, and looks (one stat) once
+    in a while."""
+    holder = Lock(str(tmp_path / "db.lock"), lifetime=10)
+    holder.lock()
+    waiter = FastLock(str(tmp_path / "db.lock"), lifetime=0.4)  # looks every 0.1 s
+    waiter._laufband_cap = 0.01
+    calls = _Calls(monkeypatch)
+    with pytest.raises(TimeOutError):
+        waiter.lock(timeout=0.35)
+    seen = calls.take()
+    assert seen.count("link") > 5 and seen.count("stat") <= 4 + 1  # + its claim file's
+    # The holder died (nobody refreshes): its stamp is more than the slop (5 s) past.
+    past = time.time() - 6
+    os.utime(tmp_path / "db.lock", (past, past))
+    waiter.lock(timeout=5)
+    assert os.path.samefile(tmp_path / "db.lock", waiter.claimfile)
+    assert not os.path.exists(holder.claimfile)  # the breaker removes the dead claim
+    waiter.unlock()
+
+
+def test_a_hold_broken_while_paused_does_not_remove_the_new_holders_lock(tmp_path):
+    """A holds; A is paused past its stamp + slop; B breaks the lock and takes it. A's
+    release must leave B's lock alone, and A's next acquisition waits for B."""
+    a = FastLock(str(tmp_path / "db.lock"))
+    b = FastLock(str(tmp_path / "db.lock"))
+    a.lock()
+    a._ours_until = (time.time() - 1, time.monotonic() - 1)  # A's stamp has passed
+    past = time.time() - 6
+    os.utime(tmp_path / "db.lock", (past, past))
+    b._laufband_cap = 0.001
+    b.lock(timeout=5)  # breaks A's lock (and removes A's claim file)
+    assert not os.path.exists(a.claimfile)
+    a.unlock(unconditionally=True)
+    assert os.path.samefile(tmp_path / "db.lock", b.claimfile), "A removed B's lock"
+    with pytest.raises(NotLockedError):
+        a.unlock()
+    with pytest.raises(TimeOutError):
+        a.lock(timeout=0.1)  # waits for B; its claim file is written again
+    b.unlock()
+    a.lock(timeout=5)
+    assert os.path.samefile(tmp_path / "db.lock", a.claimfile)
+    a.unlock()
+
+
+def test_a_refresh_renews_only_a_lock_that_is_still_ours(tmp_path):
+    a = FastLock(str(tmp_path / "db.lock"))
+    a.lock()
+    a._ours_until = (0.0, 0.0)
+    a.refresh()
+    assert a._surely_ours()  # found ours: the release is one unlink again
+    os.unlink(tmp_path / "db.lock")  # broken (by hand, here)
+    b = FastLock(str(tmp_path / "db.lock"))
+    b.lock()
+    with pytest.raises(NotLockedError):
+        a.refresh()
+    assert not a._surely_ours()
+    a.unlock(unconditionally=True)
+    assert os.path.samefile(tmp_path / "db.lock", b.claimfile)
+    b.unlock()
+
+
+def test_a_lock_file_left_naming_us_is_taken_back(tmp_path):
+    """A release that could not remove the lock file (an NFS error): the next
+    acquisition finds it ours (flufl's AlreadyLockedError) and the DatabaseLock goes on."""
+    file_lock = FastLock(str(tmp_path / "db.lock"), lifetime=0.4)
+    file_lock.lock()
+    file_lock._ours_until = (0.0, 0.0)  # as after a pause: no fast path
+    with pytest.raises(AlreadyLockedError):
+        file_lock.lock(timeout=5)
+    lock = database_lock(file_lock)
+    with lock:
+        assert file_lock._surely_ours()
+    assert not (tmp_path / "db.lock").exists()
+
+
+def test_a_removed_claim_file_is_written_again(tmp_path):
+    lock = FastLock(str(tmp_path / "db.lock"))
+    lock.lock()
+    lock.unlock()
+    os.unlink(lock.claimfile)
+    lock.lock(timeout=5)
+    assert os.path.samefile(tmp_path / "db.lock", lock.claimfile)
+    lock.unlock()
+
+
+def test_the_claim_file_goes_with_the_lock(tmp_path):
+    lock = FastLock(str(tmp_path / "db.lock"))
+    lock.lock()
+    lock.unlock()
+    assert len(_claims(tmp_path)) == 1
+    del lock
+    gc.collect()
+    assert _claims(tmp_path) == []
