@@ -41,6 +41,8 @@ GRAPH = "layered:10x20"
 #: The layer-0 task with the most descendants (164 of 200): held, it keeps most of the
 #: graph waiting until the test releases it.
 HELD = "L0_17"
+#: SLURMD_NODENAME: slurm-up.sh names the node by the short host name.
+NODE = socket.gethostname().split(".")[0]
 #: Job states after which nothing of a job runs any more (until a requeue).
 ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -57,6 +59,11 @@ def parse_job(line: str) -> dict[str, str]:
     """One line of ``scontrol show job -o``: ``Key=value`` pairs (a value runs up to the
     next `` Key=``, so values with spaces survive)."""
     return dict(re.findall(r"([A-Za-z][\w:/.]*)=(.*?)(?= [A-Za-z][\w:/.]*=|$)", line.strip()))
+
+
+def forgotten(stderr: str) -> bool:
+    """The error of scontrol/squeue for a job SLURM does not know (any more)."""
+    return "Invalid job id" in stderr or "not found" in stderr
 
 
 class Slurm:
@@ -88,10 +95,13 @@ class Slurm:
     def jobs(self, job: str) -> list[dict[str, str]]:
         """``scontrol show job -o``: one dict per job (per array task once they are
         split; a pending array's unstarted tasks share one), [] once SLURM forgot it
-        (MinJobAge after its end)."""
+        (MinJobAge after its end).
+
+        Name one array task as ``ARRAYJOB_TASK`` (here and in squeue, scancel, scontrol
+        requeue/update): its own job id may be the array's id, which means every task."""
         out = _slurm("scontrol", "show", "job", "-o", job, check=False)
         if out.returncode:
-            if "Invalid job id" in out.stderr:
+            if forgotten(out.stderr):
                 return []
             raise AssertionError(f"scontrol show job {job}: {out.stderr}")
         return [parse_job(line) for line in out.stdout.splitlines() if line.strip()]
@@ -105,12 +115,13 @@ class Slurm:
         """What squeue still lists of the job: pending, running or completing (its
         processes may still exit) tasks, as ``id state``."""
         out = _slurm("squeue", "-h", "-j", job, "-o", "%i %T", check=False)
-        if out.returncode and "Invalid job id" not in out.stderr:
+        if out.returncode and not forgotten(out.stderr):
             raise AssertionError(f"squeue -j {job}: {out.stderr}")
         return out.stdout.split("\n")[:-1] if out.returncode == 0 else []
 
     def wait_state(self, job: str, state: str, timeout: float = 60) -> dict[str, str]:
-        """Wait until the (single) job ``job`` is in ``state``; its record."""
+        """Wait until one job (or array task: ``ARRAYJOB_TASK``) is in ``state``; its
+        record."""
         def reached():
             found = self.jobs(job)
             return found[0] if found and found[0]["JobState"] == state else None
@@ -197,7 +208,7 @@ def test_a_job_array_runs_the_dag_once_in_dependency_order(slurm, tmp_path):
         assert rec["worker"] in ids
     workers = workers_json(tmp_path)
     assert workers.keys() == ids.keys()
-    node = socket.gethostname()
+    node = NODE
     for ident, i in ids.items():
         assert workers[ident]["slurm"] == {"job": array[i]["JobId"], "array_job": job,
                                            "array_task": str(i), "node": node}
@@ -230,15 +241,14 @@ def test_scancel_of_an_array_task_hands_its_task_to_the_others(slurm, tmp_path):
                                   effects=faults.effects, hold=HELD), "--array=0-3")
     holder, task = hold_and_find(slurm, faults, job)
 
-    slurm_job = slurm.tasks(job)[task]["JobId"]
     _slurm("scancel", f"{job}_{task}")
     # SIGTERM: the worker hands the task back at once (a heartbeat timeout of 60 s: a
     # redo within seconds can only be the hand-back) and another worker claims it.
     successor = wait_until(lambda: claimed_again(faults), timeout=30, interval=0.1,
                            what=f"{HELD} claimed again after scancel")
     assert successor != holder
-    wait_until(lambda: not slurm.queued(slurm_job), timeout=60, interval=0.2,
-               what=f"the cancelled job {slurm_job} to end")
+    wait_until(lambda: not slurm.queued(holder), timeout=60, interval=0.2,
+               what=f"the cancelled array task {holder} to end")
     faults.release()
     slurm.wait_gone(job)
 
@@ -268,18 +278,18 @@ def test_a_requeued_array_task_takes_its_identity_back(slurm, tmp_path):
                                   effects=faults.effects, hold=HELD),
                        "--array=0-3", "--requeue")
     holder, task = hold_and_find(slurm, faults, job)
-    slurm_job = slurm.tasks(job)[task]["JobId"]
+    own_id = slurm.tasks(job)[task]["JobId"]  # the array task's own job id
     [(first_pid,)] = query(faults.db, "SELECT pid FROM workers WHERE id = ?", (holder,))
 
-    _slurm("scontrol", "requeue", slurm_job)
+    _slurm("scontrol", "requeue", holder)  # the worker's identifier: ARRAYJOB_TASK
     successor = wait_until(lambda: claimed_again(faults), timeout=30, interval=0.1,
                            what=f"{HELD} claimed again after the requeue")
     # A requeued job waits about 2 minutes (BeginTime) before it may start again;
     # an administrator (or this test) may let it start now.
-    pending = slurm.wait_state(slurm_job, "PENDING")
-    assert pending["Restarts"] == "1", pending
-    _slurm("scontrol", "update", f"jobid={slurm_job}", "StartTime=now")
-    slurm.wait_state(slurm_job, "RUNNING")
+    pending = slurm.wait_state(holder, "PENDING")
+    assert (pending["Reason"], pending["Restarts"]) == ("BeginTime", "1"), pending
+    _slurm("scontrol", "update", f"jobid={holder}", "StartTime=now")
+    slurm.wait_state(holder, "RUNNING")
 
     def back() -> bool:
         rows = query(faults.db, "SELECT pid, state FROM workers WHERE id = ?", (holder,))
@@ -292,7 +302,7 @@ def test_a_requeued_array_task_takes_its_identity_back(slurm, tmp_path):
     for i, rec in array.items():
         assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), \
             job_log(tmp_path, job, i)
-    assert array[task]["JobId"] == slurm_job and array[task]["Restarts"] == "1"
+    assert array[task]["JobId"] == own_id and array[task]["Restarts"] == "1"
     log = job_log(tmp_path, job, task)
     assert f"SIGTERM received: task '{HELD}' was handed back" in log
     # One worker row per array task: the requeued job took its row back (a new pid,
@@ -300,9 +310,8 @@ def test_a_requeued_array_task_takes_its_identity_back(slurm, tmp_path):
     workers = workers_json(tmp_path)
     assert workers.keys() == {f"{job}_{i}" for i in range(4)}
     assert workers[holder]["pid"] != first_pid
-    assert workers[holder]["slurm"] == {"job": slurm_job, "array_job": job,
-                                        "array_task": str(task),
-                                        "node": socket.gethostname()}
+    assert workers[holder]["slurm"] == {"job": own_id, "array_job": job,
+                                        "array_task": str(task), "node": NODE}
     assert all(w["state"] == "offline" for w in workers.values()), workers
     events = faults.events(HELD)
     assert events[:2] == [("claimed", 1, holder), ("preempted", 1, holder)]
