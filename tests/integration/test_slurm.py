@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -281,13 +282,21 @@ def test_a_requeued_array_task_takes_its_identity_back(slurm, tmp_path):
     own_id = slurm.tasks(job)[task]["JobId"]  # the array task's own job id
     [(first_pid,)] = query(faults.db, "SELECT pid FROM workers WHERE id = ?", (holder,))
 
+    requeued_at = time.time()
     _slurm("scontrol", "requeue", holder)  # the worker's identifier: ARRAYJOB_TASK
     successor = wait_until(lambda: claimed_again(faults), timeout=30, interval=0.1,
                            what=f"{HELD} claimed again after the requeue")
-    # A requeued job waits about 2 minutes (BeginTime) before it may start again;
-    # an administrator (or this test) may let it start now.
+    # A requeued job waits (BeginTime) for its old credential to expire: AuthInfo's
+    # cred_expire, 120 s by default. An administrator (or this test) may start it now,
+    # but not within the second of the requeue: a job started then is refused on the
+    # node ("Job credential revoked": revocations are stamped in whole seconds), and
+    # it stays pending until the next scheduler pass. So wait for the old process to
+    # be gone and the clock to be 2 s past the requeue.
     pending = slurm.wait_state(holder, "PENDING")
     assert (pending["Reason"], pending["Restarts"]) == ("BeginTime", "1"), pending
+    wait_until(lambda: not Path(f"/proc/{first_pid}").exists()
+               and time.time() > requeued_at + 2, timeout=30, interval=0.1,
+               what=f"the first process of {holder} gone, 2 s after the requeue")
     _slurm("scontrol", "update", f"jobid={holder}", "StartTime=now")
     slurm.wait_state(holder, "RUNNING")
 
