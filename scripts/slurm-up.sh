@@ -19,12 +19,10 @@ die() { echo "slurm-up: error: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and starts daemons)"
 
-# State, spool, logs and pid files in one folder of our own, so slurm-down.sh finds
-# everything and a real cluster's folders are never touched.
-DIR=${LAUFBAND_SLURM_DIR:-/var/spool/slurm-laufband}
+# shellcheck source=scripts/slurm-lib.sh
+. "$(dirname "$0")/slurm-lib.sh"   # DIR (ours: state, logs, pid files), alive, stop
 CONF=/etc/slurm/slurm.conf
 MARK="# Written by laufband's scripts/slurm-up.sh (a single-node test cluster)."
-MUNGE_PID=/run/munge/munged.pid
 DEADLINE=${LAUFBAND_SLURM_UP_TIMEOUT:-90}   # seconds for each wait below
 
 # ---------------------------------------------------------------- packages
@@ -41,15 +39,6 @@ if ! have_all; then
 fi
 
 # ------------------------------------------------------------------ helpers
-# Is the process in pid file $2 alive and named $1? (A stale file's pid may have been
-# reused by another program.)
-alive() {
-    local pid
-    [ -s "$2" ] || return 1
-    pid=$(cat "$2")
-    [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$1" ]
-}
-
 # Poll "$@" until it succeeds, for at most DEADLINE seconds.
 wait_for() {
     local what=$1 end=$((SECONDS + DEADLINE))
@@ -72,17 +61,6 @@ daemon() {
         done
         exec "$@"
     ) </dev/null >/dev/null
-}
-
-stop() {  # name pidfile: TERM, then KILL if it does not go within 30 s
-    local end=$((SECONDS + 30))
-    alive "$1" "$2" || return 0
-    kill -TERM "$(cat "$2")" 2>/dev/null || true
-    while alive "$1" "$2"; do
-        if [ "$SECONDS" -ge "$end" ]; then kill -KILL "$(cat "$2")" 2>/dev/null || true; fi
-        sleep 0.2
-    done
-    log "stopped $1"
 }
 
 # ------------------------------------------------------------ configuration
@@ -177,14 +155,25 @@ else
     wait_for "slurmctld is up" scontrol ping \
         || die "slurmctld did not answer; see $DIR/log/slurmctld.log"
 fi
+slurmd_since=0
 if alive slurmd "$DIR/run/slurmd.pid"; then
     log "slurmd is running"
 else
+    slurmd_since=$(date +%s)
     daemon slurmd
 fi
 
 node_state() { sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -n 1; }
+# Has the slurmd we started registered? A restarted slurmctld shows the node as it
+# saved it (idle, say) before any slurmd answered.
+registered() {
+    local since
+    since=$(scontrol show node "$HOST" 2>/dev/null | sed -n 's/.*SlurmdStartTime=\([^ ]*\).*/\1/p')
+    [ -n "$since" ] && [ "$since" != None ] \
+        && [ "$(date -d "$since" +%s)" -ge $((slurmd_since - 1)) ]
+}
 node_idle() {
+    registered || return 1
     case "$(node_state)" in
         idle | mixed | allocated) return 0 ;;
         # A node drained or marked down earlier (a slurmd that was stopped) is ours to
