@@ -49,7 +49,7 @@ ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"
          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def _slurm(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def _command(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kwargs)
     if check and out.returncode:
         raise AssertionError(f"{shlex.join(cmd)} exited {out.returncode}: {out.stderr}")
@@ -87,7 +87,7 @@ class Slurm:
         if log:
             sbatch_args = (f"--output={self.folder}/slurm-%A_%a.out", "--open-mode=append",
                            *sbatch_args)
-        out = _slurm("sbatch", "--parsable", f"--chdir={self.folder}", *sbatch_args,
+        out = _command("sbatch", "--parsable", f"--chdir={self.folder}", *sbatch_args,
                      str(script), cwd=self.folder, env={**os.environ, **(env or {})})
         job = out.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
         self.submitted.append(job)
@@ -100,7 +100,7 @@ class Slurm:
 
         Name one array task as ``ARRAYJOB_TASK`` (here and in squeue, scancel, scontrol
         requeue/update): its own job id may be the array's id, which means every task."""
-        out = _slurm("scontrol", "show", "job", "-o", job, check=False)
+        out = _command("scontrol", "show", "job", "-o", job, check=False)
         if out.returncode:
             if forgotten(out.stderr):
                 return []
@@ -115,7 +115,7 @@ class Slurm:
     def queued(self, job: str) -> list[str]:
         """What squeue still lists of the job: pending, running or completing (its
         processes may still exit) tasks, as ``id state``."""
-        out = _slurm("squeue", "-h", "-j", job, "-o", "%i %T", check=False)
+        out = _command("squeue", "-h", "-j", job, "-o", "%i %T", check=False)
         if out.returncode and not forgotten(out.stderr):
             raise AssertionError(f"squeue -j {job}: {out.stderr}")
         return out.stdout.split("\n")[:-1] if out.returncode == 0 else []
@@ -141,7 +141,7 @@ class Slurm:
     def cancel_all(self) -> None:
         if not self.submitted:
             return
-        _slurm("scancel", *self.submitted, check=False)
+        _command("scancel", *self.submitted, check=False)
         for job in self.submitted:
             self.wait_gone(job, timeout=60)
 
@@ -179,7 +179,7 @@ def recorded(folder: Path, pattern: str = "w*.jsonl") -> Run:
 
 def workers_json(folder: Path) -> dict[str, dict]:
     """``laufband workers --json`` of the test's database, by worker id."""
-    out = _slurm(sys.executable, "-m", "laufband.cli", "--db", str(folder / "graph.sqlite"),
+    out = _command(sys.executable, "-m", "laufband.cli", "--db", str(folder / "graph.sqlite"),
                  "workers", "--json")
     return {w["id"]: w for w in json.loads(out.stdout)}
 
@@ -242,7 +242,7 @@ def test_scancel_of_an_array_task_hands_its_task_to_the_others(slurm, tmp_path):
                                   effects=faults.effects, hold=HELD), "--array=0-3")
     holder, task = hold_and_find(slurm, faults, job)
 
-    _slurm("scancel", f"{job}_{task}")
+    _command("scancel", f"{job}_{task}")
     # SIGTERM: the worker hands the task back at once (a heartbeat timeout of 60 s: a
     # redo within seconds can only be the hand-back) and another worker claims it.
     successor = wait_until(lambda: claimed_again(faults), timeout=30, interval=0.1,
@@ -283,7 +283,7 @@ def test_a_requeued_array_task_takes_its_identity_back(slurm, tmp_path):
     [(first_pid,)] = query(faults.db, "SELECT pid FROM workers WHERE id = ?", (holder,))
 
     requeued_at = time.time()
-    _slurm("scontrol", "requeue", holder)  # the worker's identifier: ARRAYJOB_TASK
+    _command("scontrol", "requeue", holder)  # the worker's identifier: ARRAYJOB_TASK
     successor = wait_until(lambda: claimed_again(faults), timeout=30, interval=0.1,
                            what=f"{HELD} claimed again after the requeue")
     # A requeued job waits (BeginTime) for its old credential to expire: AuthInfo's
@@ -297,7 +297,7 @@ def test_a_requeued_array_task_takes_its_identity_back(slurm, tmp_path):
     wait_until(lambda: not Path(f"/proc/{first_pid}").exists()
                and time.time() > requeued_at + 2, timeout=30, interval=0.1,
                what=f"the first process of {holder} gone, 2 s after the requeue")
-    _slurm("scontrol", "update", f"jobid={holder}", "StartTime=now")
+    _command("scontrol", "update", f"jobid={holder}", "StartTime=now")
     slurm.wait_state(holder, "RUNNING")
 
     def back() -> bool:
