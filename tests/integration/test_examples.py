@@ -58,3 +58,11 @@ def test_the_pipeline_example_streams_two_families_under_the_cap(tmp_path):
     assert line.startswith("downloads: 12, at most ")
     assert int(line.split("at most ")[1].split()[0]) <= 3
     assert len(list((tmp_path / "out" / "downloads").iterdir())) == 12
+
+
+def test_the_readme_shows_the_sbatch_example_as_it_is():
+    """The README's job script is examples/slurm/run.sbatch, which test_slurm.py runs
+    under real SLURM daemons."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    script = (EXAMPLES / "slurm" / "run.sbatch").read_text()
+    assert f"```bash\n{script}```\n" in readme
