@@ -368,6 +368,21 @@ def test_sigusr1_lets_a_task_that_fits_finish_then_exits_0(capsys):
     assert signal.getsignal(signal.SIGUSR1) is before  # restored
 
 
+def test_a_drain_of_an_inner_loop_hands_the_outer_loops_task_back():
+    """The outer loop's body runs another worker's loop, which drains (its task fits
+    and completes): its Drained leaves the outer body, whose task goes back too."""
+    outer = make([Task("o1"), Task("o2")], name="A", db="outer.sqlite", batch_size=1)
+    with pytest.raises(Drained):
+        for _ in outer:
+            for _ in make([Task("i1"), Task("i2")], name="B", batch_size=1):
+                os.kill(os.getpid(), signal.SIGUSR1)
+    assert states() == {"i1": "completed", "i2": "ready"}
+    assert states("outer.sqlite") == {"o1": "ready", "o2": "ready"}
+    assert rows("SELECT outcome, error FROM attempts", "outer.sqlite") == [
+        ("preempted", "a loop in its body drained (its worker's time is up)")]
+    assert rows("SELECT state FROM workers", "outer.sqlite") == [("offline",)]
+
+
 def long_estimate(tasks, seconds: float) -> None:
     """Another worker, on a clock of its own, completes one task after ``seconds``: the
     estimate of that kind of task."""
