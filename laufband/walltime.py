@@ -2,7 +2,7 @@
 limit; outside one, never (no limit).
 
 Read once per job and cached: ``SLURM_JOB_END_TIME`` (epoch seconds, in the job's
-environment since SLURM 20.11) where it is set, else ``scontrol show job -o $SLURM_JOB_ID``
+environment on recent SLURM versions) where it is set, else ``scontrol show job -o $SLURM_JOB_ID``
 (``EndTime=2026-11-30T20:01:02``, the controller's local time), else ``squeue -h -o %e
 -j $SLURM_JOB_ID``. Each query is cut off after ``QUERY_TIMEOUT`` seconds; anything that
 fails is logged once and means no limit (such a worker is no worse off than before:
