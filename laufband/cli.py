@@ -22,6 +22,7 @@ import time
 import typing as t
 
 from laufband.errors import ConfigError, LaufbandError
+from laufband.walltime import duration
 
 if t.TYPE_CHECKING:
     from rich.console import Console
@@ -83,13 +84,7 @@ def _print(con: Console, renderable: t.Any) -> None:
     con.file.write("\n".join(line.rstrip() for line in captured.get().splitlines()) + "\n")
 
 
-def _ago(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+_ago = duration  # "45 s", "12 min", "3.5 h"
 
 
 # --------------------------------------------------------------------- status
@@ -170,13 +165,15 @@ def workers_data(store: Store) -> list[dict[str, t.Any]]:
     now = time.time()
     result = []
     for w in store.workers():
+        end = w.get("allocation_end")
         result.append({
             "id": w["id"], "state": w["state"], "host": w["hostname"], "pid": w["pid"],
             "labels": sorted(w["labels"]),
             "heartbeat_age_s": round(max(0.0, now - w["heartbeat"]), 1),
             "heartbeat_expired": now - w["heartbeat"] > w["heartbeat_timeout"],
             "threads": w.get("threads", 1), "completed": w.get("completed", 0),
-            "slurm": w.get("slurm"),
+            "slurm": w.get("slurm"), "allocation_end": end,
+            "allocation_left_s": None if end is None else round(end - now, 1),
             "running": [{"task": tid, "for_s": round(max(0.0, now - at), 1)}
                         for tid, at in zip(w["running"], w["running_since"], strict=True)],
         })
@@ -201,8 +198,11 @@ def workers_table(store: Store, out: t.TextIO | None = None,
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         con.print(f"labels {labels}: {len(members)} worker(s) ({summary})")
         table = Table(box=None, pad_edge=False, padding=(0, 1), show_edge=False)
+        # "left": time until the allocation ends (workers in SLURM jobs with a limit).
+        limited = any(w["allocation_end"] is not None for w in members)
         for name, justify in (("  worker", "left"), ("state", "left"), ("host", "left"),
                               ("pid", "right"), ("beat", "right"), ("done", "right"),
+                              *((("left", "right"),) if limited else ()),
                               ("running", "left")):
             table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for w in members:
@@ -215,8 +215,11 @@ def workers_table(store: Store, out: t.TextIO | None = None,
             job = (f"{slurm['array_job']}_{slurm['array_task']}" if "array_task" in slurm
                    else slurm.get("job"))
             host = f"{w['host']} ({job})" if job else w["host"]
+            left = w["allocation_left_s"]
+            ends = [] if not limited else [
+                "-" if left is None or w["state"] not in ("idle", "busy") else _ago(left)]
             table.add_row(f"  {w['id']}", state, host, str(w["pid"]),
-                          _ago(w["heartbeat_age_s"]), str(w["completed"]), doing)
+                          _ago(w["heartbeat_age_s"]), str(w["completed"]), *ends, doing)
         _print(con, table)
 
 

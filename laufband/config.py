@@ -33,6 +33,11 @@ DEFAULT_MAX_KILLED_RETRIES = 2
 #: Largest task result (its JSON, in bytes): results are for small values (paths, ids,
 #: metrics) that dependents read; big data belongs in files.
 DEFAULT_RESULT_SIZE = 65536
+#: Seconds before its allocation ends in which a worker starts nothing: the time to
+#: record the last task, hand back the rest and exit cleanly before SLURM's SIGTERM
+#: (a few seconds; a minute also covers a slow shared file system, clock skew between
+#: the node and the controller, and runtimes a little longer than estimated).
+DEFAULT_WALLTIME_MARGIN = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Settings:
     limits: t.Mapping[str, int] = dataclasses.field(default_factory=dict)
     depth_first: bool = False
     max_result_size: int = 65536
+    walltime_margin: float = DEFAULT_WALLTIME_MARGIN
 
 
 class _Source(t.NamedTuple):
@@ -159,6 +165,7 @@ def resolve(
     limits: Mapping[str, int] | None = None,
     depth_first: bool | None = None,
     max_result_size: int | None = None,
+    walltime_margin: float | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if env is None else env
@@ -200,4 +207,6 @@ def resolve(
         depth_first=_bool(pick(depth_first, "depth_first", False)),
         max_result_size=_number(pick(max_result_size, "max_result_size", DEFAULT_RESULT_SIZE),
                                 int, 1, False),
+        walltime_margin=_number(pick(walltime_margin, "walltime_margin",
+                                     DEFAULT_WALLTIME_MARGIN), float, 0, False),
     )

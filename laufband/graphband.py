@@ -24,17 +24,26 @@ from contextlib import nullcontext
 from flufl.lock import AlreadyLockedError, Lock
 from tqdm import tqdm
 
-from laufband import config, waiting
+from laufband import config, waiting, walltime
 from laufband.batching import Batcher
 from laufband.clock import Clock, SystemClock
 from laufband.errors import ConfigError, LaufbandError, ResultError, TaskFailedError
 from laufband.locking import DatabaseLock, FastLock
 from laufband.prefetch import MAX_HOLD, Prefetch
-from laufband.session import Session, signals_received, user_frame, where
+from laufband.session import (
+    Session,
+    drained,
+    drains_raised,
+    signals_received,
+    user_frame,
+    where,
+)
 from laufband.signals import (
     Cancelled,
+    Drained,
     Preempted,
     announce_cancel,
+    announce_drain,
     announce_stop,
     stop_signals,
 )
@@ -52,6 +61,7 @@ from laufband.store import (
 )
 from laufband.store.connection import absolute_url
 from laufband.store.resources import check_tasks
+from laufband.store.schema import reqset_key
 from laufband.task import GraphSpec, Task, read_graph, validate
 from laufband.threads import Summary, ThreadedRun, encode_result
 
@@ -96,6 +106,7 @@ class Graphband(t.Generic[T]):
         limits: t.Mapping[str, int] | None = None,
         depth_first: bool | None = None,
         max_result_size: int | None = None,
+        walltime_margin: float | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.settings = config.resolve(
@@ -107,6 +118,7 @@ class Graphband(t.Generic[T]):
             enable_fingerprints=enable_fingerprints,
             invalidate_downstream=invalidate_downstream, limits=limits,
             depth_first=depth_first, max_result_size=max_result_size,
+            walltime_margin=walltime_margin,
         )
         self._tasks_input = tasks
         self.tqdm_kwargs = dict(tqdm_kwargs or {})
@@ -158,7 +170,9 @@ class Graphband(t.Generic[T]):
             # the ordering (about half of reading it: SCALING_ANALYSIS.md, 'Measurements
             # behind the code').
             _ = spec.order
-        self._session = Session(self._store, s, user_lock)
+        # Inside a SLURM job: when its allocation ends (read once; None: no limit).
+        end = walltime.allocation_end()
+        self._session = Session(self._store, s, user_lock, end)
         self.db_lock = _UserDbLock(self._db_lock, self._session)
         if s.limits:
             self.stored_limits = self._store.declare_limits(dict(s.limits), s.identifier)
@@ -171,7 +185,9 @@ class Graphband(t.Generic[T]):
         generation = self._store.register_graph(spec, s.identifier, s.invalidate_downstream)
         self._by_id = spec.by_id
         self._me = Me(s.identifier, [], generation, s.max_failed_retries,
-                      s.max_killed_retries, s.failure_policy == "stop")
+                      s.max_killed_retries, s.failure_policy == "stop",
+                      deadline=None if end is None else end - s.walltime_margin)
+        self._session.heartbeat.me = self._me  # it reads the runtime estimates
         self._known_reqsets: set[int] = set()
         self._refresh_reqsets()
         self._batcher = Batcher(None if s.batch_size == "auto" else int(s.batch_size))
@@ -369,6 +385,8 @@ class Graphband(t.Generic[T]):
             # A stop signal came while no loop could act on it (e.g. during the end of
             # the last one after a break): this worker runs no more loops.
             raise Preempted(self._session.signal)
+        if self._session.drain is not None:  # so does one that drained
+            raise drained(self._session.drain)
         self._closing = False
         self._cancelled = None  # a step tells again if the workflow is still cancelled
         self._session.go_online()
@@ -410,11 +428,47 @@ class Graphband(t.Generic[T]):
                 self._prefetch.shutdown()
                 self._session.went_offline()
 
+    # ------------------------------------------------------------- walltime
+    def _draining(self) -> bool:
+        """Does this worker drain (stop claiming, leave once what runs is done)? Also
+        starts the drain when its deadline (allocation end - walltime_margin) passed."""
+        session, deadline = self._session, self._me.deadline
+        if session.drain is None and deadline is not None and self._clock.now() >= deadline:
+            margin = self.settings.walltime_margin
+            session.start_drain(f"its allocation ends in "
+                                f"{walltime.duration(deadline + margin - self._clock.now())} "
+                                f"(walltime_margin={margin:g} s)")
+        return session.drain is not None
+
+    def _fits(self, task_id: str, started: float) -> bool:
+        """Is the task started at ``started`` (epoch seconds) expected to end before this
+        worker's deadline? Yes without a deadline or a runtime (declared, else the
+        estimate): let it run, the stop signal at the time limit still hands it back.
+        Reads memory only (the signal handler asks)."""
+        me = self._me
+        if me.deadline is None:
+            return True
+        task = self._by_id[task_id]
+        runtime = task.runtime
+        if runtime is None:
+            reqset = me.reqset_keys.get(reqset_key(task))
+            runtime = None if reqset is None else me.estimates.get(reqset)
+        return runtime is None or started + runtime <= me.deadline
+
+    def _short_of_time(self) -> str:
+        left = (self._me.deadline or 0.0) - self._clock.now()
+        return (f"what is left to run needs more time than its allocation has "
+                f"({walltime.duration(left + self.settings.walltime_margin)} left, "
+                f"walltime_margin={self.settings.walltime_margin:g} s)")
+
     def _observe(self, result: StepResult) -> None:
-        """Update the progress bar, note a cancel, and enforce the failure policy."""
+        """Update the progress bar, note a cancel or a leave for want of time, and
+        enforce the failure policy."""
         # Every step and poll says whether the workflow is cancelled now: a resume
         # during the drain lets a worker that has not left yet go on.
         self._cancelled = result.cancelled
+        if result.short_of_time:
+            self._session.start_drain(self._short_of_time())
         counts = result.counts
         self._last_counts = counts
         self._see_reqsets(counts)
@@ -537,13 +591,17 @@ class _Loop:
         self._finished = threading.Event()  # ... for other threads to wait on
         self._guard = threading.RLock()  # one end(), also from other threads
         self._signals_before = signals_received()
+        self._drains_before = drains_raised()
+        self._body_started = 0.0  # when the current task's body began (epoch seconds)
         self._cancel_check_at = 0.0  # _cancelled_meanwhile
         self._cancel_mark: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------- the loop
     def run(self) -> Iterator[t.Any]:
+        self.session.follow(self._current_fits)
         try:
             while (claim := self._next()) is not None:
+                self._body_started = self.clock.now()
                 self.current = claim
                 started = self.clock.monotonic()
                 self.session.enter_user_code()
@@ -567,7 +625,12 @@ class _Loop:
 
     def _stopping(self) -> bool:
         return (self.w._closing or self.session.signal is not None
-                or self.w._cancelled is not None)
+                or self.w._cancelled is not None or self.w._draining())
+
+    def _current_fits(self) -> bool:
+        """Does the running task fit in the time left (see Graphband._fits)?"""
+        claim = self.current
+        return claim is None or self.w._fits(claim.id, self._body_started)
 
     def set_result(self, value: t.Any) -> None:
         self.result = encode_result(value, self.w.settings.max_result_size)
@@ -730,6 +793,7 @@ class _Loop:
                 self._finish()
 
     def _finish(self) -> None:
+        self.session.follow(None)
         self.finished = True
         self.session.loop_active = False
         self._finished.set()
@@ -743,16 +807,22 @@ class _Loop:
         self._record(finishes, exc)
         if self.w._bar is not None:
             self.w._bar.close()
-        if exc is None and why is None:
+        drain = self.session.drain
+        if exc is None and why is None and drain is None:
             self._hint_failures()
         # Read again: a signal may have come while we recorded (it raises no earlier).
         signum = self.session.signal
+        handed = current.claim.id if current and current.outcome == Event.PREEMPTED \
+            else None
         if signum is not None:
-            handed = current.claim.id if current and current.outcome == Event.PREEMPTED \
-                else None
             self._announce(signum, handed)
             if exc is None and why is None:
                 raise Preempted(signum)
+        elif drain is not None and why is None:
+            announce_drain(drain, self.me.id, f"task {handed!r} was handed back to other "
+                                              "workers; " if handed else "")
+            if exc is None:
+                raise drained(drain)
         if self.w._cancelled is not None and exc is None and why is None:
             announce_cancel(self.w._cancelled, self.me.id)
             raise Cancelled(self.w._cancelled.by)
@@ -766,6 +836,11 @@ class _Loop:
             return Finish(claim, Event.PREEMPTED, f"{signal.Signals(signum).name} received")
         if why is not None:
             return Finish(claim, Event.PREEMPTED, why)
+        if (self.session.hand_back or isinstance(exc, Drained)
+                or drains_raised() != self._drains_before):
+            # The drain found that it would not finish in the time left, or it was
+            # claimed but not started, or a loop in its body drained: no retry used.
+            return Finish(claim, Event.PREEMPTED, self._drain_detail())
         frame = user_frame()
         self.session.expect_error(claim, frame)
         error = (f"the loop body raised an exception or left the loop (break) at "
@@ -773,6 +848,14 @@ class _Loop:
                  else f"{type(exc).__name__}: {exc}")
         return Finish(claim, Event.FAILED, error, self.w.settings.max_failed_retries,
                       Failure(error))
+
+    def _drain_detail(self) -> str:
+        drain = self.session.drain
+        if drain is None:
+            return "a loop in its body drained (its worker's time is up)"
+        if self.session.hand_back:
+            return f"{drain}: not expected to finish in the time left"
+        return f"{drain}: claimed, not started"
 
     def _settle(self) -> list[Finish]:
         """The step in flight: its unrecorded finishes, and its claims handed back."""

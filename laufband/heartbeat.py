@@ -15,7 +15,7 @@ from flufl.lock import Lock, LockState
 
 from laufband.errors import LaufbandError
 from laufband.locking import Cancelled
-from laufband.store import Store
+from laufband.store import Me, Store
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ class Heartbeat:
         self._stalled_after = interval + (timeout - interval) / 2
         self._max_killed_retries = max_killed_retries
         self._user_lock = user_lock
+        #: The worker's loop state (store.Me), set once it exists: a worker whose
+        #: allocation ends reads its runtime estimates at every beat.
+        self.me: Me | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Held for each beat: stop() waits for a beat in progress (a daemon thread must
@@ -87,7 +90,8 @@ class Heartbeat:
         try:
             alive = self._store.heartbeat(self._worker, self._max_killed_retries,
                                           self._stalled_after,
-                                          cancel=stop.is_set if stop is not None else None)
+                                          cancel=stop.is_set if stop is not None else None,
+                                          me=self.me)
             if not alive:
                 log.warning(
                     "worker %s had been declared dead (paused longer than its heartbeat "

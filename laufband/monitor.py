@@ -73,6 +73,10 @@ class WorkerView:
     stopped_at: datetime | None
     running_tasks: tuple[str, ...]
     heartbeat_expired: bool
+    #: Inside a SLURM job: {"job", "array_job", "array_task", "node"} (those known).
+    slurm: dict[str, str] | None = None
+    #: When its allocation ends (None: no limit known).
+    allocation_end: datetime | None = None
 
     @property
     def runtime(self) -> timedelta:
@@ -124,6 +128,7 @@ class Monitor:
             started_at=_when(w["started_at"]),  # type: ignore[arg-type]
             stopped_at=_when(w["stopped_at"]), running_tasks=tuple(w["running"]),
             heartbeat_expired=now - w["heartbeat"] > w["heartbeat_timeout"],
+            slurm=w.get("slurm"), allocation_end=_when(w.get("allocation_end")),
         ) for w in rows]
 
     def get_tasks(self, state: str | None = None, worker: WorkerView | str | None = None,

@@ -6,7 +6,9 @@ safe: while the loop body (user code) runs and is not inside a laufband call. An
 else (our own store calls, waiting, the lock's internals, ``has_more_jobs``) the loop
 acts on it at its next check, or a laufband call made from the loop body raises it on
 its way out. No SQL and no waiting ever runs inside a handler; the hand-back happens on
-the loop's one way out (graphband._Loop.end).
+the loop's one way out (graphband._Loop.end). SIGUSR1 asks for a drain instead: the
+handler records why, and raises ``Drained`` (the same way) only if the running task does
+not fit in the time left (the loop's ``fits``, computed from what is in memory).
 
 Failures: when the loop body raises, the loop only learns that it was left (the
 generator is closed while the exception unwinds; Python does not show it the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -35,7 +38,7 @@ from laufband.config import Settings
 from laufband.errors import LaufbandError
 from laufband.heartbeat import Heartbeat
 from laufband.locking import after_release, in_lock_code
-from laufband.signals import Preempted
+from laufband.signals import DRAIN_SIGNAL, Drained, Preempted
 from laufband.states import WorkerState
 from laufband.store import Claim, Store, WorkerInfo
 
@@ -87,15 +90,24 @@ class Session:
     """One worker's presence in the database, and its signal and exit bookkeeping.
     Holds no reference to the ``Graphband`` (its finaliser runs ``at_exit``)."""
 
-    def __init__(self, store: Store, settings: Settings, user_lock: Lock | t.Any) -> None:
+    def __init__(self, store: Store, settings: Settings, user_lock: Lock | t.Any,
+                 allocation_end: float | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.allocation_end = allocation_end
         self.heartbeat = Heartbeat(store, settings.identifier, settings.heartbeat_interval,
                                    settings.heartbeat_timeout, settings.max_killed_retries,
                                    user_lock)
         self.online = False
         #: The stop signal received (sticky: a worker that got one runs no more loops).
         self.signal: int | None = None
+        #: Why this worker drains: stops claiming and leaves with Drained once what it
+        #: runs is done (SIGUSR1, its allocation about to end; sticky like ``signal``).
+        self.drain: str | None = None
+        #: The drain hands the running task back now (it does not fit in the time left).
+        self.hand_back = False
+        #: The running loop's "does the current task fit in the time left?" (held weakly).
+        self._fits: weakref.WeakMethod | None = None
         #: The loop body runs in the main thread (a signal may raise there).
         self.in_user_code = False
         self._library = 0  # laufband calls in progress from the loop body
@@ -121,7 +133,7 @@ class Session:
         s = self.settings
         info = WorkerInfo(s.identifier, socket.gethostname(), os.getpid(), s.labels,
                           s.heartbeat_timeout, s.max_failed_retries, s.max_killed_retries,
-                          slurm_job())
+                          slurm_job(), self.allocation_end)
         self.store.register_worker(info, _pid_gone)
         self.heartbeat.start()
         self.online = True
@@ -148,26 +160,50 @@ class Session:
     def on_signal(self, signum: int) -> None:
         """The stop-signal handler (main thread only)."""
         global _LAST_SIGNAL, _SIGNALS
+        if signum == DRAIN_SIGNAL:
+            self.start_drain(f"{signal.Signals(signum).name} received")
+            return
         self.signal = _LAST_SIGNAL = signum
         _SIGNALS += 1
         self._raise_if_safe()
 
+    def start_drain(self, why: str) -> None:
+        """Stop claiming; hand the running task back at once if it does not fit in the
+        time left (the first reason stays; safe in a signal handler: no SQL, no wait)."""
+        if self.drain is None:
+            self.drain = why
+        fits = self._fits() if self._fits is not None else None
+        if fits is not None and not fits():
+            self.hand_back = True
+            self._raise_if_safe()
+
+    def follow(self, fits: Callable[[], bool] | None) -> None:
+        """The running loop's fit check (a bound method: held weakly), or None."""
+        self._fits = weakref.WeakMethod(fits) if fits is not None else None
+
+    def _exit(self) -> SystemExit | None:
+        """What to raise in user code now: the stop signal, or a drain's hand-back."""
+        if self.signal is not None:
+            return Preempted(self.signal)
+        return drained(self.drain or "drained") if self.hand_back else None
+
     def _raise_if_safe(self) -> None:
-        """Raise the stop signal received, if the main thread runs user code outside
-        any laufband call and outside the database lock's own code (else a later safe
-        point does: the end of the laufband call, the release of the lock, the task's
-        end)."""
-        if (self.signal is not None and self.in_user_code and self._library == 0
-                and not in_lock_code() and threading.get_ident() == self._main):
+        """Raise the stop signal received (or a drain's hand-back), if the main thread
+        runs user code outside any laufband call and outside the database lock's own
+        code (else a later safe point does: the end of the laufband call, the release
+        of the lock, the task's end)."""
+        if (self.in_user_code and self._library == 0 and not in_lock_code()
+                and threading.get_ident() == self._main and (exc := self._exit())):
             self.in_user_code = False
-            raise Preempted(self.signal)
+            raise exc
 
     def enter_user_code(self) -> None:
         """Right before the loop yields a task: from here a signal raises at once."""
         self.in_user_code = True
-        if self.signal is not None:  # it came while we claimed: do not start the task
+        if self.signal is not None or self.drain is not None:
+            # It came while we claimed: do not start the task.
             self.in_user_code = False
-            raise Preempted(self.signal)
+            raise self._exit() or drained(self.drain or "drained")
 
     def leave_user_code(self) -> None:
         self.in_user_code = False
@@ -184,9 +220,10 @@ class Session:
             yield
         finally:
             self._library -= 1
-        if raise_pending and self._library == 0 and self.in_user_code and self.signal:
+        if raise_pending and self._library == 0 and self.in_user_code and (
+                exc := self._exit()):
             self.in_user_code = False
-            raise Preempted(self.signal)
+            raise exc
 
     # ------------------------------------------------------- failures, exit
     def expect_error(self, claim: Claim, frame: types.FrameType | None) -> None:
@@ -257,6 +294,22 @@ _LAST_SIGNAL: int | None = None
 def signals_received() -> tuple[int, int | None]:
     """How many stop signals this process received, and the last one."""
     return _SIGNALS, _LAST_SIGNAL
+
+
+#: Drained exits made in this process: a loop whose body was left by one (an inner
+#: loop's drain) hands its task back, as for a stop signal.
+_DRAINS = 0
+
+
+def drained(why: str) -> Drained:
+    """The exit of a worker that drains (counted: see drains_raised)."""
+    global _DRAINS
+    _DRAINS += 1
+    return Drained(why)
+
+
+def drains_raised() -> int:
+    return _DRAINS
 
 
 _previous: dict[str, t.Any] = {}

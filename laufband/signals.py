@@ -1,5 +1,7 @@
-"""Stop signals: SLURM's scancel and time limit (SIGTERM), its warning signal
-(``--signal=B:USR1@120``) and Ctrl-C (SIGINT) make a worker hand its tasks back and exit.
+"""Stop signals: SLURM's scancel and time limit (SIGTERM) and Ctrl-C (SIGINT) make a
+worker hand its tasks back and exit at once; its warning signal (``--signal=B:USR1@120``)
+makes it drain: stop claiming, finish the task it runs if that fits in the time left
+(else hand it back), and exit with code 0.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: The signal that asks for a drain, not a stop (SLURM's warning before the time limit).
+DRAIN_SIGNAL = signal.SIGUSR1
 
 
 class Preempted(SystemExit):
     """Raised (from the signal handler) to end the process after the hand-back.
 
     A SystemExit, so it unwinds the user's loop body and ends the interpreter with
-    exit code 128 + signal number (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1)
-    unless someone catches it.
+    exit code 128 + signal number (143 for SIGTERM, 130 for SIGINT) unless someone
+    catches it.
     """
 
     def __init__(self, signum: int) -> None:
@@ -40,6 +44,27 @@ class Cancelled(SystemExit):
     def __init__(self, by: str) -> None:
         super().__init__(CANCELLED_EXIT)
         self.by = by
+
+
+class Drained(SystemExit):
+    """Raised when a worker stopped claiming because its time is up (SIGUSR1, or its
+    allocation ends within walltime_margin, or everything left is too long for it),
+    after what it ran was recorded and what it held handed back: the process exits
+    with code 0 (the job did its part; others go on with the rest), unless someone
+    catches it. Code after the loop, which may assume all work is done, does not run.
+    """
+
+    def __init__(self, why: str) -> None:
+        super().__init__(0)
+        self.why = why
+
+
+def announce_drain(why: str, worker: str, what: str) -> None:
+    """Why a worker leaves before the work is done (on a line of its own: the progress
+    bar was closed first); ``what``: what became of its tasks, e.g. "task 'x' was
+    handed back to other workers; "."""
+    print(f"laufband: {why}: {what}worker {worker} stops claiming and exits (exit code 0); "
+          "workers with more time run the rest.", file=sys.stderr, flush=True)
 
 
 def announce_stop(signum: int, worker: str, what: str) -> None:

@@ -62,7 +62,10 @@ class Task(t.Generic[T]):
     same): ``resources`` the task holds while it runs, e.g. ``{"api": 1}``, counted
     against the workflow's ``limits``; ``priority``: among ready tasks, higher runs
     first (ties in graph order); ``timeout``: seconds after which an attempt that still
-    runs is recorded failed and its resources released.
+    runs is recorded failed and its resources released; ``runtime``: the seconds an
+    attempt is expected to take (a worker whose allocation ends sooner leaves the task
+    to one with more time; without it, an estimate learned from completed attempts of
+    tasks with the same requirements and resources is used).
     """
 
     id: str
@@ -75,6 +78,7 @@ class Task(t.Generic[T]):
     resources: t.Mapping[str, int] = dataclasses.field(default_factory=dict)
     priority: int = 0
     timeout: float | None = None
+    runtime: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -105,13 +109,21 @@ class Task(t.Generic[T]):
             raise GraphError(
                 f"Task {self.id!r}: priority must be an integer (higher runs first), "
                 f"got {prio!r}.")
-        timeout = self.timeout
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, int | float)
-                                    or not math.isfinite(timeout) or timeout <= 0):
+        if not _seconds(self.timeout):
             raise GraphError(
                 f"Task {self.id!r}: timeout must be a number of seconds > 0 (or None for "
-                f"no limit), got {timeout!r}.")
+                f"no limit), got {self.timeout!r}.")
+        if not _seconds(self.runtime):
+            raise GraphError(
+                f"Task {self.id!r}: runtime must be a number of seconds > 0, the time an "
+                f"attempt is expected to take (or None: estimated from completed attempts), "
+                f"got {self.runtime!r}.")
+
+
+def _seconds(value: object) -> bool:
+    """None, or a finite number > 0 (not a bool)."""
+    return value is None or (not isinstance(value, bool) and isinstance(value, int | float)
+                             and math.isfinite(value) and value > 0)
 
 
 def _resources(value: object, task_id: str) -> t.Mapping[str, int]:
@@ -208,7 +220,8 @@ def spec_hash(task: Task, extra: str = "") -> str:
     deps_text = _SEP.join(sorted(deps)) if deps else ""
     reqs_text = _SEP.join(sorted(reqs)) if reqs else ""
     text = f"{task.id}\0{deps_text}\0{reqs_text}\0{task.max_parallel_workers}"
-    if task.resources or task.priority or task.timeout is not None:
+    if (task.resources or task.priority or task.timeout is not None
+            or task.runtime is not None):
         text = f"{text}\0{scheduling(task)}"  # only when set: older hashes stay valid
     if extra:  # without: the hash of schema 2, so a workflow goes on after an upgrade
         text = f"{text}\0{extra}"
@@ -216,9 +229,11 @@ def spec_hash(task: Task, extra: str = "") -> str:
 
 
 def scheduling(task: Task) -> str:
-    """A task's resources, priority and timeout as one canonical string."""
+    """A task's resources, priority, timeout and runtime as one canonical string (the
+    runtime only when declared: hashes of schema 4 stay valid)."""
     res = ",".join(f"{k}={v}" for k, v in sorted(task.resources.items()))
-    return f"r:{res}\0p:{task.priority}\0t:{task.timeout!r}"
+    text = f"r:{res}\0p:{task.priority}\0t:{task.timeout!r}"
+    return text if task.runtime is None else f"{text}\0rt:{float(task.runtime)!r}"
 
 
 _SEP = "\x1f"
@@ -329,7 +344,7 @@ def _digest(by_id: dict[str, Task], identity: Callable[[Task], str] | None,
 
 #: Node attributes of an nx.DiGraph that fill Task fields; the others go to Task.info.
 NODE_FIELDS = ("data", "requirements", "fingerprint", "max_parallel_workers", "resources",
-               "priority", "timeout")
+               "priority", "timeout", "runtime")
 
 
 def graph_tasks(source: t.Any) -> Iterable[Task]:

@@ -16,7 +16,9 @@ is free at once: the number of *live attempts* stays at most ``threads``.
 Stopping: ``close()`` (from ``fn`` or elsewhere) stops the claiming, and the running
 tasks finish and are recorded. A stop signal hands every running task back at once
 (no retry used) and raises ``Preempted``; their threads are daemon threads, so they do
-not keep the process alive, and what they do later is fenced.
+not keep the process alive, and what they do later is fenced. A drain (SIGUSR1, the
+allocation about to end) stops the claiming, hands back at once the running tasks that
+would not finish in the time left, lets the others finish, and raises ``Drained``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from collections.abc import Callable
 
 from laufband import waiting
 from laufband.errors import ResultError, TaskFailedError
+from laufband.session import drained
 from laufband.signals import (
     Cancelled,
     Preempted,
     announce_cancel,
+    announce_drain,
     announce_stop,
     stop_signals,
 )
@@ -86,6 +90,7 @@ class _Running:
     claim: Claim
     thread: threading.Thread
     deadline: float | None  # monotonic
+    started: float  # epoch seconds (clock.now()): does it fit in the time left?
 
 
 class ThreadedRun:
@@ -156,7 +161,8 @@ class ThreadedRun:
 
     def _stopping(self) -> bool:
         return (self.w._closing or self.session.signal is not None
-                or self.w._cancelled is not None or self.failure is not None)
+                or self.w._cancelled is not None or self.failure is not None
+                or self.w._draining())
 
     def _observe(self, result: StepResult) -> None:
         """The worker's bookkeeping; a task failed for good under failure_policy="stop"
@@ -188,6 +194,8 @@ class ThreadedRun:
             self._time_out()
             if self.session.signal is not None or self._drain_over():
                 return  # what still runs is handed back (recorded) by _end
+            if self.w._draining():
+                self._hand_back_late()
             stopping = self._stopping()
             free = 0 if stopping else self.threads - len(self.running)
             if first or self.pending or (free and may_claim):
@@ -263,7 +271,8 @@ class ThreadedRun:
             thread = threading.Thread(target=self._run_task, args=(claim, task),
                                       name=f"laufband-task-{claim.id}", daemon=True)
             # Registered before it starts: a failure to start hands it back in _end.
-            self.running[(claim.pk, claim.attempt)] = _Running(claim, thread, deadline)
+            self.running[(claim.pk, claim.attempt)] = _Running(claim, thread, deadline,
+                                                               self.clock.now())
             thread.start()
 
     def _run_task(self, claim: Claim, task: t.Any) -> None:
@@ -310,6 +319,17 @@ class ThreadedRun:
             else:
                 self.summary.failed += 1
 
+    def _hand_back_late(self) -> None:
+        """Draining: running tasks that would not finish in the time left go back now
+        (no retry used; their threads run on, and what they return is fenced)."""
+        for key, running in list(self.running.items()):
+            if not self.w._fits(running.claim.id, running.started):
+                del self.running[key]
+                self.pending.append(Finish(running.claim, Event.PREEMPTED,
+                                           f"{self.session.drain}: not expected to finish "
+                                           "in the time left"))
+                self.summary.handed_back += 1
+
     def _time_out(self) -> None:
         now = self.clock.monotonic()
         for key, running in list(self.running.items()):
@@ -335,9 +355,10 @@ class ThreadedRun:
         self.ended = True
         try:
             self._collect(block_until=None)
-            signum = self.session.signal
+            signum, drain = self.session.signal, self.session.drain
             why = (f"worker stopped ({type(exc).__name__})" if exc is not None
-                   else "stop signal received" if signum is not None else "worker stopped")
+                   else "stop signal received" if signum is not None
+                   else drain if drain is not None else "worker stopped")
             back = [Finish(r.claim, Event.PREEMPTED, why) for r in self.running.values()]
             self.summary.handed_back += len(back)
             self.running.clear()
@@ -351,6 +372,12 @@ class ThreadedRun:
                                                   "back to other workers; ")
                 if exc is None:
                     raise Preempted(signum)
+            elif drain is not None:
+                handed = self.summary.handed_back
+                announce_drain(drain, self.me.id, f"{handed} task(s) handed back to other "
+                                                  "workers; " if handed else "")
+                if exc is None:
+                    raise drained(drain)
             cancel = self.w._cancelled
             if cancel is not None and exc is None:
                 announce_cancel(cancel, self.me.id)

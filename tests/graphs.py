@@ -44,12 +44,18 @@ def shared() -> list[Task]:
     return [Task(id="wide", max_parallel_workers=3), *flat(5)]
 
 
+def timed() -> list[Task]:
+    """One task declared to take an hour, and short ones."""
+    return [Task(id="long", runtime=3600), *(Task(id=f"s{i}", runtime=1) for i in range(5))]
+
+
 GRAPHS = {
     "flat": lambda n: flat(int(n)),
     "chain": lambda n: chain(int(n)),
     "layered": lambda spec: layered(*map(int, spec.split("x"))),
     "labelled": lambda _: labelled(),
     "shared": lambda _: shared(),
+    "timed": lambda _: timed(),
 }
 
 

@@ -39,10 +39,15 @@ def main() -> int:
     p.add_argument("--fail", default="", help="comma-separated task ids to raise in")
     p.add_argument("--die", default="",
                    help="comma-separated task ids whose body SIGKILLs its own process")
+    p.add_argument("--hold", default="",
+                   help="comma-separated task ids whose body drops started/<id>@<attempt>"
+                        " next to --out and waits until the file 'release' exists there")
     args = p.parse_args()
 
     fail = {x for x in args.fail.split(",") if x}
     die = {x for x in args.die.split(",") if x}
+    hold = {x for x in args.hold.split(",") if x}
+    folder = os.path.dirname(os.path.abspath(args.out))
     out = open(args.out, "a", buffering=1)  # noqa: SIM115 - line-buffered for the test
     lock = threading.Lock()  # one line at a time from the task threads
     tasks = build(args.graph)
@@ -65,6 +70,8 @@ def main() -> int:
             raise RuntimeError(f"task {task.id} failed on purpose")
         if task.id in die:  # what the OOM killer or a crash in C code does
             os.kill(os.getpid(), signal.SIGKILL)
+        if task.id in hold:
+            wait_for_release(folder, f"{task.id}@{worker.attempt}@{os.getpid()}")
         if args.sleep:
             time.sleep(args.sleep)
         write({"id": task.id, "start": start, "end": time.time(), **base})
@@ -79,6 +86,16 @@ def main() -> int:
     # Run (conftest) files lines with "exit" as exits, with "failing" as failures.
     write({"exit": worker.identifier, "at": time.time(), "summary": summary})
     return 0
+
+
+def wait_for_release(folder: str, marker: str, deadline: float = 120.0) -> None:
+    os.makedirs(os.path.join(folder, "started"), exist_ok=True)
+    open(os.path.join(folder, "started", marker), "w").close()
+    end = time.monotonic() + deadline
+    while not os.path.exists(os.path.join(folder, "release")):
+        if time.monotonic() > end:
+            raise TimeoutError("map_worker: held task waited too long")
+        time.sleep(0.01)
 
 
 if __name__ == "__main__":

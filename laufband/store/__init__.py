@@ -6,6 +6,7 @@ one read), and nothing outside this package builds a query or knows the dialect.
     ledger.py        one transaction's statements; books every task state change
     attempts.py      ending attempts, fencing, blocking and retrying
     claiming.py      which tasks a worker claims, and how many
+    runtimes.py      what fits in the time of a worker whose allocation ends
     workers.py       worker rows: registering, heartbeats, reaping, leaving
     registration.py  adding a graph
     reads.py         read models for status displays and Monitor
@@ -14,6 +15,7 @@ one read), and nothing outside this package builds a query or knows the dialect.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,6 +40,7 @@ from laufband.store import (
     pruning,
     reads,
     resources,
+    runtimes,
     schema,
     timeline,
     workers,
@@ -157,11 +160,15 @@ class Store:
             workers.register(led, info, is_gone)
 
     def heartbeat(self, worker: str, budget: int, stalled_after: float,
-                  cancel: Cancel = None) -> bool:
+                  cancel: Cancel = None, me: Me | None = None) -> bool:
         """Beat and reap dead workers (see workers.heartbeat). False if we had been
-        declared dead."""
+        declared dead. With ``me`` (a worker whose allocation ends), read its runtime
+        estimates again too (they are in memory before the beat is visible)."""
         with self._ledger(cancel) as led:
-            return workers.heartbeat(led, worker, budget, stalled_after)
+            alive = workers.heartbeat(led, worker, budget, stalled_after)
+            if me is not None:
+                runtimes.refresh(led, me, force=True)
+            return alive
 
     # -------------------------------------------------------------------- graph
     def generation_of(self, spec: GraphSpec) -> int | None:
@@ -233,6 +240,7 @@ class Store:
         for good under every live worker's budget.
         """
         with self._ledger(cancel) as led:
+            runtimes.refresh(led, me)  # a worker whose allocation ends: now and then
             if want.start:
                 workers.start_loop(led, me)
             attempts.end(led, me.id, cancelling.settle(led, finishes))
@@ -248,7 +256,18 @@ class Store:
             left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
             if not (claimed or left) and want.leave is not None:
                 workers.wait(led, me.id, want.leave)
-        return StepResult(claimed, led.counts, left, final_failures=final)
+            short = left and self._short_of_time(led, me)
+        return StepResult(claimed, led.counts, left, final_failures=final,
+                          short_of_time=short)
+
+    @staticmethod
+    def _short_of_time(led: Ledger, me: Me) -> bool:
+        """This worker just left: was it only for want of time (unfinished tasks it
+        could run, but not in the time its allocation has left)?"""
+        if me.deadline is None:
+            return False
+        unlimited = dataclasses.replace(me, deadline=None)
+        return bool(claiming.find(led, unlimited, 1)) or not workers.done_for(led, unlimited)
 
     @staticmethod
     def _revive(led: Ledger, me: Me, force: bool) -> None:
@@ -264,7 +283,7 @@ class Store:
         A read; it writes only when the worker leaves and the transaction that finished
         the workflow did not already set its state (ledger.SQL["release_waiters"])."""
         with self.db.read() as conn:
-            led = Ledger(conn, 0.0)
+            led = Ledger(conn, self.clock.now())  # now: what fits in a worker's time
             stopped = cancelling.flag(led)
             if stopped is not None:
                 return StepResult([], led.counts, cancelled=stopped)
@@ -278,7 +297,8 @@ class Store:
         with self._ledger() as led:
             claimable = self._claimable(led, me)
             left = not claimable and workers.leave_if_done(led, me, leave)
-        return StepResult([], led.counts, left=left, claimable=claimable)
+            short = left and self._short_of_time(led, me)
+        return StepResult([], led.counts, left=left, claimable=claimable, short_of_time=short)
 
     @staticmethod
     def _claimable(led: Ledger, me: Me) -> bool:

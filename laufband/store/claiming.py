@@ -13,7 +13,7 @@ failure_policy="stop"; and a step ahead only while every live worker finds a tas
 from __future__ import annotations
 
 from laufband.states import Event, TaskState
-from laufband.store import resources
+from laufband.store import resources, runtimes
 from laufband.store.ledger import Ledger, in_list
 from laufband.store.model import Claim, Me, Want
 
@@ -42,6 +42,8 @@ SQL = {
                    " :deadline)",
     "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
 }
+# For a worker whose allocation ends: only tasks that fit in its time (runtimes.py).
+SQL["find_in_time"] = runtimes.in_time(SQL["find_ready"])
 
 
 def how_many(led: Ledger, me: Me, want: Want) -> int:
@@ -64,10 +66,15 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
     A task with a timeout starts its clock at the claim, so a loop (one task at a
     time) claims it alone and never ahead: in a batch it would wait for the others,
     and its completion is recorded only with the next step (worker.map starts every
-    claim at once: no such rule)."""
+    claim at once: no such rule).
+
+    A worker whose allocation ends takes only tasks that fit in its time (runtimes.py)."""
     ready = [r for r in me.reqset_ids if led.counts.n([S.READY], [r])]
-    if not ready:
+    time_left = runtimes.seconds_left(me, led.now)
+    if not ready or (time_left is not None and time_left <= 0):
         return []
+    sequential = me.threads <= 1
+    timely = None if time_left is None else runtimes.Lookup(led, me, time_left, sequential)
     capped = [r for r in ready if r in me.needs]
     left = resources.free(led, me.needs, me.id) if capped else {}
     found: list[tuple[int, int, int, int, int, int]] = []
@@ -78,16 +85,18 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
             if n <= 0:
                 continue  # its resources are all held
         rank = -me.specific.get(reqset, 0)
-        found += [(-prio, -depth, rank, pk, reqset, timed) for pk, prio, depth, timed in led.all(
-            SQL["find_ready"], {"reqset": reqset, "generation": me.generation,
-                                "worker": me.id, "limit": n})]
+        params = {"reqset": reqset, "generation": me.generation, "worker": me.id, "limit": n}
+        rows = (led.all(SQL["find_ready"], params) if timely is None
+                else timely.ready(SQL["find_in_time"], params))
+        found += [(-prio, -depth, rank, pk, reqset, timed) for pk, prio, depth, timed in rows]
     if len(ready) > 1:
         found.sort()
     pks: list[int] = []
-    sequential = me.threads <= 1
     for *_, pk, reqset, timed in found:
         if timed and sequential and (ahead or pks):
             break  # claimed alone, by a step of its own
+        if timely is not None and not timely.take(pk, me.needs.get(reqset), left):
+            continue  # in a loop, a batch runs one task after the other: too long
         need = me.needs.get(reqset)
         if need:
             if resources.fits(need, left) < 1:

@@ -123,10 +123,11 @@ class Stored(t.NamedTuple):
     dirty: int
     priority: int
     timeout: float | None
+    runtime: float | None  # version 5
 
 
 STORED_SQL = ("SELECT id, pk, spec_hash, state, label, fingerprint, reqset, max_parallel,"
-              " generation, running, dirty, priority, timeout FROM tasks")
+              " generation, running, dirty, priority, timeout, runtime FROM tasks")
 
 EVOLVE_SQL = {
     "reqset_keys": "SELECT id, labels, resources FROM reqsets",
@@ -182,22 +183,23 @@ def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
         return []
     keys = {rid: (labels, res) for rid, labels, res in led.all(EVOLVE_SQL["reqset_keys"])}
     # The spec hash covers the dependencies, requirements, resources, priority, timeout,
-    # max_parallel_workers and (Laufband) the item: the same requirements, resources,
-    # priority, timeout and max_parallel_workers leave the rest.
+    # runtime, max_parallel_workers and (Laufband) the item: the same requirements,
+    # resources, priority, timeout, runtime and max_parallel_workers leave the rest.
     why = "its item changed" if spec.identity is not None else "its dependencies changed"
     result, other = [], []
     for row in mismatched:
         task = spec.by_id[row.id]
         if (keys[row.reqset] != reqset_key(task)
                 or row.max_parallel != task.max_parallel_workers
-                or row.priority != task.priority or row.timeout != task.timeout):
+                or row.priority != task.priority or row.timeout != task.timeout
+                or row.runtime != task.runtime):
             other.append(row.id)
         else:
             result.append((row, why))
     if other:
         raise GraphMismatchError(
-            f"{len(other)} task(s) have other requirements, resources, priority, timeout "
-            f"or max_parallel_workers than in {url}, e.g. "
+            f"{len(other)} task(s) have other requirements, resources, priority, timeout, "
+            f"runtime or max_parallel_workers than in {url}, e.g. "
             f"{', '.join(map(repr, other[:3]))}: fingerprints let fingerprints and "
             "dependencies change between runs, not these. Give such a task a new id, or "
             "start a new db file.")

@@ -61,6 +61,14 @@ class Me:
     threads: int = 1
     #: Requirement sets -> how many labels they need (more: claimed first among equals).
     specific: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: When this worker must be done (its allocation's end minus walltime_margin, epoch
+    #: seconds; None: no limit): it claims only tasks expected to end before it.
+    deadline: float | None = None
+    #: Runtime estimates per requirement set (store/runtimes.py), refreshed by steps and
+    #: heartbeats of a worker with a deadline; when, and the sets' ids by their keys.
+    estimates: dict[int, float] = dataclasses.field(default_factory=dict)
+    estimated_at: float = float("-inf")
+    reqset_keys: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +130,9 @@ class StepResult:
     final_failures: int = 0
     #: The workflow was cancelled (`laufband cancel`): claim nothing more, leave.
     cancelled: t.Any = None
+    #: The worker left although tasks it could run are unfinished: they need more time
+    #: than its allocation has left (they stay for workers with more time).
+    short_of_time: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,3 +146,5 @@ class WorkerInfo:
     max_killed: int = 0
     #: Inside a SLURM job: job, array job and task ids, node (from its environment).
     slurm: dict[str, str] | None = None
+    #: When its allocation ends (epoch seconds; None: no limit known).
+    allocation_end: float | None = None

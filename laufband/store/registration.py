@@ -30,9 +30,9 @@ COMPARE_RANGE = 100_000
 SQL = {
     "add_task": "INSERT INTO tasks (pk, id, state, reqset, generation, spec_hash, fingerprint,"
                 " waiting_on, max_parallel, running, attempts, failures, kills, updated_at,"
-                " label, priority, depth, timeout) VALUES (:pk, :id, :state, :reqset,"
+                " label, priority, depth, timeout, runtime) VALUES (:pk, :id, :state, :reqset,"
                 " :generation, :spec_hash, :fingerprint, :waiting_on, :max_parallel, 0, 0, 0,"
-                " 0, :updated_at, :label, :priority, :depth, :timeout)",
+                " 0, :updated_at, :label, :priority, :depth, :timeout, :runtime)",
     "add_edge": "INSERT INTO edges (dep, task) VALUES (:dep, :task)",
     "bump": "UPDATE counts SET n = n + :delta WHERE reqset = :reqset AND state = :state",
     "claim_order": "SELECT value FROM laufband_meta WHERE key = 'claim_order'",
@@ -250,7 +250,7 @@ class Registration:
                 "waiting_on": waiting, "max_parallel": task.max_parallel_workers,
                 "updated_at": self.now, "label": labels.get(task.id),
                 "priority": task.priority, "depth": depth.get(task.id, 0) if depth else 0,
-                "timeout": task.timeout,
+                "timeout": task.timeout, "runtime": task.runtime,
             })
             edge_rows.extend({"dep": pk_of[dep], "task": pk} for dep in task.dependencies)
             if len(rows) >= CHUNK:

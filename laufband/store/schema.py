@@ -19,7 +19,7 @@ from laufband.errors import SchemaVersionError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -63,6 +63,9 @@ tasks = Table(
     Column("priority", Integer, nullable=False, server_default="0"),
     Column("depth", Integer, nullable=False, server_default="0"),
     Column("timeout", Float),
+    # Seconds an attempt is expected to take (version 5; NULL: estimated from completed
+    # attempts of its requirement set): a worker whose allocation ends sooner skips it.
+    Column("runtime", Float),
 )
 # The claim: "first ready task of requirement set r, by priority, depth and graph
 # order" is one seek in this index.
@@ -184,6 +187,8 @@ workers = Table(
     Column("completed", Integer, nullable=False, server_default="0"),
     # Inside a SLURM job (version 4): job id, array job and task ids, node (JSON).
     Column("slurm", String),
+    # When its allocation ends, epoch seconds (version 5; NULL: no limit known).
+    Column("allocation_end", Float),
 )
 Index("ix_workers_state", workers.c.state)
 
@@ -370,4 +375,13 @@ def _from_3(conn: Connection) -> str:
     return "4"
 
 
-_MIGRATIONS = {"1": _from_1, "2": _from_2, "3": _from_3}
+def _from_4(conn: Connection) -> str:
+    """Version 4 -> 5: walltime awareness: a task's declared runtime, a worker's
+    allocation end (both nullable: none declared, no limit known)."""
+    exists = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
+    conn.exec_driver_sql(f"ALTER TABLE tasks ADD COLUMN{exists} runtime FLOAT")
+    conn.exec_driver_sql(f"ALTER TABLE workers ADD COLUMN{exists} allocation_end FLOAT")
+    return "5"
+
+
+_MIGRATIONS = {"1": _from_1, "2": _from_2, "3": _from_3, "4": _from_4}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from laufband.errors import WorkerIdentityError
 from laufband.states import ALIVE, TaskState, WorkerState
-from laufband.store import attempts
+from laufband.store import attempts, runtimes
 from laufband.store.ledger import Ledger, in_list
 from laufband.store.model import Me, WorkerInfo
 
@@ -26,13 +26,14 @@ SQL = {
            " WHERE id = :worker",
     "insert": "INSERT INTO workers (id, state, hostname, pid, labels, heartbeat,"
               " heartbeat_timeout, started_at, stopped_at, leave_as, max_failed, max_killed,"
-              " slurm) VALUES (:worker, 'idle', :hostname, :pid, :labels, :now, :timeout,"
-              " :now, NULL, NULL, :max_failed, :max_killed, :slurm)",
+              " slurm, allocation_end) VALUES (:worker, 'idle', :hostname, :pid, :labels,"
+              " :now, :timeout, :now, NULL, NULL, :max_failed, :max_killed, :slurm,"
+              " :allocation_end)",
     "reuse": "UPDATE workers SET state = 'idle', hostname = :hostname, pid = :pid,"
              " labels = :labels, heartbeat = :now, heartbeat_timeout = :timeout,"
              " started_at = :now, stopped_at = NULL, leave_as = NULL,"
-             " max_failed = :max_failed, max_killed = :max_killed, slurm = :slurm"
-             " WHERE id = :worker",
+             " max_failed = :max_failed, max_killed = :max_killed, slurm = :slurm,"
+             " allocation_end = :allocation_end WHERE id = :worker",
     "last_beat": "SELECT heartbeat FROM workers WHERE id = :worker",
     "beat": "UPDATE workers SET heartbeat = :now WHERE id = :worker RETURNING state",
     "revive": "UPDATE workers SET state = 'busy', stopped_at = NULL, heartbeat = :now"
@@ -97,7 +98,8 @@ def register(led: Ledger, info: WorkerInfo, is_gone: Callable[[str, int], bool])
         "labels": json.dumps(sorted(info.labels)), "now": led.now,
         "timeout": info.heartbeat_timeout, "max_failed": info.max_failed,
         "max_killed": info.max_killed,
-        "slurm": json.dumps(info.slurm, sort_keys=True) if info.slurm else None})
+        "slurm": json.dumps(info.slurm, sort_keys=True) if info.slurm else None,
+        "allocation_end": info.allocation_end})
 
 
 def declare_dead(led: Ledger, worker: str, budget: int, why: str) -> None:
@@ -171,23 +173,25 @@ def released(led: Ledger, worker: str, leave: WorkerState) -> bool:
 
 
 def done_for(led: Ledger, me: Me) -> bool:
-    """Can nothing this worker could run become claimable any more?"""
-    capped = [r for r in me.reqset_ids if r in me.needs]
+    """Can nothing this worker could run become claimable any more? (For a worker whose
+    allocation ends: nothing it could finish in time; runtimes.in_reach.)"""
+    mine = runtimes.in_reach(led, me)
+    capped = [r for r in mine if r in me.needs]
     if capped and led.counts.n([TaskState.READY], capped) and led.all(SQL["any_live"]):
         # Ready tasks wait for resources that running attempts hold (a shared task
         # holds them while it is still 'ready': look at the attempts, not the counts).
         return False
     if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
-        return not _can_change_up_to(led, me)
-    return not led.counts.can_change(me.reqset_ids, lambda: _live_reqsets(led, me.id))
+        return not _can_change_up_to(led, me, mine)
+    return not led.counts.can_change(mine, lambda: _live_reqsets(led, me.id))
 
 
-def _can_change_up_to(led: Ledger, me: Me) -> bool:
+def _can_change_up_to(led: Ledger, me: Me, reqsets: list[int]) -> bool:
     """Counts.can_change for a worker of an older generation: the counters span every
     generation, so ask the tasks of its own (rare: only such a worker about to leave)."""
-    if not me.reqset_ids:
+    if not reqsets:
         return False
-    mine, params = in_list(me.reqset_ids)
+    mine, params = in_list(reqsets)
     gen = {"generation": me.generation}
     if not led.all(SQL["mine_waiting"].format(mine=mine), {**params, **gen}):
         return False

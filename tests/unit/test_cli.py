@@ -72,7 +72,8 @@ def test_workers_json_and_table(capsys):
     [w] = json.loads(out)
     assert w["id"] == "w" and w["state"] == "busy" and w["running"][0]["task"] == "a"
     assert set(w) == {"id", "state", "host", "pid", "labels", "heartbeat_age_s",
-                      "heartbeat_expired", "threads", "completed", "slurm", "running"}
+                      "heartbeat_expired", "threads", "completed", "slurm", "allocation_end",
+                      "allocation_left_s", "running"}
     list(it)
     code, out, _ = run(capsys, "workers")
     assert code == 0 and out.splitlines()[0] == "labels -: 1 worker(s) (1 offline)"

@@ -385,8 +385,10 @@ def test_a_schema_3_database_is_upgraded_and_goes_on():
             == [("[]", "{}"), ('["gpu"]', "{}")]
     finally:
         conn.close()
+    from laufband.store.schema import SCHEMA_VERSION
+
     assert json.loads(rows("SELECT value FROM laufband_meta WHERE key = 'schema_version'")
-                      [0][0]) == 4
+                      [0][0]) == SCHEMA_VERSION
     from test_database import schema_of
 
     list(make([Task("x")], db="fresh.sqlite"))
