@@ -133,6 +133,20 @@ def test_read_only_commands_while_workers_run(workers):
     assert workers.wait().returncodes == [0, 0, 0]
 
 
+def exit_code(proc: subprocess.Popen, leader: int, timeout: float = 30) -> int:
+    """Wait for ``proc`` to exit while reading what it writes to the terminal: a frame
+    drawn before it read the key could fill the pty's buffer and block it in a write."""
+    import os
+    import select
+    import time
+
+    end = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < end:
+        if select.select([leader], [], [], 0.1)[0]:
+            os.read(leader, 65536)
+    return proc.wait(timeout=1)
+
+
 def test_watch_shows_the_run_and_quits_on_q(workers):
     """In a real terminal (a pty): frames with progress and workers; q quits at once
     and the terminal gets its mode back."""
@@ -159,7 +173,7 @@ def test_watch_shows_the_run_and_quits_on_q(workers):
                 seen += os.read(leader, 65536)
         assert b"completed" in seen and b"worker" in seen, seen[-2000:]
         os.write(leader, b"q")
-        assert proc.wait(timeout=10) == 0
+        assert exit_code(proc, leader) == 0
         assert termios.tcgetattr(follower)[3] == before[3]  # local modes restored
         # SIGTERM (or a closed terminal: SIGHUP) quits the same way
         while select.select([leader], [], [], 0.3)[0]:  # what the first one left
@@ -172,7 +186,7 @@ def test_watch_shows_the_run_and_quits_on_q(workers):
             if select.select([leader], [], [], 0.5)[0]:
                 seen += os.read(leader, 65536)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        assert exit_code(proc, leader) == 0
         assert termios.tcgetattr(follower)[3] == before[3]
     finally:
         if proc.poll() is None:
