@@ -64,6 +64,15 @@ class Backend:
         with psycopg.connect(_conninfo(self.url(name)), autocommit=True) as conn:
             return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), params)]
 
+    def execute(self, sql: str, name: str | Path = "graph.sqlite") -> None:
+        """Run a statement that returns no rows on the PostgreSQL test database ``name``
+        (to set up a state, e.g. an older schema)."""
+        import psycopg
+
+        assert not self.sqlite and self.exists(name), name
+        with psycopg.connect(_conninfo(self.url(name)), autocommit=True) as conn:
+            conn.execute(sql)
+
     def missing_table(self, exc: Exception) -> bool:
         """Is ``exc`` a read of a table that is not made yet?"""
         return "no such table" in str(exc) or "does not exist" in str(exc)

@@ -167,3 +167,35 @@ def test_db_lock_is_refused_on_postgres(pg):
 
     with pytest.raises(ConfigError, match="advisory lock"):
         Graphband([Task("a")], db=pg.url(), db_lock=FastLock("x.lock"))
+
+
+def columns(name: str) -> list[tuple]:
+    return query(name, "SELECT table_name, column_name, data_type, is_nullable FROM"
+                       " information_schema.columns WHERE table_schema = 'public'"
+                       " ORDER BY table_name, column_name")
+
+
+def test_workers_started_together_migrate_an_older_database_once(workers, pg, tmp_path):
+    """A database of schema 4 (made here from a fresh one: what 4 -> 5 added, dropped)
+    with its graph registered; 4 workers in folders of their own start at once: one
+    migrates it under the advisory lock, the others wait and find it migrated; every
+    task runs exactly once, and the tables equal a fresh database's."""
+    from laufband import Graphband
+
+    url = pg.url()
+    worker = Graphband(build("flat:40"), db=url, identifier="registrar")
+    worker.close()
+    pg.execute("ALTER TABLE tasks DROP COLUMN runtime")
+    pg.execute("ALTER TABLE workers DROP COLUMN allocation_end")
+    pg.execute("UPDATE laufband_meta SET value = '4' WHERE key = 'schema_version'")
+    for i in range(4):
+        folder = tmp_path / f"node{i}"
+        folder.mkdir()
+        workers.start("flat:40", db=url, cwd=folder)
+    run = workers.wait(timeout=180)
+    assert run.returncodes == [0] * 4, run.stderr
+    assert_exactly_once(run, [t.id for t in build("flat:40")])
+    assert query("graph.sqlite", "SELECT value FROM laufband_meta"
+                                 " WHERE key = 'schema_version'") == [("5",)]
+    Graphband(build("flat:2"), db=pg.url("fresh"), identifier="fresh").close()
+    assert columns("graph.sqlite") == columns("fresh")
