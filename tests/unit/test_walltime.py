@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 
 import pytest
-from helpers import beat, flat_worker, history, make, rows, states
+from helpers import beat, flat_worker, history, make, rows, states, url
 
 from laufband import (
     ConfigError,
@@ -31,6 +31,10 @@ from laufband.clock import FakeClock
 from laufband.signals import Drained
 from laufband.states import WorkerState
 from laufband.store import Want, runtimes
+
+# Claims, estimates and drains run on both backends; the allocation's end, the SQLite
+# migration fixture and the query plans are marked sqlite_only where they read the file.
+pytestmark = pytest.mark.backends
 
 T0 = 1_000_000.0  # FakeClock's start
 END = "SLURM_JOB_END_TIME"
@@ -233,7 +237,7 @@ def test_the_workers_allocation_end_is_shown(monkeypatch, capsys):
     assert w["allocation_end"] == pytest.approx(time.time() + 1800, abs=60)
     assert 1700 < w["allocation_left_s"] <= 1800
     assert " left " in run(capsys, "workers")[1].splitlines()[1]
-    [view] = Monitor(db="g.sqlite").get_workers()
+    [view] = Monitor(db=url()).get_workers()
     assert view.slurm == {"job": "1235"}
     assert abs(view.allocation_end.timestamp() - w["allocation_end"]) < 1
     it.close()
@@ -451,6 +455,7 @@ def test_map_drains_on_sigusr1_keeps_what_fits_and_hands_back_the_rest(monkeypat
 
 
 # -------------------------------------------------------------------- migration
+@pytest.mark.sqlite_only
 def test_a_schema_4_database_is_upgraded_and_goes_on():
     """tests/data/schema4.sqlite (make_schema4.py): a completed, c failed (d blocked),
     e held by Z, who died; b and f ready. Version 5 adds tasks.runtime and
@@ -476,6 +481,7 @@ def test_a_schema_4_database_is_upgraded_and_goes_on():
     assert schema_of("g.sqlite") == schema_of("fresh.sqlite")
 
 
+@pytest.mark.sqlite_only
 def test_the_new_statements_use_their_indexes():
     from laufband.store.claiming import SQL as CLAIMING
 
