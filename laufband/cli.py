@@ -2,12 +2,14 @@
 
 Parses arguments and renders what ``Monitor`` (the Python API, read-only) returns;
 the few commands that change a workflow (``retry``, ``limits NAME=N``, ``prune``) call
-the store's write verbs. Tables are drawn with rich (they fit an 80-column terminal and
-survive pipes); every table command also takes ``--json``, whose layout is documented
-in the README ("Operations").
+the store's write verbs; ``submit`` starts workers as a SLURM job array (submit.py).
+Tables are drawn with rich (they fit an 80-column terminal and survive pipes); every
+table command also takes ``--json``, whose layout is documented in the README
+("Operations").
 
 Exit codes: 0 success; 1 the command ran but found a problem it reports (``retry``
-declined); 2 bad arguments, no database, or a database laufband cannot read.
+declined, sbatch refused the job); 2 bad arguments, no database, or a database
+laufband cannot read.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import sys
 import time
 import typing as t
+from pathlib import Path
 
 from laufband.errors import ConfigError, LaufbandError
 from laufband.walltime import duration
@@ -598,11 +602,68 @@ def _parser() -> argparse.ArgumentParser:
                                    help="then shrink the file (workers wait meanwhile)")
     commands["limits"].add_argument("set", nargs="*", metavar="NAME=N",
                                     help="new limits (running tasks keep what they hold)")
+    _submit_parser(sub)
     return parser
 
 
+SUBMIT = "start N workers as a SLURM job array (writes the script, runs sbatch)"
+
+
+def _submit_parser(sub: t.Any) -> None:
+    """``submit``: its own options, by their full names only (allow_abbrev=False), so
+    that every other option is sbatch's and passes through unchanged (main())."""
+    from laufband.submit import OUTPUT, SIGNAL
+
+    submit = sub.add_parser(
+        "submit", help=SUBMIT, allow_abbrev=False,
+        usage="laufband submit --workers N [--db PATH|URL] [--dry-run] [SBATCH OPTION ...]"
+              " -- COMMAND ...",
+        description=f"{SUBMIT[0].upper()}{SUBMIT[1:]}: writes laufband-submit-<time>"
+        ".sbatch into the current folder (keep it to read it or to submit it again: "
+        "`sbatch` it from this folder adds N more workers), submits it, and prints the "
+        "job id. Each array task runs COMMAND in the current folder (exec, so SLURM's "
+        f"signals reach it) with LAUFBAND_IDENTIFIER=ARRAYJOB_TASK; --signal={SIGNAL} "
+        f"(drain before the time limit) unless you give --signal, --requeue, output in "
+        f"{OUTPUT}. Any other option before -- goes to sbatch unchanged, e.g. "
+        "--time=02:00:00 --partition=x (not --array: --workers sizes it).",
+        epilog="example: laufband submit --workers 8 --db runs/wf.sqlite --time=01:00:00 "
+               "-- python main.py")
+    submit.add_argument("--workers", type=int, required=True, metavar="N",
+                        help="array tasks, one worker each (0-(N-1))")
+    submit.add_argument(
+        "--db", default=argparse.SUPPRESS, metavar="PATH|URL",
+        help="the workers' LAUFBAND_DB (made absolute). It must be on a file system every "
+             "node sees (home or project space; not /tmp or node-local scratch). Default: "
+             "$LAUFBAND_DB; without either the workers use their own db=")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the script; write and submit nothing")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command word: the first argument that is neither an option nor --db's value."""
+    words = iter(argv)
+    for arg in words:
+        if arg == "--db":
+            next(words, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; for ``submit``, the workers' command (after the first ``--``) in
+    ``args.run`` and every option laufband does not know, in order, in ``args.sbatch``."""
+    parser = _parser()
+    if _command_of(argv) != "submit":
+        return parser.parse_args(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, args.sbatch = parser.parse_known_args(argv[:cut])
+    args.run = argv[cut + 1:]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
     try:
         return _run(args)
     except LaufbandError as exc:
@@ -614,7 +675,42 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def submit(args: argparse.Namespace) -> int:
+    """Write the array script and submit it (or print it: --dry-run); where it is, the
+    job id and how to watch."""
+    from laufband import submit as sub
+
+    sub.check(args.workers, args.run, args.sbatch)
+    given = args.db or os.environ.get("LAUFBAND_DB")
+    db = sub.worker_db(given) if given else None
+    folder = os.getcwd()
+    if args.dry_run:
+        print(sub.script_text(args.workers, args.run, args.sbatch, db, folder,
+                              sub.script_name()), end="")
+        return 0
+    try:
+        job = sub.submit(args.workers, args.run, args.sbatch, db, Path(folder))
+    except sub.SbatchError as exc:
+        print(f"laufband: {exc}", file=sys.stderr)
+        return 1
+    if job.warnings.strip():
+        print(job.warnings.rstrip(), file=sys.stderr)
+    from laufband.store.connection import display_url
+
+    watch = "laufband" + (f" --db {shlex.quote(display_url(db))}" if db else "")
+    print(f"submitted job array {job.job_id}: {args.workers} worker(s), "
+          f"{job.job_id}_0 to {job.job_id}_{args.workers - 1}")
+    print(f"script: {job.script} (`sbatch {job.script.name}` here adds "
+          f"{args.workers} more)")
+    print(f"output: {folder}/{sub.OUTPUT.replace('%A', job.job_id).replace('%a', '<task>')}")
+    print(f"watch:  {watch} status   (or watch, workers; squeue -j {job.job_id}; "
+          f"cancel: scancel {job.job_id})")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "submit":
+        return submit(args)
     db = args.db or default_db(announce=True)
     as_json = getattr(args, "json", False)
     if args.command == "prune":

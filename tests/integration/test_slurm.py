@@ -1,5 +1,6 @@
 """Workers as real SLURM jobs (the daemons of scripts/slurm-up.sh): a job array over a
-DAG, an array task cancelled mid-task, a requeued array task, and the sbatch example.
+DAG, an array task cancelled mid-task, a requeued array task, the sbatch example, and
+`laufband submit`.
 
 Each job runs a worker script with this test run's Python over a database in the
 test's folder (one machine: the folder is shared as a cluster's file system would
@@ -356,3 +357,62 @@ def test_the_sbatch_example_runs_its_workflow(slurm, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert sorted(report) == [f"analyse/{g}" for g in range(8)]
     assert all(r["n"] == 8 for r in report.values())
+
+
+#: The worker of `laufband submit`'s test: its database only from LAUFBAND_DB (set by
+#: the script from --db), its identity from LAUFBAND_IDENTIFIER; records into
+#: w<identifier>.jsonl in the folder it runs in.
+SUBMITTED_WORKER = """\
+import json, sys, time
+sys.path.insert(0, {tests!r})
+from graphs import build
+from laufband import Graphband
+
+worker = Graphband(build({graph!r}), tqdm_kwargs={{"disable": True}})
+with open(f"w{{worker.identifier}}.jsonl", "a", buffering=1) as out:
+    for task in worker:
+        start = time.monotonic_ns()
+        time.sleep(0.01)
+        out.write(json.dumps({{"id": task.id, "start": start, "end": time.monotonic_ns(),
+                              "worker": worker.identifier}}) + "\\n")
+    out.write(json.dumps({{"exit": worker.identifier}}) + "\\n")
+"""
+
+
+def test_laufband_submit_runs_the_dag_as_a_job_array(slurm, tmp_path):
+    """`laufband submit --workers 3 ... -- python worker.py` from the test's folder: the
+    script it writes runs there, the sbatch option reaches SLURM, each array task is
+    one worker over the --db database, and together they run the graph once."""
+    (tmp_path / "worker.py").write_text(
+        SUBMITTED_WORKER.format(tests=str(WORKER.parent), graph=GRAPH))
+    (tmp_path / "sub dir").mkdir()
+    out = _command(sys.executable, "-m", "laufband.cli", "submit", "--workers", "3",
+                   "--db", "sub dir/graph.sqlite", "--time=00:05:00", "--",
+                   sys.executable, "worker.py", cwd=tmp_path)
+    job = re.match(r"submitted job array (\d+): 3 worker\(s\)", out.stdout)
+    assert job, out.stdout + out.stderr
+    job = job[1]
+    slurm.submitted.append(job)  # cancelled at the end, whatever happens
+    [script] = tmp_path.glob("laufband-submit-*.sbatch")
+    assert f"script: {script} " in out.stdout
+    assert f"laufband --db '{tmp_path}/sub dir/graph.sqlite' status" in out.stdout
+
+    slurm.wait_gone(job)
+    array = slurm.tasks(job)
+    assert sorted(array) == [0, 1, 2]
+    for i, rec in array.items():
+        log = tmp_path / f"laufband-{job}_{i}.out"
+        assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()
+        assert (rec["TimeLimit"], rec["Requeue"], rec["WorkDir"], rec["Command"],
+                rec["StdOut"]) == ("00:05:00", "1", str(tmp_path), str(script), str(log))
+    tasks = build(GRAPH)
+    run = recorded(tmp_path)
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    ids = {f"{job}_{i}" for i in range(3)}
+    assert sorted(e["exit"] for e in run.exits) == sorted(ids)
+    db = tmp_path / "sub dir" / "graph.sqlite"  # LAUFBAND_DB: --db, made absolute
+    assert query(db, "SELECT state, count(*) FROM tasks GROUP BY state") == [
+        ("completed", len(tasks))]
+    workers = {w: state for w, state in query(db, "SELECT id, state FROM workers")}
+    assert workers == dict.fromkeys(ids, "offline")
