@@ -162,12 +162,15 @@ def test_the_users_signal_replaces_the_default(capsys, sbatch, signal):
     (["--workers", "2", "--db", "nosuch://x", "--", "x"], "neither a file path nor"),
     (["--workers", "2", "--db", "no/wf.sqlite", "--", "x"],
      "--db no/wf.sqlite: the folder /"),
+    (["--workers", "2", "--db", "postgresql+psycopg://u:s3cret@h/db", "--", "x"],
+     "the URL has a password, which laufband submit would write into the script"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(
         capsys, tmp_path, sbatch, argv, message):
     code, out, err = run(capsys, "submit", *argv)
     assert (code, out) == (2, "")
     assert err.startswith("laufband: ") and message in err
+    assert "s3cret" not in err
     assert not scripts(tmp_path) and not sbatch.calls()
 
 
