@@ -441,16 +441,18 @@ def watch(db: str, interval: float, count: int | None) -> int:
         raise ConfigError(f"--interval {interval}: give a number of seconds > 0")
     store = open_store(db)
     frames = 0
-    with _quit_on_hangup(), _keys() as pressed, Live(
-            watch_view(store), auto_refresh=False, console=_console(None)) as live:
-        try:
+    # The try is outside the with: a signal may come while the first frame is drawn
+    # (Live's __enter__), and the contexts restore the terminal on the way out.
+    try:
+        with _quit_on_hangup(), _keys() as pressed, Live(
+                watch_view(store), auto_refresh=False, console=_console(None)) as live:
             while count is None or frames < count - 1:
                 if pressed(interval) == "q":
                     break
                 live.update(watch_view(store), refresh=True)
                 frames += 1
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
