@@ -16,12 +16,17 @@ flufl locks on the same file, but:
   (the heartbeat thread refreshes it every third of the lifetime while we hold it);
 - a failed try is one link; the lock file is looked at (one stat: is it ours after all?
   has it expired?) only every ``_LOOK_EVERY`` of waiting;
-- the release is one unlink while the stamp we wrote has not passed by our clocks:
-  nobody may break a lock before its stamp plus the slop (which covers clock skew), so
-  it is still ours. Only a hold that outlived its stamp (the process was paused) checks
-  first that the lock file still names us, as flufl does.
+- the release is a stat (is the lock file still our claim file?) and an unlink while
+  the stamp we wrote has not passed by our clocks: nobody may break a lock before its
+  stamp plus the slop (which covers clock skew). Only a hold that outlived its stamp
+  (the process was paused) checks first that the lock file still names us, as flufl
+  does;
+- an expired lock is broken by moving it aside and checking it is the one seen expired
+  (``_break_expired``): flufl's break deletes whatever lock file is there by then,
+  which may be the new lock of a waiter that broke it first.
 
-So an uncontended acquire + release costs 2 round trips (link, unlink) instead of 7.
+So an uncontended acquire + release costs 3 round trips (link, stat, unlink) instead
+of 7.
 flufl.lock also sleeps a random 10 ms - 2 s between tries, so under contention every
 collision costs about a second (SCALING_ANALYSIS.md, 'Measurements behind the code').
 We retry with full jitter, up to ``_SPREAD`` times as long as this process's own
@@ -254,19 +259,62 @@ class FastLock(Lock):
         if time.time() > st.st_mtime + self._slop.total_seconds():
             log.warning("laufband: the lock %s expired %.0f s ago (its holder died or "
                         "hung): breaking it", self._lockfile, time.time() - st.st_mtime)
-            self._break()
+            self._break_expired(st)
             return True
         return False
+
+    def _break_expired(self, seen: os.stat_result) -> None:
+        """Break the lock file we saw expired (``seen``: its stat), never one that
+        changed since: another waiter may have broken it and taken the lock in between
+        (or its holder woke up and refreshed it), and deleting that would let two
+        processes hold the lock. flufl's break reads and unlinks whatever lock file is
+        there by then. So the lock file is moved aside (rename: atomic, also on NFS) and
+        looked at there: the one we saw expired is removed with its holder's claim
+        file; any other goes back at once."""
+        aside = f"{self._claimfile}|breaking"
+        try:
+            os.rename(self._lockfile, aside)
+        except OSError as error:
+            if error.errno not in ERRORS:
+                raise
+            return  # gone: released, or broken by another waiter
+        try:
+            st = os.stat(aside)
+            if (st.st_dev, st.st_ino, st.st_mtime) != (seen.st_dev, seen.st_ino,
+                                                        seen.st_mtime):
+                try:
+                    os.link(aside, self._lockfile)  # a live lock: put it back
+                except FileExistsError:
+                    log.error("laufband: while breaking the expired lock %s another "
+                              "worker's new lock was moved aside and could not be put "
+                              "back: a third worker took the lock meanwhile",
+                              self._lockfile)
+                return
+            with open(aside) as fp:
+                winner = fp.read().strip()
+            # Only a claim file of this lock (flufl names them "<lockfile>|host|pid|n").
+            if winner.startswith(f"{self._lockfile}|"):
+                with contextlib.suppress(OSError):
+                    os.unlink(winner)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
 
     def _surely_ours(self) -> bool:
         wall, mono = self._ours_until
         return time.time() < wall and time.monotonic() < mono
 
     def unlock(self, *, unconditionally: bool = False) -> None:
-        """Release the lock: one unlink while the stamp of our hold has not passed;
-        past it (we were paused: another worker may have broken the lock and taken it),
-        only if the lock file still names us. Keeps the claim file."""
-        ours = self._surely_ours() or self._is_locked_no_refresh()
+        """Release the lock: a stat (is the lock file still our claim file?) and an
+        unlink while the stamp of our hold has not passed; past it (we were paused:
+        another worker may have broken the lock and taken it), only if the lock file
+        also still names us. Keeps the claim file.
+
+        The stat is a round trip on NFS, but without it a lock taken from us (a break
+        that went wrong, see _break_expired, or a pause our clocks did not see) would
+        be deleted under its new holder, and the next waiter would get in beside it."""
+        ours = (self._same_file() if self._surely_ours()
+                else self._is_locked_no_refresh())
         self._ours_until = (0.0, 0.0)
         if not ours:
             if not unconditionally:
@@ -277,6 +325,20 @@ class FastLock(Lock):
         except OSError as error:
             if error.errno not in ERRORS:
                 raise
+
+    def _same_file(self) -> bool:
+        """Is the lock file our claim file (one stat)?"""
+        try:
+            st = os.stat(self._lockfile)
+        except OSError as error:
+            if error.errno not in ERRORS:
+                raise
+            return False
+        ours = (st.st_dev, st.st_ino) == self._claim_id
+        if not ours:
+            log.error("laufband: the lock %s was taken from us while we held it; "
+                      "leaving it to its new holder", self._lockfile)
+        return ours
 
     def refresh(self, lifetime: timedelta | float | None = None, *,
                 unconditionally: bool = False) -> None:

@@ -68,9 +68,10 @@ def _claims(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if "|" in p.name]
 
 
-def test_an_uncontended_hold_is_one_link_and_one_unlink(tmp_path, monkeypatch):
+def test_an_uncontended_hold_is_a_link_a_stat_and_an_unlink(tmp_path, monkeypatch):
     """flufl writes a claim file, touches it twice, and reads the lock file back before
-    removing it (7 round trips on NFS); ours keeps its claim file and stamp."""
+    removing it (7 round trips on NFS); ours keeps its claim file and stamp, and checks
+    with one stat that the lock file is still its own before it removes it."""
     lock = FastLock(str(tmp_path / "db.lock"))
     calls = _Calls(monkeypatch)
     lock.lock()
@@ -83,7 +84,7 @@ def test_an_uncontended_hold_is_one_link_and_one_unlink(tmp_path, monkeypatch):
     for _ in range(3):
         lock.lock()
         lock.unlock()
-        assert calls.take() == ["link", "unlink"]
+        assert calls.take() == ["link", "stat", "unlink"]
 
 
 def test_the_stamp_is_renewed_before_it_runs_short(tmp_path):
@@ -143,6 +144,34 @@ def test_a_hold_broken_while_paused_does_not_remove_the_new_holders_lock(tmp_pat
     a.lock(timeout=5)
     assert os.path.samefile(tmp_path / "db.lock", a.claimfile)
     a.unlock()
+
+
+def test_a_break_decided_on_a_stale_look_leaves_the_new_holders_lock(tmp_path):
+    """B and A both saw a dead holder's lock expired; A broke it and took the lock
+    before B got to break it. B's break must leave A's lock alone (flufl's would remove
+    it: two holders), and A's release must not remove a lock that is not its own (else
+    a third waiter gets in beside the second)."""
+    lockfile = str(tmp_path / "db.lock")
+    dead = Lock(lockfile, lifetime=10)
+    dead.lock()
+    past = time.time() - 6
+    os.utime(lockfile, (past, past))
+    a, b = FastLock(lockfile), FastLock(lockfile)
+    seen_by_b = os.stat(lockfile)  # B's look: expired
+    a._laufband_cap = 0.001
+    a.lock(timeout=5)  # A breaks it and takes the lock
+    assert os.path.samefile(lockfile, a.claimfile)
+    b._claim()
+    b._break_expired(seen_by_b)  # late: the lock file is A's by now
+    assert os.path.samefile(lockfile, a.claimfile), "B broke A's live lock"
+    assert os.path.exists(a.claimfile)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith("|breaking")] == []
+    # Had it been taken from A anyway (by any path), A's release leaves the new lock.
+    os.unlink(lockfile)
+    os.link(b.claimfile, lockfile)
+    a.unlock(unconditionally=True)
+    assert os.path.samefile(lockfile, b.claimfile), "A removed B's lock"
+    os.unlink(lockfile)
 
 
 def test_a_refresh_renews_only_a_lock_that_is_still_ours(tmp_path):
