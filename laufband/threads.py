@@ -17,8 +17,9 @@ Stopping: ``close()`` (from ``fn`` or elsewhere) stops the claiming, and the run
 tasks finish and are recorded. A stop signal hands every running task back at once
 (no retry used) and raises ``Preempted``; their threads are daemon threads, so they do
 not keep the process alive, and what they do later is fenced. A drain (SIGUSR1, the
-allocation about to end) stops the claiming, hands back at once the running tasks that
-would not finish in the time left, lets the others finish, and raises ``Drained``.
+allocation about to end) stops the claiming and lets the running tasks that fit in the
+time left finish; then it hands back those that would not (their threads still run, so
+not before: see ``_hand_back_late``) and raises ``Drained``.
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ class ThreadedRun:
             self._time_out()
             if self.session.signal is not None or self._drain_over():
                 return  # what still runs is handed back (recorded) by _end
-            if self.w._draining():
-                self._hand_back_late()
+            if self.w._draining() and self._hand_back_late():
+                return  # _end records them and raises Drained: the process exits
             stopping = self._stopping()
             free = 0 if stopping else self.threads - len(self.running)
             if first or self.pending or (free and may_claim):
@@ -319,16 +320,22 @@ class ThreadedRun:
             else:
                 self.summary.failed += 1
 
-    def _hand_back_late(self) -> None:
-        """Draining: running tasks that would not finish in the time left go back now
-        (no retry used; their threads run on, and what they return is fenced)."""
-        for key, running in list(self.running.items()):
-            if not self.w._fits(running.claim.id, running.started):
-                del self.running[key]
-                self.pending.append(Finish(running.claim, Event.PREEMPTED,
-                                           f"{self.session.drain}: not expected to finish "
-                                           "in the time left"))
-                self.summary.handed_back += 1
+    def _hand_back_late(self) -> bool:
+        """Draining: once none of the running tasks is expected to finish in the time
+        left, they all go back (no retry used) and map ends: True. Not while a task
+        that fits still runs: a thread cannot be stopped, so a task handed back while
+        the process lives on would run here and at another worker at once; the process
+        exits (``Drained``) right after the record, and the daemon threads with it."""
+        if not self.running or any(self.w._fits(r.claim.id, r.started)
+                                   for r in self.running.values()):
+            return False
+        for running in self.running.values():
+            self.pending.append(Finish(running.claim, Event.PREEMPTED,
+                                       f"{self.session.drain}: not expected to finish "
+                                       "in the time left"))
+        self.summary.handed_back += len(self.running)
+        self.running.clear()
+        return True
 
     def _time_out(self) -> None:
         now = self.clock.monotonic()

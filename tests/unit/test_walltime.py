@@ -421,6 +421,7 @@ def test_map_drains_on_sigusr1_keeps_what_fits_and_hands_back_the_rest(monkeypat
     worker = limited(monkeypatch, 3600, tasks, name="A", clock=FakeClock(time.time()))
     release = threading.Event()
     started = threading.Barrier(3)
+    seen = []
 
     def fn(task):
         started.wait(10)
@@ -435,10 +436,13 @@ def test_map_drains_on_sigusr1_keeps_what_fits_and_hands_back_the_rest(monkeypat
         long_estimate(tasks, 7200)  # 'free' and 'other' are of a kind that takes 2 h
         beat(worker)
         os.kill(os.getpid(), signal.SIGUSR1)
-        deadline = time.monotonic() + 30  # the coordinator hands 'free' back at once
-        while "preempted" not in events("free") and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while not worker._draining() and time.monotonic() < deadline:
             time.sleep(0.01)
-        release.set()  # only then does 'fits' end
+        # Not handed back while 'fits' runs: the process lives on, and so does the
+        # thread of 'free' (another worker would run it at the same time).
+        seen.append(events("free"))
+        release.set()
 
     thread = threading.Thread(target=signal_later)
     thread.start()
@@ -448,7 +452,9 @@ def test_map_drains_on_sigusr1_keeps_what_fits_and_hands_back_the_rest(monkeypat
     finally:
         release.set()
         thread.join(30)
-    # map ran 'fits' and 'free'; V ran 'other' meanwhile (2 h): 'free' goes back.
+    # map ran 'fits' and 'free'; V ran 'other' meanwhile (2 h): 'free' goes back, once
+    # 'fits' has ended.
+    assert seen == [["claimed"]]
     assert states() == {"fits": "completed", "free": "ready", "other": "completed"}
     assert events("free") == ["claimed", "preempted"]
     assert rows("SELECT sum(failures), sum(kills) FROM tasks") == [(0, 0)]
