@@ -72,12 +72,10 @@ def worker_db(db: str) -> str:
     """LAUFBAND_DB for the workers: ``--db`` with a relative file path made absolute
     (the job may start elsewhere; a URL of a server stays as it is). A SQLite file's
     folder must exist: else every array task would fail on it."""
-    from sqlalchemy.engine import make_url
-
-    from laufband.store.connection import absolute_url, database_url, sqlite_path
+    from laufband.store.connection import absolute_url, database_url, has_secret, sqlite_path
 
     url = absolute_url(database_url(db, "--db"))  # a ConfigError for neither path nor URL
-    if "://" in db and make_url(url).password is not None:
+    if has_secret(url):
         # The script, its output and the job's environment are often readable by others.
         raise ConfigError("--db: the URL has a password, which laufband submit would write "
                           "into the script and print; leave it out of the URL and put it "

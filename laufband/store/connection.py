@@ -5,6 +5,7 @@ the translation of driver errors into laufband's own.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 import typing as t
@@ -57,12 +58,32 @@ def absolute_url(url: str) -> str:
     return parsed.set(database=os.path.abspath(db)).render_as_string(hide_password=False)
 
 
+#: Query parameters of a URL that carry a secret (libpq's and psycopg's names).
+SECRET_PARAMETERS = ("password", "sslpassword", "passfile")
+_USERINFO = re.compile(r"((?://|^)[^/:@]*:)[^/@]*@")
+_SECRET_QUERY = re.compile(rf"(?i)\b({'|'.join(SECRET_PARAMETERS)})=[^&]*")
+
+
 def display_url(url: str) -> str:
-    """The URL with its password masked, for messages and logs."""
+    """The URL with its password masked, for messages and logs: the one after the user
+    name and any in the query (``?password=...``); a string that does not parse as a
+    URL is masked the same way, by pattern."""
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: nothing to hide
-        return url
+        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: mask by pattern
+        shown = _USERINFO.sub(r"\1***@", url)
+    return _SECRET_QUERY.sub(r"\1=***", shown)
+
+
+def has_secret(url: str) -> bool:
+    """Does ``url`` hold a password (after the user name or in its query)?"""
+    try:
+        if sa.engine.make_url(url).password is not None:
+            return True
+    except Exception:
+        if _USERINFO.search(url):
+            return True
+    return bool(_SECRET_QUERY.search(url))
 
 
 def sqlite_path(url: str) -> str | None:
@@ -292,6 +313,10 @@ class Database:
                     raw.driver_connection.autocommit = True  # VACUUM needs it there too
                 raw.driver_connection.execute("VACUUM")
             finally:
+                if not self.sqlite:
+                    # Not back into the pool in autocommit: the next transaction on it
+                    # would commit statement by statement, and a rollback undo nothing.
+                    raw.invalidate()
                 raw.close()
 
     # --------------------------------------------------------------- watching

@@ -110,3 +110,28 @@ def test_a_relative_database_stays_the_same_file_after_chdir():
 def test_default_retry_budgets():
     s = Laufband([1], tqdm_kwargs={"disable": True}).settings
     assert (s.max_failed_retries, s.max_killed_retries) == (0, 2)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://u:s3cret@h/db", "postgresql+psycopg://u:***@h/db"),
+    ("postgresql+psycopg://u@h/db?password=s3cret&sslmode=require",
+     "postgresql+psycopg://u@h/db?password=***&sslmode=require"),
+    ("postgresql+psycopg://u@h/db?sslpassword=s3cret", "postgresql+psycopg://u@h/db?sslpassword=***"),
+    ("postgresql+psycopg://u:s3cret@h:54x9/db", "postgresql+psycopg://u:***@h:54x9/db"),
+    ("postgres:s3cret@h:54x9", "postgres:***@h:54x9"),  # no URL: masked by pattern
+    ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+    ("runs/a:b.sqlite", "runs/a:b.sqlite"),
+])
+def test_a_password_in_a_url_is_masked_for_display(url, shown):
+    from laufband.store.connection import display_url, has_secret
+
+    assert display_url(url) == shown
+    assert has_secret(url) == ("s3cret" in url)
+
+
+def test_an_unparsable_url_with_a_password_is_masked_in_the_error():
+    from laufband.store.connection import database_url
+
+    with pytest.raises(ConfigError) as exc:
+        database_url("postgresql+psycopg://postgres:s3cret@127.0.0.1:54x29", "db")
+    assert "s3cret" not in str(exc.value) and "postgres:***@" in str(exc.value)

@@ -300,3 +300,21 @@ def test_changed_dependencies_block_and_unblock_what_is_below(case):
         assert states()["C"] == "completed"
         assert run(g({"F"}), "changed") == []
         assert states()["B"] == "blocked" and states()["C"] == "blocked"
+
+
+def test_a_transaction_after_a_vacuum_is_still_one_transaction():
+    """VACUUM runs outside a transaction (autocommit on PostgreSQL); the connection it
+    used must not bring that to the next transaction, which would then commit
+    statement by statement."""
+    import sqlalchemy as sa
+
+    from laufband.store import Store
+
+    list(make([Task("a"), Task("b")], name="w"))
+    store = Store.open_existing(url())
+    store.prune(1, vacuum=True)
+    with pytest.raises(RuntimeError):
+        with store.db.transaction() as conn:
+            conn.execute(sa.text("UPDATE workers SET hostname = 'HALF-WRITTEN'"))
+            raise RuntimeError("the transaction fails half-way")
+    assert rows("SELECT hostname FROM workers") != [("HALF-WRITTEN",)]

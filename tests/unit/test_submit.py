@@ -164,6 +164,8 @@ def test_the_users_signal_replaces_the_default(capsys, sbatch, signal):
      "--db no/wf.sqlite: the folder /"),
     (["--workers", "2", "--db", "postgresql+psycopg://u:s3cret@h/db", "--", "x"],
      "the URL has a password, which laufband submit would write into the script"),
+    (["--workers", "2", "--db", "postgresql+psycopg://u@h/db?password=s3cret", "--", "x"],
+     "the URL has a password"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(
         capsys, tmp_path, sbatch, argv, message):
