@@ -313,8 +313,7 @@ def test_a_transaction_after_a_vacuum_is_still_one_transaction():
     list(make([Task("a"), Task("b")], name="w"))
     store = Store.open_existing(url())
     store.prune(1, vacuum=True)
-    with pytest.raises(RuntimeError):
-        with store.db.transaction() as conn:
-            conn.execute(sa.text("UPDATE workers SET hostname = 'HALF-WRITTEN'"))
-            raise RuntimeError("the transaction fails half-way")
+    with pytest.raises(RuntimeError), store.db.transaction() as conn:
+        conn.execute(sa.text("UPDATE workers SET hostname = 'HALF-WRITTEN'"))
+        raise RuntimeError("the transaction fails half-way")
     assert rows("SELECT hostname FROM workers") != [("HALF-WRITTEN",)]
