@@ -97,12 +97,28 @@ def sqlite_path(url: str) -> str | None:
     return parsed.database
 
 
+#: libpq settings of every connection to a server, unless the URL sets them: a server
+#: or network that is gone must end in an error, not in a call that blocks for the
+#: operating system's two hours of TCP keepalive (a worker waiting for the writers'
+#: lock would hang its heartbeat with it). A lost server is noticed after about 60 s.
+NETWORK_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+                    "keepalives_interval": 10, "keepalives_count": 3,
+                    "tcp_user_timeout": 60_000}
+
+
+def network_timeouts(url: str) -> dict[str, int]:
+    """NETWORK_TIMEOUTS less what ``url``'s query sets itself."""
+    given = sa.engine.make_url(url).query
+    return {k: v for k, v in NETWORK_TIMEOUTS.items() if k not in given}
+
+
 def server_connect(url: str) -> Callable[[], t.Any]:
     """A function that opens a new DBAPI connection to the server at ``url``, outside
     any pool (the advisory lock's own connection). Without a password in the URL, the
     driver (libpq) takes it from PGPASSWORD or ~/.pgpass."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     args, kwargs = engine.dialect.create_connect_args(engine.url)
+    kwargs = {**network_timeouts(url), **kwargs}
     return lambda: engine.dialect.connect(*args, **kwargs)
 
 
@@ -200,7 +216,8 @@ class Database:
     def _make_server_engine(self, url: str, read_only: bool) -> Engine:
         """PostgreSQL (a server): writers are serialised by the advisory lock
         (advisory.py), readers see one snapshot (REPEATABLE READ) and take no lock."""
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        engine = sa.create_engine(url, pool_pre_ping=True,
+                                  connect_args=network_timeouts(url))
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # pragma: no branch

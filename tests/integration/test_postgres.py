@@ -199,3 +199,30 @@ def test_workers_started_together_migrate_an_older_database_once(workers, pg, tm
                                  " WHERE key = 'schema_version'") == [("5",)]
     Graphband(build("flat:2"), db=pg.url("fresh"), identifier="fresh").close()
     assert columns("graph.sqlite") == columns("fresh")
+
+
+def test_connections_give_up_on_a_lost_server(pg):
+    """Every connection (the pool's and the lock's) has libpq's network timeouts, so a
+    server that is gone ends in an error, not a call blocked for hours; a URL's own
+    settings win."""
+    from laufband import Graphband, Task
+    from laufband.store import Store
+    from laufband.store.connection import server_connect
+
+    url = pg.url()
+    Graphband([Task("a")], db=url, identifier="w").close()
+    with Store.open_existing(url).db.engine.connect() as pooled:
+        conns = [pooled.connection.driver_connection, server_connect(url)()]
+        try:
+            for conn in conns:  # the libpq options each connection was opened with
+                given = conn.info.get_parameters()
+                assert (given["connect_timeout"], given["tcp_user_timeout"],
+                        given["keepalives_idle"]) == ("10", "60000", "30")
+        finally:
+            conns[1].close()
+    own = sa.engine.make_url(url).update_query_dict({"keepalives_idle": "7"})
+    conn = server_connect(own.render_as_string(hide_password=False))()
+    try:
+        assert conn.info.get_parameters()["keepalives_idle"] == "7"
+    finally:
+        conn.close()
