@@ -49,6 +49,15 @@ def timed() -> list[Task]:
     return [Task(id="long", runtime=3600), *(Task(id=f"s{i}", runtime=1) for i in range(5))]
 
 
+def walltime(n: int, runtime: float) -> list[Task]:
+    """For a job with a short time limit: ``n`` tasks declared to take ``runtime``
+    seconds in two chains (s2 after s0, s3 after s1, ...), and "long", declared to take
+    10 min, first in claim order (highest priority, no dependencies)."""
+    return [Task(id="long", runtime=600, priority=1),
+            *(Task(id=f"s{i}", runtime=runtime,
+                   dependencies={f"s{i - 2}"} if i >= 2 else set()) for i in range(n))]
+
+
 GRAPHS = {
     "flat": lambda n: flat(int(n)),
     "chain": lambda n: chain(int(n)),
@@ -56,6 +65,7 @@ GRAPHS = {
     "labelled": lambda _: labelled(),
     "shared": lambda _: shared(),
     "timed": lambda _: timed(),
+    "walltime": lambda spec: walltime(int(spec.split("x")[0]), float(spec.split("x")[1])),
 }
 
 

@@ -1,6 +1,7 @@
 """Workers as real SLURM jobs (the daemons of scripts/slurm-up.sh): a job array over a
 DAG, an array task cancelled mid-task, a requeued array task, the sbatch example, and
-`laufband submit`.
+`laufband submit`, and a job with a one-minute time limit that drains on its warning
+signal.
 
 Each job runs a worker script with this test run's Python over a database in the
 test's folder (one machine: the folder is shared as a cluster's file system would
@@ -34,6 +35,8 @@ from conftest import (
     wait_until,
 )
 from graphs import build
+
+from laufband import walltime
 
 pytestmark = [pytest.mark.slurm, pytest.mark.processes]
 
@@ -416,3 +419,84 @@ def test_laufband_submit_runs_the_dag_as_a_job_array(slurm, tmp_path):
         ("completed", len(tasks))]
     workers = {w: state for w, state in query(db, "SELECT id, state FROM workers")}
     assert workers == dict.fromkeys(ids, "offline")
+
+
+#: Tasks declared (and sleeping) 3 s each, more than one job of a minute can run, and
+#: "long", declared to take 10 min, first in claim order (tests/graphs.py).
+TIMED = "walltime:24x3"
+#: The job's warning: SIGUSR1 20 s before its minute is up. SLURM checks limits in
+#: sweeps 30 s apart and sends the warning at the first sweep at most 30 s before it is
+#: due, so it comes 10 to 40 s after the job starts; the limit's SIGTERM (which this job
+#: must never see) 60 to 90 s after.
+WARN = 20
+#: LAUFBAND_WALLTIME_MARGIN: the 60 s default would leave a one-minute job no time.
+MARGIN = 5
+
+
+def slurm_time(record: dict[str, str], key: str) -> float:
+    return walltime.parse_end_time(record[key])
+
+
+def test_a_job_with_a_time_limit_drains_on_its_warning_signal_and_exits_0(
+        slurm, workers, tmp_path):
+    signals = tmp_path / "signals.jsonl"
+    job = slurm.submit(worker_job(tmp_path, WORKER, graph=TIMED, runtime_sleep=1,
+                                  signal_log=signals),
+                       "--array=0", "--time=1", f"--signal=B:USR1@{WARN}",
+                       env={"LAUFBAND_WALLTIME_MARGIN": str(MARGIN)})
+    slurm.wait_gone(job, timeout=120)
+    ident, log = f"{job}_0", job_log(tmp_path, job, 0)
+
+    # Drained: COMPLETED with exit code 0 before the time limit, on SIGUSR1.
+    rec = slurm.tasks(job)[0]
+    assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert rec["TimeLimit"] == "00:01:00"
+    limit = slurm_time(rec, "StartTime") + 60
+    assert slurm_time(rec, "EndTime") < limit, rec
+    assert "laufband: SIGUSR1 received: worker" in log
+    assert "stops claiming and exits (exit code 0)" in log and "Traceback" not in log
+    [(allocation_end,)] = query(tmp_path / "graph.sqlite",
+                                "SELECT allocation_end FROM workers WHERE id = ?", (ident,))
+    assert allocation_end == limit  # what the worker read from scontrol
+    got = [json.loads(line) for line in signals.read_text().splitlines()]
+    assert [s["signal"] for s in got] == ["SIGUSR1"], got  # no SIGTERM
+    warned = got[0]["at"]
+    # The warning came while tasks that fit were left: it, not the lack of time,
+    # ended the worker's loop (else the test's timing assumptions are wrong).
+    assert warned + 3 < allocation_end - MARGIN, (warned, allocation_end)
+
+    # It ran tasks before the warning, started none after it, and each one it started
+    # finished in time: none is left running.
+    ran = recorded(tmp_path, "w0.*.jsonl").records
+    assert ran and {r["worker"] for r in ran} == {ident}
+    assert max(r["wall_start"] for r in ran) < warned, (ran, warned)
+    assert max(r["wall_end"] for r in ran) < allocation_end
+    attempts = query(tmp_path / "graph.sqlite",
+                     "SELECT t.id, a.attempt, a.worker, a.started_at, a.ended_at, a.outcome,"
+                     " a.error FROM attempts a JOIN tasks t ON t.pk = a.task")
+    completed = {tid for tid, *_, outcome, _ in attempts if outcome == "completed"}
+    assert completed == {r["id"] for r in ran}
+    for tid, attempt, worker, started, ended, outcome, error in attempts:
+        assert (attempt, worker) == (1, ident) and ended is not None, attempts
+        if outcome == "completed":
+            assert started < warned and ended < allocation_end, (tid, started, ended)
+        else:  # claimed ahead before the warning came, never started: handed back
+            assert (outcome, error) == (
+                "preempted", "SIGUSR1 received: claimed, not started"), (tid, error)
+    # "long" (10 min, first in claim order) was never claimed: no attempt at all. The
+    # rest waits for others: ready (or pending behind a ready one), nothing running.
+    assert "long" not in {tid for tid, *_ in attempts}
+    states = dict(query(tmp_path / "graph.sqlite", "SELECT id, state FROM tasks"))
+    assert states["long"] == "ready"
+    left = {tid for tid, state in states.items() if state != "completed"}
+    assert left - {"long"} and {states[tid] for tid in left} <= {"ready", "pending"}
+    assert workers_json(tmp_path)[ident]["state"] == "offline"
+
+    # A worker outside SLURM (no limit) runs the rest at once ("long" too).
+    workers.start(TIMED, env={"SLURM_JOB_END_TIME": "", "SLURM_JOB_ID": ""})
+    rest = workers.wait(timeout=60)
+    assert rest.returncodes == [0], rest.stderr
+    assert {r["id"] for r in rest.records} == left
+    assert_exactly_once(Run(ran + rest.records, [], [], []), [t.id for t in build(TIMED)])
+    assert query(tmp_path / "graph.sqlite", "SELECT DISTINCT state FROM tasks") \
+        == [("completed",)]
