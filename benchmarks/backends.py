@@ -5,6 +5,9 @@
     python benchmarks/backends.py --quick             # smoke run for CI (about a minute)
     python benchmarks/backends.py --compare-upstream  # + laufband 0.2.1 on SQLite (+2 min)
     python benchmarks/backends.py --postgres URL --repeat 5 --json out.json
+    python benchmarks/backends.py --backends postgres --only 'x(8|32)'   # PostgreSQL only
+    git worktree add /tmp/base <commit>                                   # before/after:
+    python benchmarks/backends.py --backends postgres --against /tmp/base
 
 The server: --postgres URL, else $LAUFBAND_TEST_POSTGRES (postgresql+psycopg://...; the
 user must be allowed to CREATE DATABASE). Without either the script says how to start
@@ -27,6 +30,10 @@ batch_size="auto". --quick: a tenth of the tasks, and 16 workers instead of 32 (
 32 interpreters four times takes most of a minute on 2 cores). Rows run in rounds (each
 round runs every cell once, SQLite and PostgreSQL back to back) so that a change of the
 machine's load falls on all cells alike; a cell shows the median of its --repeat runs.
+
+--against DIR also runs every PostgreSQL cell with the laufband of DIR (a checkout of
+another commit; its workers get PYTHONPATH=DIR), in the same rounds, so a change is
+measured against its base on the same load: columns "PG DIR" and "PG/DIR".
 
 Columns:
     tasks/s     tasks / wall s, all workers together; wall = start signal until the last
@@ -82,6 +89,7 @@ QUICK_SIZES = {
     "10 ms": (0.01, {1: 50, 8: 200, 16: 400}),
 }
 BACKENDS = ("sqlite", "postgres")
+AGAINST = "against"  # --against: PostgreSQL with the laufband of another checkout
 UPSTREAM_WORKERS = (1, 8)  # 0.2.1 at more workers: see --upstream-32
 PG_TARGET = 1000.0  # tasks/s, 8 workers, flat trivial, PostgreSQL
 
@@ -188,15 +196,20 @@ def run_cell(ctx: Context, server: Server, cell: Cell, backend: str) -> bench.Re
     sc = cell.scenario()
     ctx.backend = backend
     known = len(ctx.failures)
+    against = ctx.args.against if backend == AGAINST else None
     if backend == "sqlite":
         res = bench.run_once(ctx, sc, "current")
     else:
         name = server.create()
         os.environ["BENCH_DB_URL"] = server.laufband_url(name)  # worker.py's --db
+        if against:
+            os.environ["PYTHONPATH"] = against  # its laufband before this checkout's
         try:
             res = bench.run_once(ctx, sc, "current")
         finally:
             os.environ.pop("BENCH_DB_URL", None)
+            if against:
+                os.environ.pop("PYTHONPATH", None)
             try:
                 stats = server.stats(name)
             finally:
@@ -206,10 +219,17 @@ def run_cell(ctx: Context, server: Server, cell: Cell, backend: str) -> bench.Re
         res.timer_calls["pg_xact_rollback"] = stats.get("xact_rollback", 0)
     ctx.failures[known:] = [f.replace("[current]", f"[{backend}]")
                             for f in ctx.failures[known:]]
-    want = "postgresql+psycopg" if backend == "postgres" else "sqlite"
+    want = "sqlite" if backend == "sqlite" else "postgresql+psycopg"
     used = {info.get("db_scheme") for info in res.workers_info}
+    home = str(Path(against or HERE.parent).resolve())
+    where = {str(Path(info.get("laufband_file", home)).resolve().parent.parent)
+             for info in res.workers_info}
+    problem = ""
     if used != {want}:
         problem = f"workers used {sorted(map(str, used))}, not {want}"
+    elif where != {home}:
+        problem = f"workers imported laufband from {sorted(where)}, not {home}"
+    if problem:
         res.problems.append(problem)
         res.ok = False
         ctx.failures.append(f"{sc.name} x{sc.workers} [{backend}]: {problem}")
@@ -257,7 +277,8 @@ def both(got: dict[str, bench.Result], what: t.Callable[[bench.Result], str]) ->
     return " / ".join(what(got[b]) if b in got else "-" for b in BACKENDS)
 
 
-def main_table(rows_in: list[tuple[Cell, dict[str, bench.Result]]], upstream: bool) -> str:
+def main_table(rows_in: list[tuple[Cell, dict[str, bench.Result]]], upstream: bool,
+               against: str = "") -> str:
     rows = []
     for cell, got in rows_in:
         lite, pg, old = got.get("sqlite"), got.get("postgres"), got.get("upstream")
@@ -268,6 +289,10 @@ def main_table(rows_in: list[tuple[Cell, dict[str, bench.Result]]], upstream: bo
         row = [f"flat {cell.kind}", cell.workers, f"{cell.tasks:,}", rate(lite),
                bench.f1(lite.setup_s if lite else None), rate(pg),
                bench.f1(pg.setup_s if pg else None), ratio, xacts]
+        if against:
+            base = got.get(AGAINST)
+            row += [rate(base), f"{pg.tasks_per_s / base.tasks_per_s:.2f}"
+                    if pg and base and base.tasks_per_s else "-"]
         if upstream:
             row += [rate(old) if old else "skipped", bench.f1(old.setup_s if old else None)]
         eff = (both(got, lambda r: f"{100 * (r.efficiency or 0):.0f} %") if cell.sleep
@@ -275,6 +300,8 @@ def main_table(rows_in: list[tuple[Cell, dict[str, bench.Result]]], upstream: bo
         rows.append([*row, eff, both(got, lambda r: f"{r.other_cpu:.1f}"), cell_notes(got)])
     headers = ["tasks", "workers", "n", "SQLite tasks/s", "setup s", "PostgreSQL tasks/s",
                "setup s", "PG/SQLite", "PG xacts/task"]
+    if against:
+        headers += [f"PG {against} tasks/s", f"PG/{against}"]
     if upstream:
         headers += [f"{bench.UPSTREAM} tasks/s (SQLite)", "setup s"]
     return bench.table([*headers, "eff SQLite / PG", "others SQLite / PG", "notes"], rows,
@@ -342,6 +369,11 @@ def main() -> int:
                    "counted (default 30, 15 with --quick)")
     p.add_argument("--only", default="", help="cells whose 'kind xWORKERS' matches this "
                    "regex, e.g. 'trivial x(8|32)'")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated, of: sqlite, postgres (default both)")
+    p.add_argument("--against", default="", metavar="DIR",
+                   help="also run every PostgreSQL cell with the laufband of DIR (a "
+                   "checkout of another commit), in the same rounds")
     p.add_argument("--workdir", default=tempfile.gettempdir(),
                    help="where the SQLite scenario directories are made (the disk under test)")
     p.add_argument("--keep", action="store_true", help="keep the SQLite scenario directories")
@@ -349,6 +381,11 @@ def main() -> int:
     args = p.parse_args()
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    args.backends = tuple(b for b in BACKENDS if b in args.backends.split(","))
+    if args.against:
+        if not (Path(args.against) / "laufband" / "__init__.py").exists():
+            p.error(f"--against {args.against}: no laufband package in it")
+        args.against = str(Path(args.against).resolve())
     if not args.postgres:
         print("backends.py needs a PostgreSQL server: pass --postgres URL, or start the "
               "throw-away one and export its URL with\n\n"
@@ -394,7 +431,8 @@ def run(args: argparse.Namespace, server: Server) -> int:
         ctx.say(f"round {round_ + 1} of {args.repeat}")
         for i, cell in enumerate(todo):
             # alternate which backend goes first, so that neither always follows the other
-            order = BACKENDS if (i + round_) % 2 == 0 else BACKENDS[::-1]
+            backends = (*args.backends, AGAINST) if args.against else args.backends
+            order = backends if (i + round_) % 2 == 0 else backends[::-1]
             for backend in order:
                 runs.setdefault((i, backend), []).append(run_cell(ctx, server, cell, backend))
     skipped_32 = False
@@ -407,9 +445,10 @@ def run(args: argparse.Namespace, server: Server) -> int:
                 continue
             runs[(i, "upstream")] = [bench.run_once(ctx, cell.scenario(), "upstream")]
 
-    rows = [(cell, {b: median(runs[(i, b)]) for b in (*BACKENDS, "upstream")
+    rows = [(cell, {b: median(runs[(i, b)]) for b in (*BACKENDS, AGAINST, "upstream")
                     if (i, b) in runs}) for i, cell in enumerate(todo)]
-    print(main_table(rows, args.compare_upstream))
+    print(main_table(rows, args.compare_upstream,
+                     Path(args.against).name if args.against else ""))
     if skipped_32:
         print(f"\n{bench.UPSTREAM} at {most} workers skipped (so many processes contend for "
               "its file lock that a cell takes the whole deadline; --upstream-32 runs them).")

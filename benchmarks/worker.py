@@ -162,6 +162,7 @@ def main() -> int:
 
     info["import_s"] = time.monotonic() - t
     info["version"] = getattr(laufband, "__version__", "?")
+    info["laufband_file"] = laufband.__file__  # backends.py --against checks it
     info["rss_import_mb"] = current_rss_mb()
     timers = instrument() if args.instrument and args.impl == "current" else None
 

@@ -435,6 +435,13 @@ class DatabaseLock:
             _local.held = getattr(_local, "held", 0) + 1
         self._depth += 1
 
+    def transaction_turn(self, cancel: Callable[[], bool] | None = None) -> str | None:
+        """Take the lock for one write transaction (``acquire``). A lock that a
+        transaction can take itself returns the statement that does so, to run first in
+        it (store/advisory.py); None: held now."""
+        self.acquire(cancel)
+        return None
+
     def release(self) -> None:
         """Let go of one hold. Never raises: a lock file that cannot be removed is
         reported and expires after its lifetime (a transaction that committed must not

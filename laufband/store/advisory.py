@@ -8,6 +8,14 @@ transaction books state changes in the ``counts`` rows, sums held resources and
 applies the waiting rules; they must see one order of the transactions before them,
 which the lock gives for the price of two round trips on a local network.
 
+A write transaction does not take it on that connection: it runs
+``pg_advisory_xact_lock`` as its first statement (``transaction_turn``), and its commit
+or rollback releases it, which saves the two round trips to the lock's connection per
+transaction. Only holds outside a transaction (``worker.db_lock``, VACUUM) use the
+session lock; the two kinds exclude each other on the server, and a transaction of a
+thread that holds the session lock takes nothing more. Why the statement stands alone:
+its snapshot (READ COMMITTED takes one per statement) would predate the lock.
+
 How a holder that stops is noticed: a killed process closes its connection and the
 server drops its lock at once. A process that hangs (SIGSTOP, a node that lost the
 network) holds an idle lock connection: the server ends it after the lock's lifetime
@@ -16,6 +24,7 @@ lock legitimately for long (registering a huge graph), the heartbeat thread call
 ``refresh`` every third of that, which keeps the connection from looking idle. The
 hung holder's own transaction is ended by ``idle_in_transaction_session_timeout``
 (connection.py) and rolled back; its later writes are fenced like any stale worker's.
+A transaction that holds the lock by ``pg_advisory_xact_lock`` is ended the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +45,15 @@ log = logging.getLogger(__name__)
 #: The advisory lock key (advisory locks are per database): "laufband" as an int64.
 KEY = int.from_bytes(b"laufband", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
+SQL = {
+    "lock": "SELECT pg_advisory_lock(%s)",
+    "unlock": "SELECT pg_advisory_unlock(%s)",
+    # The first statement of a write transaction (a constant: the driver prepares it).
+    "xact_lock": f"SELECT pg_advisory_xact_lock({KEY})",
+}
+
+_deferring = threading.local()  # transaction_turn: the server's lock is the transaction's
+
 
 class AdvisoryLock(DatabaseLock):
     """``DatabaseLock`` whose cross-process part is ``pg_advisory_lock(KEY)``: the
@@ -55,6 +73,7 @@ class AdvisoryLock(DatabaseLock):
         self.refresh_interval = max(0.1, lifetime / 3)
         self._acquired_at = 0.0
         self._hold: float | None = None
+        self._in_xact = False  # the outermost hold is a transaction's own server lock
 
     @property
     def lockfile(self) -> str:
@@ -76,11 +95,24 @@ class AdvisoryLock(DatabaseLock):
             self._conn = conn
         return self._conn
 
+    def transaction_turn(self, cancel: t.Callable[[], bool] | None = None) -> str | None:
+        """This process's turn for one write transaction, and the statement that takes
+        the server's lock in it (None: this thread holds the session lock already)."""
+        _deferring.on = True
+        try:
+            self.acquire(cancel)
+        finally:
+            _deferring.on = False
+        return SQL["xact_lock"] if self._in_xact and self._depth == 1 else None
+
     def _acquire_file(self) -> None:
+        if getattr(_deferring, "on", False):
+            self._in_xact = True  # taken by the transaction (transaction_turn)
+            return
         with self._conn_guard:
             for tried in range(2):
                 try:
-                    self._server().execute("SELECT pg_advisory_lock(%s)", (KEY,))
+                    self._server().execute(SQL["lock"], (KEY,))
                     return
                 except Exception as exc:  # psycopg.Error: this module imports no driver
                     closed = self._conn is not None and self._conn.closed
@@ -99,9 +131,12 @@ class AdvisoryLock(DatabaseLock):
     def _release_file(self) -> None:
         # Never raises (see DatabaseLock.release): if the connection is gone, so is the
         # lock, which the server dropped with it.
+        if self._in_xact:
+            self._in_xact = False  # the transaction's commit or rollback released it
+            return
         with self._conn_guard:
             try:
-                self._conn.execute("SELECT pg_advisory_unlock(%s)", (KEY,))
+                self._conn.execute(SQL["unlock"], (KEY,))
             except Exception as exc:
                 log.warning("laufband: releasing %s: %s (the server dropped it with the "
                             "connection)", self.lockfile, exc)

@@ -43,11 +43,11 @@ SQL = {
     "count_done": "UPDATE workers SET completed = completed + :n WHERE id = :worker",
     "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
     "count_failure": "UPDATE tasks SET failures = failures + 1 WHERE pk = :pk",
-    # {pairs}: "(:t0, :a0), ..."; {pks}: ":p0, :p1, ...". Each handles a whole batch.
+    # {in_pairs}, {in_pks}: Ledger.in_pairs, Ledger.in_pks. Each handles a whole batch.
     "end_completed": "UPDATE attempts SET ended_at = :now, outcome = 'completed'"
                      " WHERE ended_at IS NULL AND worker = :worker"
-                     " AND (task, attempt) IN (VALUES {pairs}) RETURNING task",
-    "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk IN ({pks})"
+                     " AND (task, attempt) {in_pairs} RETURNING task",
+    "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk {in_pks}"
                     " RETURNING pk, state",
     # Only pk in the WHERE (see ledger.SQL["move_many"]). A task invalidated while the
     # attempt ran (dirty 1) waits or is ready to run again; one removed from the graph
@@ -57,12 +57,12 @@ SQL = {
                 " WHEN dirty = 2 THEN 'removed' WHEN waiting_on = 0 THEN 'ready'"
                 " ELSE 'pending' END, invalidated = CASE WHEN dirty = 1 THEN 1 ELSE 0 END,"
                 " dirty = CASE WHEN running > 0 THEN dirty ELSE 0 END,"
-                " updated_at = :now WHERE pk IN ({pks}) RETURNING pk, reqset, state",
+                " updated_at = :now WHERE pk {in_pks} RETURNING pk, reqset, state",
     # Decrement every dependent once per completed dependency; those at zero become ready.
     "release_dependents":
         "UPDATE tasks SET waiting_on = waiting_on - d.n,"
         " state = CASE WHEN waiting_on = d.n AND state = 'pending' THEN 'ready' ELSE state END"
-        " FROM (SELECT task, count(*) AS n FROM edges WHERE dep IN ({pks}) GROUP BY task) AS d"
+        " FROM (SELECT task, count(*) AS n FROM edges WHERE dep {in_pks} GROUP BY task) AS d"
         " WHERE tasks.pk = d.task RETURNING tasks.pk, tasks.reqset, tasks.state",
     # Descendants by walking the edges from the given tasks, through tasks of one state
     # (pending: to block them; blocked: to unblock them). Never a scan of that state.
@@ -120,19 +120,17 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
     """End attempts that completed, a whole batch in four statements."""
     if not claims:
         return
-    pairs = {f"t{i}": c.pk for i, c in enumerate(claims)}
-    pairs.update({f"a{i}": c.attempt for i, c in enumerate(claims)})
-    values = ", ".join(f"(:t{i}, :a{i})" for i in range(len(claims)))
-    current = {pk for (pk,) in led.all(SQL["end_completed"].format(pairs=values),
-                                       {**pairs, "worker": worker, "now": led.now})}
+    pairs, params = led.in_pairs([(c.pk, c.attempt) for c in claims])
+    current = {pk for (pk,) in led.all(SQL["end_completed"].format(in_pairs=pairs),
+                                       {**params, "worker": worker, "now": led.now})}
     for claim in claims:
         if claim.pk not in current:
             _fence(led, worker, claim, Event.COMPLETED)
     live = [c for c in claims if c.pk in current]
     if live:
         led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
-        marks, params = in_list([c.pk for c in live])
-        state_of = dict(led.all(SQL["end_attempts"].format(pks=marks), params))
+        marks, params = led.in_pks([c.pk for c in live])
+        state_of = dict(led.all(SQL["end_attempts"].format(in_pks=marks), params))
         _complete(led, worker, [(c, state_of[c.pk]) for c in live])
 
 
@@ -147,9 +145,9 @@ def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> N
             done.append((claim, state))
     if not done:
         return
-    marks, params = in_list([c.pk for c, _ in done])
+    marks, params = led.in_pks([c.pk for c, _ in done])
     after = {pk: (reqset, new) for pk, reqset, new in
-             led.all(SQL["complete"].format(pks=marks), {**params, "now": led.now})}
+             led.all(SQL["complete"].format(in_pks=marks), {**params, "now": led.now})}
     completed = []
     for claim, state in done:
         reqset, new = after[claim.pk]
@@ -166,8 +164,8 @@ def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> N
         done = [(c, s) for c, s in done if c in completed]
         if not done:
             return
-        marks, params = in_list([c.pk for c, _ in done])
-    rows = led.all(SQL["release_dependents"].format(pks=marks), params)
+        marks, params = led.in_pks([c.pk for c, _ in done])
+    rows = led.all(SQL["release_dependents"].format(in_pks=marks), params)
     ready = [(pk, reqset) for pk, reqset, state in rows if state == S.READY]
     if ready:
         detail = (f"dependency {done[0][0].id!r} completed" if len(done) == 1 else

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from laufband.states import Event, TaskState
 from laufband.store import resources, runtimes
-from laufband.store.ledger import Ledger, in_list
+from laufband.store.ledger import Ledger
 from laufband.store.model import Claim, Me, Want
 
 S = TaskState
@@ -32,14 +32,20 @@ SQL = {
                   " WHERE attempts.task = tasks.pk AND attempts.worker = :worker"
                   " AND attempts.ended_at IS NULL) ORDER BY priority DESC, depth DESC, pk"
                   " LIMIT :limit",
-    # {pks}: ":p0, :p1, ..." for the batch (one statement claims the whole batch).
+    # {in_pks}: the batch (Ledger.in_pks; one statement claims the whole batch).
     "claim": "UPDATE tasks SET attempts = attempts + 1, running = running + 1,"
              " state = CASE WHEN running + 1 >= max_parallel THEN 'running' ELSE 'ready' END,"
-             " updated_at = :now WHERE pk IN ({pks})"
+             " updated_at = :now WHERE pk {in_pks}"
              " RETURNING pk, id, attempts, state, reqset, fingerprint, timeout",
     "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint,"
                    " deadline) VALUES (:task, :attempt, :worker, :now, :fingerprint,"
                    " :deadline)",
+    # A server's form: the whole batch in one statement (Ledger.run_rows).
+    "add_attempts": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint,"
+                    " deadline) SELECT * FROM unnest(CAST(:task AS integer[]),"
+                    " CAST(:attempt AS integer[]), CAST(:worker AS text[]),"
+                    " CAST(:now AS double precision[]), CAST(:fingerprint AS text[]),"
+                    " CAST(:deadline AS double precision[]))",
     "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
 }
 # For a worker whose allocation ends: only tasks that fit in its time (runtimes.py).
@@ -114,15 +120,15 @@ def claim(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[Claim]:
     pks = find(led, me, limit, ahead) if limit > 0 else []
     if not pks:
         return []
-    marks, params = in_list(pks)
-    rows = led.all(SQL["claim"].format(pks=marks), {**params, "now": led.now})
+    marks, params = led.in_pks(pks)
+    rows = led.all(SQL["claim"].format(in_pks=marks), {**params, "now": led.now})
     by_pk = {row[0]: row[1:] for row in rows}
     result = []
     for pk in pks:  # in the order found
         task_id, attempt, state, reqset, _fp, _timeout = by_pk[pk]
         led.record([(pk, reqset)], S.READY, state, Event.CLAIMED, me.id, attempt)
         result.append(Claim(pk, task_id, attempt))
-    led.run(SQL["add_attempt"], [
+    led.run_rows(SQL["add_attempt"], SQL["add_attempts"], [
         {"task": c.pk, "attempt": c.attempt, "worker": me.id, "now": led.now,
          "fingerprint": by_pk[c.pk][4],
          "deadline": None if by_pk[c.pk][5] is None else led.now + by_pk[c.pk][5]}

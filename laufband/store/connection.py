@@ -18,7 +18,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from laufband.errors import ConfigError, DatabaseError
-from laufband.locking import DatabaseLock
+from laufband.locking import DEFAULT_TIMEOUT, DatabaseLock
 
 #: How long SQLite waits for its own file lock. Our file lock serialises workers, so
 #: SQLite's lock is only ever contended by a holder whose file lock was broken while it
@@ -228,6 +228,9 @@ class Database:
                 # between its statements).
                 cur.execute("SET idle_in_transaction_session_timeout = "
                             f"{HUNG_TRANSACTION_S * 1000}")
+                # A write transaction waits this long for the writers' lock
+                # (advisory.py), as the lock's own connection does; then it is stuck.
+                cur.execute(f"SET lock_timeout = {int(DEFAULT_TIMEOUT * 1000)}")
                 # Which process a session is (pg_stat_activity), for operators and tests.
                 cur.execute(f"SET application_name = 'laufband pid {os.getpid()}'")
             dbapi_conn.commit()
@@ -242,11 +245,13 @@ class Database:
         """A write transaction under the database lock. If it raises, nothing was
         committed (the lock's release cannot fail after a commit: see locking.py)."""
         lock = self.lock
-        if lock is not None:
-            lock.acquire(cancel)
+        # On a server, the lock may be the transaction's own first statement.
+        take = lock.transaction_turn(cancel) if lock is not None else None
         _here.depth = getattr(_here, "depth", 0) + 1
         try:
             with self.translate_errors(), self.engine.begin() as conn:
+                if take is not None:
+                    conn.exec_driver_sql(take)
                 yield conn
         finally:
             _here.depth -= 1
@@ -381,6 +386,10 @@ SERVER_HINTS = {
     "permission denied for schema": "does not let this role create laufband's tables: "
     "give it a database of its own (createdb -O ROLE NAME) or GRANT CREATE ON SCHEMA "
     "public TO ROLE",
+    "canceling statement due to lock timeout": "kept a lock for longer than "
+    f"{DEFAULT_TIMEOUT:.0f} s (the writers' advisory lock, or a row lock): a worker "
+    "holds it and does not let go. Find it with `laufband workers` or pg_stat_activity "
+    "and stop it",
     "too many clients": "has no free connection: raise max_connections on the server "
     "(each worker holds two), or run fewer workers",
 }

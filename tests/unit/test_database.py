@@ -247,7 +247,7 @@ def test_batch_statements_look_tasks_up_by_primary_key(name, batch):
     tasks = [Task(str(i), dependencies={str(i - 1)} if i % 4 else set()) for i in range(200)]
     list(make(tasks, batch_size=1))
     marks, params = in_list(list(range(1, batch + 1)))
-    sql = statement(name).format(pks=marks)
+    sql = statement(name).format(pks=marks, in_pks=f"IN ({marks})")  # Ledger.in_pks
     conn = sqlite3.connect("g.sqlite")
     from laufband.store.incremental import SQL as INCREMENTAL
 
