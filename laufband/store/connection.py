@@ -381,8 +381,8 @@ SERVER_HINTS = {
     "port right?",
     "could not translate host name": "names a host that cannot be resolved: fix the URL",
     "terminating connection due to idle": "ended this worker's connection because it "
-    "hung inside a transaction (paused, or its node lost the network) for longer than "
-    "the lock lifetime; its tasks are handed to other workers",
+    f"hung inside a transaction (paused, or its node lost the network) for more than "
+    f"{HUNG_TRANSACTION_S} s, and rolled it back; its tasks are handed to other workers",
     "permission denied for schema": "does not let this role create laufband's tables: "
     "give it a database of its own (createdb -O ROLE NAME) or GRANT CREATE ON SCHEMA "
     "public TO ROLE",
