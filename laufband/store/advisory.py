@@ -147,14 +147,20 @@ class AdvisoryLock(DatabaseLock):
 
     def refresh(self) -> None:
         """Keep the lock connection from looking idle while a long hold lasts."""
-        if not self._depth:
+        if not self._depth or self._in_xact:
+            return  # not held, or held by a transaction (its own connection is busy)
+        # Not blocking: the guard is held for the whole wait of an acquisition, and a
+        # hold may have ended and another thread of ours begun waiting since we looked;
+        # the heartbeat thread that calls this must not wait with it.
+        if not self._conn_guard.acquire(blocking=False):
             return
-        with self._conn_guard:
-            try:
-                if self._conn is not None and not self._conn.closed:
-                    self._conn.execute("SELECT 1")
-            except Exception:
-                pass  # left to the next acquisition
+        try:
+            if self._conn is not None and not self._conn.closed:
+                self._conn.execute("SELECT 1")
+        except Exception:
+            pass  # left to the next acquisition
+        finally:
+            self._conn_guard.release()
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
