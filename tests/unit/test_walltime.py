@@ -419,7 +419,7 @@ def test_sigusr1_hands_back_at_once_a_task_that_no_longer_fits(monkeypatch, caps
 def test_map_drains_on_sigusr1_keeps_what_fits_and_hands_back_the_rest(monkeypatch):
     tasks = [Task("fits", runtime=60), Task("free"), Task("other")]
     worker = limited(monkeypatch, 3600, tasks, name="A", clock=FakeClock(time.time()))
-    release = threading.Event()
+    release, let_free_end = threading.Event(), threading.Event()
     started = threading.Barrier(3)
     seen = []
 
@@ -428,7 +428,7 @@ def test_map_drains_on_sigusr1_keeps_what_fits_and_hands_back_the_rest(monkeypat
         if task.id == "fits":
             release.wait(10)
         else:
-            release.wait(30)  # handed back: its result does not count
+            let_free_end.wait(30)  # handed back first: its result does not count
         return task.id
 
     def signal_later():
@@ -451,6 +451,7 @@ def test_map_drains_on_sigusr1_keeps_what_fits_and_hands_back_the_rest(monkeypat
             worker.map(fn, threads=2)
     finally:
         release.set()
+        let_free_end.set()
         thread.join(30)
     # map ran 'fits' and 'free'; V ran 'other' meanwhile (2 h): 'free' goes back, once
     # 'fits' has ended.
