@@ -12,12 +12,15 @@ failure_policy="stop"; and a step ahead only while every live worker finds a tas
 
 from __future__ import annotations
 
+import logging
+
 from laufband.states import Event, TaskState
 from laufband.store import resources, runtimes
 from laufband.store.ledger import Ledger
 from laufband.store.model import Claim, Me, Want
 
 S = TaskState
+log = logging.getLogger(__name__)
 
 SQL = {
     # Ready tasks of one requirement set, of a generation this worker's graph has, of
@@ -32,10 +35,14 @@ SQL = {
                   " WHERE attempts.task = tasks.pk AND attempts.worker = :worker"
                   " AND attempts.ended_at IS NULL) ORDER BY priority DESC, depth DESC, pk"
                   " LIMIT :limit",
-    # {in_pks}: the batch (Ledger.in_pks; one statement claims the whole batch).
+    # {in_pks}: the batch (Ledger.in_pks; one statement claims the whole batch). The
+    # guard (still ready, a slot free) as ``state || ''``, a term no index serves: with
+    # a plain ``state = 'ready'`` SQLite prefers the state index to the batch's primary
+    # keys (see ledger.SQL["move_many"] and the query-plan test).
     "claim": "UPDATE tasks SET attempts = attempts + 1, running = running + 1,"
              " state = CASE WHEN running + 1 >= max_parallel THEN 'running' ELSE 'ready' END,"
-             " updated_at = :now WHERE pk {in_pks}"
+             " updated_at = :now WHERE pk {in_pks} AND state || '' = 'ready'"
+             " AND running < max_parallel"
              " RETURNING pk, id, attempts, state, reqset, fingerprint, timeout",
     "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint,"
                    " deadline) VALUES (:task, :attempt, :worker, :now, :fingerprint,"
@@ -123,8 +130,15 @@ def claim(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[Claim]:
     marks, params = led.in_pks(pks)
     rows = led.all(SQL["claim"].format(in_pks=marks), {**params, "now": led.now})
     by_pk = {row[0]: row[1:] for row in rows}
+    if len(by_pk) < len(pks):
+        # Under the writers' lock nobody changes a task between find and claim; the
+        # guard in the UPDATE keeps a task from being claimed twice should the lock
+        # ever have been lost (a holder paused past its lifetime): claim the rest.
+        log.warning("laufband: %d of %d tasks found ready were claimed by another "
+                    "worker meanwhile (was the database lock lost?)",
+                    len(pks) - len(by_pk), len(pks))
     result = []
-    for pk in pks:  # in the order found
+    for pk in (pk for pk in pks if pk in by_pk):  # in the order found
         task_id, attempt, state, reqset, _fp, _timeout = by_pk[pk]
         led.record([(pk, reqset)], S.READY, state, Event.CLAIMED, me.id, attempt)
         result.append(Claim(pk, task_id, attempt))

@@ -239,3 +239,32 @@ def test_dynamic_graph_rerun_adds_tasks():
     more = [Task("a"), Task("b", dependencies={"a"})]
     assert [t.id for t in make(more, name="B")] == ["b"]
     assert states() == {"a": "completed", "b": "completed"}
+
+
+def test_a_claim_never_takes_a_task_that_is_no_longer_ready(monkeypatch, caplog):
+    """Under the writers' lock nothing changes between finding a ready task and claiming
+    it; should that ever fail (a lock lost by a paused holder), the claim's own guard
+    keeps the task from being claimed a second time and nothing is booked for it."""
+    from laufband.store import claiming
+
+    a = make([Task("x"), Task("y")], name="A", batch_size=1)
+    it = iter(a)
+    assert next(it).id == "x"
+    [(pk,)] = rows("SELECT pk FROM tasks WHERE id = 'x'")
+    real, calls = claiming.find, []
+
+    def stale(led, me, limit, ahead=False):  # what B found before A claimed x
+        calls.append(me.id)
+        return [pk] if len(calls) == 1 else real(led, me, limit, ahead)
+
+    monkeypatch.setattr(claiming, "find", stale)
+    b = make([Task("x"), Task("y")], name="B", batch_size=1)
+    with caplog.at_level("WARNING"):
+        itb = iter(b)
+        assert next(itb).id == "y"  # x runs at A: B would wait for it, so stop here
+        itb.close()
+    assert "1 of 1 tasks found ready were claimed by another worker" in caplog.text
+    assert rows("SELECT attempts, running, state FROM tasks WHERE id = 'x'") == [
+        (1, 1, "running")]
+    assert rows(f"SELECT worker FROM attempts WHERE task = {pk}") == [("A",)]
+    it.close()
