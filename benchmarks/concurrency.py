@@ -409,12 +409,7 @@ def main() -> int:
     if args.quick:
         targets = [[f"{a} (quick sizes)", b, c] for a, b, c in targets]
     print(bench.table(["target", "measured", "met"], targets, "Targets"))
-    if ctx.failures:
-        print("\nFAILED (correctness):", file=sys.stderr)
-        for f in ctx.failures:
-            print(f"  {f}", file=sys.stderr)
-        return 1
-    return 0
+    return bench.report_failures(ctx.failures, "FAILED (correctness):")
 
 
 if __name__ == "__main__":

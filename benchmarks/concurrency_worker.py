@@ -15,13 +15,14 @@ virtualenv): the plain loop only, no resources.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
 import threading
 import time
 from pathlib import Path
+
+from record import write_record  # benchmarks/record.py, next to this file
 
 
 def main() -> int:
@@ -84,9 +85,7 @@ def main() -> int:
     info["cpu_s"] = usage.ru_utime + usage.ru_stime
     info["maxrss_mb"] = usage.ru_maxrss / 1024
     info["tasks"] = records
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.rename(out)
+    write_record(out, info)
     return 0
 
 

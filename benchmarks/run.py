@@ -674,6 +674,17 @@ def filesystem(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------- main
+def report_failures(failures: list[str], heading: str = "FAILED:") -> int:
+    """A driver's exit status: 1 after listing ``failures`` on stderr under ``heading``,
+    0 (and nothing printed) if there are none."""
+    if not failures:
+        return 0
+    print(f"\n{heading}", file=sys.stderr)
+    for f in failures:
+        print(f"  {f}", file=sys.stderr)
+    return 1
+
+
 def print_footer(ctx: Context, info: dict, after: dict, elapsed: float,
                  others: str = "") -> None:
     """The end of a benchmark's report: a warning if laufband/ changed during the run,

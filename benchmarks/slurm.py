@@ -228,12 +228,7 @@ def main() -> int:
          "claim s", "first task s", "range s", "all working s", "others"], rows,
         f"sbatch to the first task: a job array of 1 or 8, {TASKS_PER_WORKER} tasks of "
         f"{SLEEP * 1000:.0f} ms per worker (medians; python s = exec + import)"))
-    if ctx.failures:
-        print("\nFAILED:", file=sys.stderr)
-        for f in ctx.failures:
-            print(f"  {f}", file=sys.stderr)
-        return 1
-    return 0
+    return bench.report_failures(ctx.failures)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import time
 STARTED = time.time()  # before any import that takes time
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+
+from record import write_record  # noqa: E402  (benchmarks/record.py, next to this file)
 
 
 def main() -> int:
@@ -49,10 +49,7 @@ def main() -> int:
         ran.append(task.id)
     info["loop_end"] = time.time()
     info["tasks"] = ran
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.rename(out)
+    write_record(args.out, info)
     return 0
 
 

@@ -14,7 +14,6 @@ DAGs it loops ``while worker.has_more_jobs`` until a deadline.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import graphs  # the benchmark's own module, next to this file
+from record import write_record  # benchmarks/record.py, likewise
 
 
 def maxrss_mb() -> float:
@@ -235,9 +235,7 @@ def main() -> int:
         info["timer_calls"] = timers.calls
         info["timers_missing"] = timers.missing
     info["tasks"] = rec.rows()
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.rename(out)
+    write_record(out, info)
     return 0
 
 
