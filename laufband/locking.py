@@ -435,10 +435,12 @@ class DatabaseLock:
             _local.held = getattr(_local, "held", 0) + 1
         self._depth += 1
 
-    def transaction_turn(self, cancel: Callable[[], bool] | None = None) -> str | None:
+    def transaction_turn(self, cancel: Callable[[], bool] | None = None,
+                         shared: bool = False) -> str | None:
         """Take the lock for one write transaction (``acquire``). A lock that a
         transaction can take itself returns the statement that does so, to run first in
-        it (store/advisory.py); None: held now."""
+        it (store/advisory.py); None: held now. ``shared``: a claim, which a server lets
+        run beside other claims (a file lock has one mode: it is taken whole)."""
         self.acquire(cancel)
         return None
 

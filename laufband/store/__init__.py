@@ -146,10 +146,11 @@ class Store:
         return self.db.change_mark()
 
     @contextmanager
-    def _ledger(self, cancel: Cancel = None) -> Iterator[Ledger]:
-        """A write transaction that books state changes and flushes them at its end."""
-        with self.db.transaction(cancel) as conn:
-            led = Ledger(conn, self.clock.now())
+    def _ledger(self, cancel: Cancel = None, beside: bool = False) -> Iterator[Ledger]:
+        """A write transaction that books state changes and flushes them at its end
+        (``beside``: a claim beside other claims, claiming.py)."""
+        with self.db.transaction(cancel, shared=beside) as conn:
+            led = Ledger(conn, self.clock.now(), beside)
             yield led
             led.flush()
 
@@ -238,6 +239,9 @@ class Store:
         good under a smaller one ready again (looked for when the number of such tasks
         changed), and with ``me.stop_on_failure`` nothing is claimed once a task failed
         for good under every live worker's budget.
+
+        On a server the claim is a second transaction that runs beside other workers'
+        claims (claiming.py); a `laufband cancel` committed in between is seen there.
         """
         with self._ledger(cancel) as led:
             runtimes.refresh(led, me)  # a worker whose allocation ends: now and then
@@ -250,13 +254,24 @@ class Store:
             self._revive(led, me, force=want.start)
             final = workers.final_failures(led) if me.stop_on_failure else 0
             limit = 0 if final else claiming.how_many(led, me, want)
-            if limit:
-                workers.ensure_alive(led, me.id)
-            claimed = claiming.claim(led, me, limit, want.ahead)
-            left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
-            if not (claimed or left) and want.leave is not None:
-                workers.wait(led, me.id, want.leave)
-            short = left and self._short_of_time(led, me)
+            if not (limit and claiming.beside_others(led, me)):
+                return self._claim(led, me, limit, want, final)
+        with self._ledger(cancel, beside=True) as led:
+            stopped = cancelling.flag(led)
+            if stopped is not None:
+                return StepResult([], led.counts, cancelled=stopped)
+            return self._claim(led, me, limit, want, final)
+
+    def _claim(self, led: Ledger, me: Me, limit: int, want: Want, final: int
+               ) -> StepResult:
+        """A step's claim of up to ``limit`` tasks; if it gets none, leave or wait."""
+        if limit:
+            workers.ensure_alive(led, me.id)
+        claimed = claiming.claim(led, me, limit, want.ahead)
+        left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
+        if not (claimed or left) and want.leave is not None:
+            workers.wait(led, me.id, want.leave)
+        short = left and self._short_of_time(led, me)
         return StepResult(claimed, led.counts, left, final_failures=final,
                           short_of_time=short)
 

@@ -50,6 +50,8 @@ SQL = {
     "unlock": "SELECT pg_advisory_unlock(%s)",
     # The first statement of a write transaction (a constant: the driver prepares it).
     "xact_lock": f"SELECT pg_advisory_xact_lock({KEY})",
+    # ... of a claim: claims run side by side, each alone against every other writer.
+    "xact_lock_shared": f"SELECT pg_advisory_xact_lock_shared({KEY})",
 }
 
 _deferring = threading.local()  # transaction_turn: the server's lock is the transaction's
@@ -95,15 +97,19 @@ class AdvisoryLock(DatabaseLock):
             self._conn = conn
         return self._conn
 
-    def transaction_turn(self, cancel: t.Callable[[], bool] | None = None) -> str | None:
+    def transaction_turn(self, cancel: t.Callable[[], bool] | None = None,
+                         shared: bool = False) -> str | None:
         """This process's turn for one write transaction, and the statement that takes
-        the server's lock in it (None: this thread holds the session lock already)."""
+        the server's lock in it (None: this thread holds the session lock already).
+        ``shared``: a claim (claiming.py: claims take the lock in shared mode)."""
         _deferring.on = True
         try:
             self.acquire(cancel)
         finally:
             _deferring.on = False
-        return SQL["xact_lock"] if self._in_xact and self._depth == 1 else None
+        if not (self._in_xact and self._depth == 1):
+            return None
+        return SQL["xact_lock_shared" if shared else "xact_lock"]
 
     def _acquire_file(self) -> None:
         if getattr(_deferring, "on", False):

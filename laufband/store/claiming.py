@@ -8,6 +8,16 @@ far as the limits leave room (resources.py). How many:
 up to ``Want.limit``, but only this worker's fair share of the ready tasks (ready / live
 workers) or ``Want.free`` if that is more; nothing once a task failed for good under
 failure_policy="stop"; and a step ahead only while every live worker finds a task.
+
+On PostgreSQL, claims run side by side (Store.step): a claim takes the writers' lock in
+shared mode, which excludes every other writer (finishing, reaping, registering,
+cancelling) but not other claims, and finds its tasks with ``FOR UPDATE SKIP LOCKED``:
+a task one claim found is skipped by the others, and the UPDATE's guard would refuse it
+anyway. What other claims change meanwhile (ready tasks become running) only makes the
+counts this claim read stale in the safe direction: fewer ready tasks than it saw, and
+never a task ready that was not. Tasks that hold resources are claimed by a transaction
+alone, as everything is on SQLite: what the limits leave is a sum over running attempts,
+which a claim beside another could not see change.
 """
 
 from __future__ import annotations
@@ -57,6 +67,9 @@ SQL = {
 }
 # For a worker whose allocation ends: only tasks that fit in its time (runtimes.py).
 SQL["find_in_time"] = runtimes.in_time(SQL["find_ready"])
+# A claim's forms on a server: the tasks it finds are locked, and skipped by the others.
+LOCKING = {"find_ready": SQL["find_ready"] + " FOR UPDATE SKIP LOCKED",
+           "find_in_time": SQL["find_in_time"] + " FOR UPDATE OF t SKIP LOCKED"}
 
 
 def how_many(led: Ledger, me: Me, want: Want) -> int:
@@ -71,7 +84,8 @@ def how_many(led: Ledger, me: Me, want: Want) -> int:
     return limit
 
 
-def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
+def find(led: Ledger, me: Me, limit: int, ahead: bool = False, lock: bool = False
+         ) -> list[int]:
     """Up to ``limit`` ready tasks this worker may claim: higher priority first, then
     deeper (depth-first workflows), then the most specific requirements, then graph
     order; tasks that hold resources only as far as the limits leave room.
@@ -81,7 +95,9 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
     and its completion is recorded only with the next step (worker.map starts every
     claim at once: no such rule).
 
-    A worker whose allocation ends takes only tasks that fit in its time (runtimes.py)."""
+    A worker whose allocation ends takes only tasks that fit in its time (runtimes.py).
+
+    ``lock``: for a claim, on a server, lock what is found (see the module's notes)."""
     ready = [r for r in me.reqset_ids if led.counts.n([S.READY], [r])]
     time_left = runtimes.seconds_left(me, led.now)
     if not ready or (time_left is not None and time_left <= 0):
@@ -90,6 +106,7 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
     timely = None if time_left is None else runtimes.Lookup(led, me, time_left, sequential)
     capped = [r for r in ready if r in me.needs]
     left = resources.free(led, me.needs, me.id) if capped else {}
+    sql = LOCKING if lock and led.server else SQL
     found: list[tuple[int, int, int, int, int, int]] = []
     for reqset in ready:
         n = limit
@@ -99,8 +116,8 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
                 continue  # its resources are all held
         rank = -me.specific.get(reqset, 0)
         params = {"reqset": reqset, "generation": me.generation, "worker": me.id, "limit": n}
-        rows = (led.all(SQL["find_ready"], params) if timely is None
-                else timely.ready(SQL["find_in_time"], params))
+        rows = (led.all(sql["find_ready"], params) if timely is None
+                else timely.ready(sql["find_in_time"], params))
         found += [(-prio, -depth, rank, pk, reqset, timed) for pk, prio, depth, timed in rows]
     if len(ready) > 1:
         found.sort()
@@ -122,9 +139,14 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[int]:
     return pks
 
 
+def beside_others(led: Ledger, me: Me) -> bool:
+    """May this worker's claim run beside other claims (see the module's notes)?"""
+    return led.server and not any(r in me.needs for r in me.reqset_ids)
+
+
 def claim(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[Claim]:
     """Claim up to ``limit`` tasks: a new attempt each, live in ``attempts``."""
-    pks = find(led, me, limit, ahead) if limit > 0 else []
+    pks = find(led, me, limit, ahead, lock=True) if limit > 0 else []
     if not pks:
         return []
     marks, params = led.in_pks(pks)

@@ -29,6 +29,12 @@ SQL = {
     "bump_all": "UPDATE counts SET n = n + d.delta FROM unnest(CAST(:reqset AS integer[]),"
                 " CAST(:state AS text[]), CAST(:delta AS integer[])) AS d(reqset, state,"
                 " delta) WHERE counts.reqset = d.reqset AND counts.state = d.state",
+    # Before "bump_all" in a claim beside others: their rows in one order, so two such
+    # claims wait for each other's rows instead of deadlocking (an UPDATE ... FROM locks
+    # them in the order of its plan).
+    "lock_counts": "SELECT 1 FROM counts WHERE (reqset, state) IN (SELECT * FROM"
+                   " unnest(CAST(:reqset AS integer[]), CAST(:state AS text[])))"
+                   " ORDER BY reqset, state FOR UPDATE",
     "event": "INSERT INTO events (task, attempt, event, state, worker, at, detail)"
              " VALUES (:task, :attempt, :event, :state, :worker, :at, :detail)",
     "event_all": "INSERT INTO events (task, attempt, event, state, worker, at, detail)"
@@ -78,11 +84,13 @@ _IN_PAIRS = ("IN (SELECT * FROM unnest(CAST(:pair_a AS integer[]),"
 
 class Ledger:
     """One transaction's statements and bookings (``counts`` is read at the start and
-    kept up to date by ``record``)."""
+    kept up to date by ``record``). ``beside``: a claim that runs beside other claims
+    (on a server; claiming.py)."""
 
-    def __init__(self, conn: Connection, now: float) -> None:
+    def __init__(self, conn: Connection, now: float, beside: bool = False) -> None:
         self.conn = conn
         self.now = now
+        self.beside = beside
         self._raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
         self._deltas: dict[tuple[int, str], int] = {}
         self._events: list[dict[str, t.Any]] = []
@@ -90,6 +98,11 @@ class Ledger:
         for reqset, state, n in self.all(SQL["counts"]):
             rows.setdefault(reqset, {})[state] = n
         self.counts = Counts(rows)
+
+    @property
+    def server(self) -> bool:
+        """A database server (PostgreSQL), not a SQLite file."""
+        return self._raw is None
 
     # -- execution
     def all(self, sql: str, params: dict[str, t.Any] | None = None) -> list[tuple]:
@@ -209,6 +222,10 @@ class Ledger:
         unfinished any more, release the waiting workers."""
         bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
         if bumps:
+            if self.beside:
+                bumps.sort(key=lambda b: (b["reqset"], b["state"]))
+                self.all(SQL["lock_counts"], {"reqset": [b["reqset"] for b in bumps],
+                                              "state": [b["state"] for b in bumps]})
             self.run_rows(SQL["bump"], SQL["bump_all"], bumps)
             if self._workflow_over():
                 self.run(SQL["release_waiters"], {"now": self.now})

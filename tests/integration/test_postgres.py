@@ -5,6 +5,7 @@ PostgreSQL too: they are marked ``backends``.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -226,3 +227,70 @@ def test_connections_give_up_on_a_lost_server(pg):
         assert conn.info.get_parameters()["keepalives_idle"] == "7"
     finally:
         conn.close()
+
+
+SIDE_BY_SIDE_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from laufband import Graphband, Task
+    from laufband.store import Store, claiming
+
+    url, name, meet = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    first = {"ledger": True, "claim": True}
+
+    def barrier(stage):  # both workers get here, or this one gives up (exit 3)
+        (meet / f"{stage}-{name}").touch()
+        deadline = time.monotonic() + 60
+        while len(list(meet.glob(f"{stage}-*"))) < 2:
+            if time.monotonic() > deadline:
+                sys.exit(f"{name}: the other worker never reached {stage!r}")
+            time.sleep(0.01)
+
+    real_ledger, real_claim = Store._ledger, claiming.claim
+
+    def ledger(self, cancel=None, beside=False):
+        if beside and first.pop("ledger", False):
+            barrier("claiming")  # both have done the rest of their first step
+        return real_ledger(self, cancel, beside)
+
+    def claim(led, me, limit, ahead=False):
+        got = real_claim(led, me, limit, ahead)
+        if got and first.pop("claim", False):
+            (meet / f"first-{name}").write_text(json.dumps([c.id for c in got]))
+            barrier("claimed")  # ... inside the claim's transaction: both at once
+        return got
+
+    Store._ledger, claiming.claim = ledger, claim
+    worker = Graphband([Task(str(i)) for i in range(6)], db=url, identifier=name,
+                       batch_size=1, tqdm_kwargs={"disable": True})
+    with open(meet / f"ran-{name}", "w") as out:
+        for task in worker:
+            print(task.id, file=out, flush=True)
+""")
+
+
+def test_claims_run_side_by_side(pg, tmp_path):
+    """Two workers' claims on PostgreSQL run at the same time: each one holds its claim
+    transaction open until the other has claimed too (with claims serialised, or a
+    claim that waited for the task the other one found, neither gets there), and they
+    claim different tasks (FOR UPDATE SKIP LOCKED). Every task still runs once."""
+    script = tmp_path / "side.py"
+    script.write_text(SIDE_BY_SIDE_SCRIPT)
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    url = pg.url()
+    procs = [subprocess.Popen([sys.executable, str(script), url, name, str(meet)],
+                              stderr=subprocess.PIPE, text=True) for name in ("A", "B")]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    firsts = [json.loads((meet / f"first-{n}").read_text()) for n in ("A", "B")]
+    assert len(firsts[0]) == len(firsts[1]) == 1 and firsts[0] != firsts[1], firsts
+    ran = [line for n in ("A", "B") for line in (meet / f"ran-{n}").read_text().split()]
+    assert sorted(ran) == [str(i) for i in range(6)], ran
+    assert pg.rows("SELECT count(*) FROM attempts") == [(6,)]

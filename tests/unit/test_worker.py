@@ -253,9 +253,9 @@ def test_a_claim_never_takes_a_task_that_is_no_longer_ready(monkeypatch, caplog)
     [(pk,)] = rows("SELECT pk FROM tasks WHERE id = 'x'")
     real, calls = claiming.find, []
 
-    def stale(led, me, limit, ahead=False):  # what B found before A claimed x
+    def stale(led, me, limit, ahead=False, lock=False):  # B's find before A claimed x
         calls.append(me.id)
-        return [pk] if len(calls) == 1 else real(led, me, limit, ahead)
+        return [pk] if len(calls) == 1 else real(led, me, limit, ahead, lock)
 
     monkeypatch.setattr(claiming, "find", stale)
     b = make([Task("x"), Task("y")], name="B", batch_size=1)
