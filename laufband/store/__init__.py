@@ -240,8 +240,12 @@ class Store:
         changed), and with ``me.stop_on_failure`` nothing is claimed once a task failed
         for good under every live worker's budget.
 
-        On a server the claim is a second transaction that runs beside other workers'
-        claims (claiming.py); a `laufband cancel` committed in between is seen there.
+        On a server, a step that records no finished attempt (a worker's first, or one
+        after waiting) claims in a second transaction, which runs beside other workers'
+        claims (claiming.py); a `laufband cancel` committed in between is seen there. A
+        step that records finishes claims in the same transaction, under the lock that
+        excludes all others: a second transaction per step cost more than claims side
+        by side gained (SCALING_ANALYSIS.md, 'SQLite and PostgreSQL').
         """
         with self._ledger(cancel) as led:
             runtimes.refresh(led, me)  # a worker whose allocation ends: now and then
@@ -254,7 +258,7 @@ class Store:
             self._revive(led, me, force=want.start)
             final = workers.final_failures(led) if me.stop_on_failure else 0
             limit = 0 if final else claiming.how_many(led, me, want)
-            if not (limit and claiming.beside_others(led, me)):
+            if not (limit and not finishes and claiming.beside_others(led, me)):
                 return self._claim(led, me, limit, want, final)
         with self._ledger(cancel, beside=True) as led:
             stopped = cancelling.flag(led)
