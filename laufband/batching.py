@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-MAX_BATCH = 64
+MAX_BATCH = 256
 #: Keep the user time of one batch (and so the delay of its recorded completions) short.
 MAX_DEFERRAL = 0.25
 #: Aim for the transaction to cost at most ~1/TARGET_RATIO of the time spent on tasks.

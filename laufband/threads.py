@@ -255,7 +255,7 @@ class ThreadedRun:
         now = self.clock.monotonic()
         if not watch and now < self._read_at + 1.0:
             return False
-        mark = self.store.change_mark()
+        mark = self.store.change_mark(listen=watch)
         if mark is not None and mark == self._mark:
             return False
         self._mark, self._read_at = mark, now

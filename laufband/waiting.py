@@ -3,7 +3,8 @@
 A worker whose step claimed nothing, while running tasks may still make work for it,
 waits here. Waiting writes nothing: on SQLite it watches the database file (a stat, no
 lock) and reads the counters under the lock only when the file changed, spacing the
-reads so that they do not crowd the lock the committing workers need. The store's
+reads so that they do not crowd the lock the committing workers need. On PostgreSQL it
+listens for the commits instead (store/notices.py) and reads in the same rhythm. The store's
 ``poll`` says whether a task this worker may claim is ready, whether it left (the
 transaction that finished the workflow released it), or neither.
 """
@@ -31,8 +32,16 @@ def wait_for_work(store: Store, me: Me, clock: Clock, leave: WorkerState,
     left because nothing it could run can become claimable (False: its state was set
     in the transaction that found so, its own or the one that finished the workflow).
     Returns True as well as soon as ``stop()`` is true (the loop then stops)."""
+    try:
+        return _wait(store, me, clock, leave, stop, observe)
+    finally:
+        store.change_mark()  # on a server: stop listening (store/notices.py)
+
+
+def _wait(store: Store, me: Me, clock: Clock, leave: WorkerState,
+          stop: Callable[[], bool], observe: Callable[[StepResult], None]) -> bool:
     delay = POLL_MIN
-    mark = store.change_mark()
+    mark = store.change_mark(listen=True)
     read_at = clock.monotonic()
     while not stop():
         if mark is None:
@@ -41,7 +50,7 @@ def wait_for_work(store: Store, me: Me, clock: Clock, leave: WorkerState,
             # Watch the file and read the counters once it changed and `delay` passed,
             # or after POLL_MAX anyway.
             clock.sleep(WATCH_INTERVAL)
-            seen = store.change_mark()
+            seen = store.change_mark(listen=True)
             since = clock.monotonic() - read_at
             if since < POLL_MAX and (seen == mark or since < delay):
                 continue

@@ -142,8 +142,10 @@ class Store:
     def lock(self) -> DatabaseLock | None:
         return self.db.lock
 
-    def change_mark(self) -> tuple[int, ...] | None:
-        return self.db.change_mark()
+    def change_mark(self, listen: bool = False) -> tuple[int, ...] | None:
+        """Changes when somebody committed (see Database.change_mark); ``listen``: for a
+        waiting worker, on a server too (a connection of its own: notices.py)."""
+        return self.db.change_mark(listen)
 
     @contextmanager
     def _ledger(self, cancel: Cancel = None, beside: bool = False) -> Iterator[Ledger]:

@@ -39,6 +39,7 @@ import weakref
 from laufband.errors import LockTimeoutError
 from laufband.locking import DEFAULT_LIFETIME, DEFAULT_TIMEOUT, DatabaseLock
 from laufband.store.connection import SERVER_HINTS, display_url, explain_text, server_connect
+from laufband.store.notices import NOTIFY
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ KEY = int.from_bytes(b"laufband", "big") & 0x7FFF_FFFF_FFFF_FFFF
 SQL = {
     "lock": "SELECT pg_advisory_lock(%s)",
     "unlock": "SELECT pg_advisory_unlock(%s)",
-    # The first statement of a write transaction (a constant: the driver prepares it).
-    "xact_lock": f"SELECT pg_advisory_xact_lock({KEY})",
+    # The first statement of a write transaction (a constant: the driver prepares it),
+    # which also tells the waiting workers of its commit (notices.py; a rollback tells
+    # nobody) without a round trip of its own.
+    "xact_lock": f"SELECT pg_advisory_xact_lock({KEY}), {NOTIFY}",
     # ... of a claim: claims run side by side, each alone against every other writer.
-    "xact_lock_shared": f"SELECT pg_advisory_xact_lock_shared({KEY})",
+    "xact_lock_shared": f"SELECT pg_advisory_xact_lock_shared({KEY}), {NOTIFY}",
 }
 
 _deferring = threading.local()  # transaction_turn: the server's lock is the transaction's

@@ -20,6 +20,9 @@ from sqlalchemy.engine import Connection, Engine
 from laufband.errors import ConfigError, DatabaseError
 from laufband.locking import DEFAULT_TIMEOUT, DatabaseLock
 
+if t.TYPE_CHECKING:
+    from laufband.store.notices import Notices
+
 #: How long SQLite waits for its own file lock. Our file lock serialises workers, so
 #: SQLite's lock is only ever contended by a holder whose file lock was broken while it
 #: lived on (paused inside a transaction), by a read-only monitor, or by another program.
@@ -150,6 +153,7 @@ class Database:
         self.opened = False  # the schema was read or made once (the file exists)
         # The files a commit writes: the database (rollback journal) or its -wal file.
         self._files = (self.path, f"{self.path}-wal") if self.path else ()
+        self._notices: Notices | None = None  # a server's change mark, at first use
         if read_only:
             self._check_readable()
         else:
@@ -344,11 +348,23 @@ class Database:
                 raw.close()
 
     # --------------------------------------------------------------- watching
-    def change_mark(self) -> tuple[int, ...] | None:
+    def change_mark(self, listen: bool = False) -> tuple[int, ...] | None:
         """A cheap fingerprint of the database files (size, mtime), taken without any
-        lock: when it changes, somebody committed. None where it cannot tell (not
-        SQLite). A hint for waiting workers only: a commit within the file system's
-        timestamp granularity, or hidden by NFS attribute caching, may not show."""
+        lock: when it changes, somebody committed. A hint for waiting workers only: a
+        commit within the file system's timestamp granularity, or hidden by NFS
+        attribute caching, may not show. On a server, with ``listen`` (a waiting
+        worker): the commits heard of (notices.py); without, it stops listening. None
+        where it cannot tell (:memory:, a server without ``listen`` or not reachable)."""
+        if not self.sqlite:
+            if not listen:
+                if self._notices is not None:
+                    self._notices.stop()  # not waiting (any more)
+                return None
+            if self._notices is None:
+                from laufband.store.notices import Notices  # it needs this module
+
+                self._notices = Notices(self.url)
+            return self._notices.mark()
         if not self._files:
             return None
         mark: list[int] = []

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import backends
 import pytest
@@ -294,3 +295,49 @@ def test_claims_run_side_by_side(pg, tmp_path):
     ran = [line for n in ("A", "B") for line in (meet / f"ran-{n}").read_text().split()]
     assert sorted(ran) == [str(i) for i in range(6)], ran
     assert pg.rows("SELECT count(*) FROM attempts") == [(6,)]
+
+
+def test_a_waiting_worker_hears_of_commits(pg):
+    """On PostgreSQL a waiting worker's change mark (the server's form of watching the
+    SQLite file) moves with each commit of another worker's write transaction, not with
+    a rollback, and not while it does not listen (it stops after a wait)."""
+    from laufband import Graphband, Task
+
+    def worker(name):
+        return Graphband([Task("x")], db=pg.url(), identifier=name, heartbeat_interval=3600,
+                         heartbeat_timeout=7200, tqdm_kwargs={"disable": True})
+
+    a, b = worker("A"), worker("B")
+    listener, writer = a._store, b._store
+
+    def commit(fail=False):
+        try:
+            with writer.db.transaction() as conn:
+                conn.exec_driver_sql("SELECT 1")
+                if fail:
+                    raise RuntimeError("rolled back")
+        except RuntimeError:
+            assert fail
+
+    def heard_after(before):  # poll with a deadline: notices arrive after the commit
+        deadline = time.monotonic() + 10
+        while (mark := listener.change_mark(listen=True)) == before:
+            assert time.monotonic() < deadline, "a commit was never heard of"
+            time.sleep(0.01)
+        return mark
+
+    (start,) = listener.change_mark(listen=True)
+    assert listener.change_mark(listen=True) == (start,)  # nothing committed
+    commit(fail=True)
+    commit()
+    # Notices arrive in commit order: the commit's is heard, and none came before it.
+    assert heard_after((start,)) == (start + 1,)
+    assert listener.change_mark() is None  # not waiting: not listening
+    commit()
+    # Listening again counts as a change (commits meanwhile were not heard): one.
+    (again,) = listener.change_mark(listen=True)
+    assert again == start + 2
+    commit()
+    assert heard_after((again,)) == (again + 1,)
+    a.close()
+    b.close()

@@ -14,7 +14,7 @@ def test_auto_batch_starts_at_one_and_grows_only_for_short_tasks():
     b = Batcher(None)
     assert b.size() == 1
     b.observe_step(0.002)
-    b.observe_task(0.0001)  # tasks 20x shorter than a transaction
+    b.observe_task(0.00001)  # tasks 200x shorter than a transaction
     assert b.size() == MAX_BATCH
     slow = Batcher(None)
     slow.observe_step(0.002)
