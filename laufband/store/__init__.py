@@ -243,14 +243,26 @@ class Store:
         for good under every live worker's budget.
 
         On a server, a step that records no finished attempt (a worker's first, or one
-        after waiting) claims in a second transaction, which runs beside other workers'
-        claims (claiming.py); a `laufband cancel` committed in between is seen there. A
-        step that records finishes claims in the same transaction, under the lock that
-        excludes all others: a second transaction per step cost more than claims side
-        by side gained (SCALING_ANALYSIS.md, 'SQLite and PostgreSQL').
+        after waiting) runs beside other workers' such steps (claiming.py), unless it
+        makes failed tasks ready again: then it runs alone, as every step with finishes
+        does (a second transaction per step, to claim beside others, cost more than it
+        gained: SCALING_ANALYSIS.md, 'SQLite and PostgreSQL').
         """
-        with self._ledger(cancel) as led:
+        if not finishes and not self.db.sqlite and claiming.may_claim_beside(me):
+            result = self._step(me, finishes, want, cancel, beside=True)
+            if result is not None:
+                return result
+        result = self._step(me, finishes, want, cancel)
+        assert result is not None
+        return result
+
+    def _step(self, me: Me, finishes: list[Finish], want: Want, cancel: Cancel,
+              beside: bool = False) -> StepResult | None:
+        """``step`` in one transaction; ``beside``: None if it has to run alone."""
+        with self._ledger(cancel, beside) as led:
             runtimes.refresh(led, me)  # a worker whose allocation ends: now and then
+            if beside and self._to_revive(led, me, force=want.start):
+                return None
             if want.start:
                 workers.start_loop(led, me)
             attempts.end(led, me.id, cancelling.settle(led, finishes))
@@ -260,26 +272,15 @@ class Store:
             self._revive(led, me, force=want.start)
             final = workers.final_failures(led) if me.stop_on_failure else 0
             limit = 0 if final else claiming.how_many(led, me, want)
-            if not (limit and not finishes and claiming.beside_others(led, me)):
-                return self._claim(led, me, limit, want, final)
-        with self._ledger(cancel, beside=True) as led:
-            stopped = cancelling.flag(led)
-            if stopped is not None:
-                return StepResult([], led.counts, cancelled=stopped)
-            return self._claim(led, me, limit, want, final)
-
-    def _claim(self, led: Ledger, me: Me, limit: int, want: Want, final: int
-               ) -> StepResult:
-        """A step's claim of up to ``limit`` tasks; if it gets none, leave or wait."""
-        if limit:
-            workers.ensure_alive(led, me.id)
-        claimed = claiming.claim(led, me, limit, want.ahead)
-        left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
-        if not (claimed or left) and want.leave is not None:
-            workers.wait(led, me.id, want.leave)
-        short = left and self._short_of_time(led, me)
-        return StepResult(claimed, led.counts, left, final_failures=final,
-                          short_of_time=short)
+            if limit:
+                workers.ensure_alive(led, me.id)
+            claimed = claiming.claim(led, me, limit, want.ahead)
+            left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
+            if not (claimed or left) and want.leave is not None:
+                workers.wait(led, me.id, want.leave)
+            short = left and self._short_of_time(led, me)
+            return StepResult(claimed, led.counts, left, final_failures=final,
+                              short_of_time=short)
 
     @staticmethod
     def _short_of_time(led: Ledger, me: Me) -> bool:
@@ -291,9 +292,14 @@ class Store:
         return bool(claiming.find(led, unlimited, 1)) or not workers.done_for(led, unlimited)
 
     @staticmethod
-    def _revive(led: Ledger, me: Me, force: bool) -> None:
+    def _to_revive(led: Ledger, me: Me, force: bool) -> bool:
+        """Look for failed tasks this worker's budget makes ready again (when their
+        number changed since it last looked)?"""
         failures = led.counts.n([S.FAILED, S.KILLED])
-        if failures and (force or failures != me.seen_failures):
+        return bool(failures) and (force or failures != me.seen_failures)
+
+    def _revive(self, led: Ledger, me: Me, force: bool) -> None:
+        if self._to_revive(led, me, force):
             attempts.revive(led, me)
         me.seen_failures = led.counts.n([S.FAILED, S.KILLED])
 

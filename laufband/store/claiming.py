@@ -9,15 +9,19 @@ up to ``Want.limit``, but only this worker's fair share of the ready tasks (read
 workers) or ``Want.free`` if that is more; nothing once a task failed for good under
 failure_policy="stop"; and a step ahead only while every live worker finds a task.
 
-On PostgreSQL, claims run side by side (Store.step): a claim takes the writers' lock in
-shared mode, which excludes every other writer (finishing, reaping, registering,
-cancelling) but not other claims, and finds its tasks with ``FOR UPDATE SKIP LOCKED``:
-a task one claim found is skipped by the others, and the UPDATE's guard would refuse it
-anyway. What other claims change meanwhile (ready tasks become running) only makes the
-counts this claim read stale in the safe direction: fewer ready tasks than it saw, and
-never a task ready that was not. Tasks that hold resources are claimed by a transaction
-alone, as everything is on SQLite: what the limits leave is a sum over running attempts,
-which a claim beside another could not see change.
+On PostgreSQL, claims run side by side (Store.step): a step that only claims (it
+records no finished attempt: a worker's first step, or one after waiting) takes the
+writers' lock in shared mode, which excludes every other writer (finishing, reaping,
+registering, cancelling) but not other such steps, and finds its tasks with ``FOR
+UPDATE SKIP LOCKED``: a task one claim found is skipped by the others, and the UPDATE's
+guard would refuse it anyway. Besides its claim, such a step writes only its worker's
+own row (busy, waiting, left) and its count rows (ledger.py locks those in one order).
+What other claims change meanwhile (ready tasks become running) makes the counts it
+read stale only in the safe direction: fewer ready tasks than it saw, never a task
+ready that was not, nothing finished. Run alone instead: a step that makes failed tasks
+ready again, and the claims of a worker that may take tasks that hold resources (what
+the limits leave is a sum over running attempts, which a claim beside another could
+not see change). On SQLite every transaction runs alone (the file lock).
 """
 
 from __future__ import annotations
@@ -139,9 +143,10 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False, lock: bool = Fals
     return pks
 
 
-def beside_others(led: Ledger, me: Me) -> bool:
-    """May this worker's claim run beside other claims (see the module's notes)?"""
-    return led.server and not any(r in me.needs for r in me.reqset_ids)
+def may_claim_beside(me: Me) -> bool:
+    """May this worker's claims run beside others' on a server (see the module's
+    notes)? Not if a task it may claim holds resources."""
+    return not any(r in me.needs for r in me.reqset_ids)
 
 
 def claim(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[Claim]:
