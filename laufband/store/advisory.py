@@ -14,7 +14,10 @@ or rollback releases it, which saves the two round trips to the lock's connectio
 transaction. Only holds outside a transaction (``worker.db_lock``, VACUUM) use the
 session lock; the two kinds exclude each other on the server, and a transaction of a
 thread that holds the session lock takes nothing more. Why the statement stands alone:
-its snapshot (READ COMMITTED takes one per statement) would predate the lock.
+its snapshot (READ COMMITTED takes one per statement) would predate the lock. A step
+that only claims takes it in shared mode (``pg_advisory_xact_lock_shared``): such steps
+run side by side, and every other writer waits for them and they for it
+(claiming.py). The same statement notifies the waiting workers (notices.py).
 
 How a holder that stops is noticed: a killed process closes its connection and the
 server drops its lock at once. A process that hangs (SIGSTOP, a node that lost the

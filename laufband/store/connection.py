@@ -409,7 +409,7 @@ SERVER_HINTS = {
     "holds it and does not let go. Find it with `laufband workers` or pg_stat_activity "
     "and stop it",
     "too many clients": "has no free connection: raise max_connections on the server "
-    "(each worker holds two), or run fewer workers",
+    "(each worker holds two or three), or run fewer workers",
 }
 
 
