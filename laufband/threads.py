@@ -249,14 +249,16 @@ class ThreadedRun:
             step = max(0.0, min(step, until - self.clock.monotonic()))
         if self._collect(block_until=step):
             return False
-        # Read only when the file changed since the last read (the mark is kept across
-        # waits: a commit between two of them is not missed); without free slots, only
-        # for a cancel, at most once a second.
+        # Read only when the database changed since the last read (the file; on a
+        # server, the commits heard of), or POLL_MAX after it (a change the mark may not
+        # show: NFS attribute caching, a commit that notified nobody); the mark is kept
+        # across waits, so a commit between two of them is not missed. Without free
+        # slots, only for a cancel, at most once a second.
         now = self.clock.monotonic()
         if not watch and now < self._read_at + 1.0:
             return False
         mark = self.store.change_mark(listen=watch)
-        if mark is not None and mark == self._mark:
+        if mark is not None and mark == self._mark and now < self._read_at + waiting.POLL_MAX:
             return False
         self._mark, self._read_at = mark, now
         result = self.store.poll(self.me)

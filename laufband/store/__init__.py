@@ -147,6 +147,10 @@ class Store:
         waiting worker, on a server too (a connection of its own: notices.py)."""
         return self.db.change_mark(listen)
 
+    def stop_listening(self) -> None:
+        """The end of a loop: close the connection a server's change mark listens on."""
+        self.db.stop_listening()
+
     @contextmanager
     def _ledger(self, cancel: Cancel = None, beside: bool = False) -> Iterator[Ledger]:
         """A write transaction that books state changes and flushes them at its end
@@ -244,9 +248,10 @@ class Store:
 
         On a server, a step that records no finished attempt (a worker's first, or one
         after waiting) runs beside other workers' such steps (claiming.py), unless it
-        makes failed tasks ready again: then it runs alone, as every step with finishes
-        does (a second transaction per step, to claim beside others, cost more than it
-        gained: SCALING_ANALYSIS.md, 'SQLite and PostgreSQL').
+        makes failed tasks ready again or claims nothing: then it runs (again) alone,
+        as every step with finishes does (a second transaction per step, to claim
+        beside others, cost more than it gained: SCALING_ANALYSIS.md, 'SQLite and
+        PostgreSQL').
         """
         if not finishes and not self.db.sqlite and claiming.may_claim_beside(me):
             result = self._step(me, finishes, want, cancel, beside=True)
@@ -275,6 +280,11 @@ class Store:
             if limit:
                 workers.ensure_alive(led, me.id)
             claimed = claiming.claim(led, me, limit, want.ahead)
+            if beside and not claimed:
+                # Whether to wait or leave is not a side-by-side step's to decide: the
+                # tasks another claim holds locked look ready in our counts but are
+                # not found (SKIP LOCKED), so we would leave while they are taken.
+                return None
             left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
             if not (claimed or left) and want.leave is not None:
                 workers.wait(led, me.id, want.leave)

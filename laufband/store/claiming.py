@@ -73,7 +73,8 @@ SQL = {
 SQL["find_in_time"] = runtimes.in_time(SQL["find_ready"])
 # A claim's forms on a server: the tasks it finds are locked, and skipped by the others.
 LOCKING = {"find_ready": SQL["find_ready"] + " FOR UPDATE SKIP LOCKED",
-           "find_in_time": SQL["find_in_time"] + " FOR UPDATE OF t SKIP LOCKED"}
+           "find_in_time": runtimes.in_time(SQL["find_ready"],
+                                            locking="FOR UPDATE OF t SKIP LOCKED")}
 
 
 def how_many(led: Ledger, me: Me, want: Want) -> int:

@@ -348,6 +348,11 @@ class Database:
                 raw.close()
 
     # --------------------------------------------------------------- watching
+    def stop_listening(self) -> None:
+        """Close the connection ``change_mark`` listens on, if any (notices.py)."""
+        if self._notices is not None:
+            self._notices.close()
+
     def change_mark(self, listen: bool = False) -> tuple[int, ...] | None:
         """A cheap fingerprint of the database files (size, mtime), taken without any
         lock: when it changes, somebody committed. A hint for waiting workers only: a
@@ -388,8 +393,9 @@ def explain_text(text: str, where: str, hints: dict[str, str]) -> DatabaseError:
 
 #: PostgreSQL's messages (libpq's and the server's) and what to do about them.
 SERVER_HINTS = {
-    "password authentication failed": "rejected the password: put it in ~/.pgpass "
-    "(host:port:database:user:password, mode 600) or PGPASSWORD, not in the URL",
+    "password authentication failed": "rejected the password (from the URL, "
+    "PGPASSWORD or ~/.pgpass): check it, and keep it in ~/.pgpass "
+    "(host:port:database:user:password, mode 600) or PGPASSWORD rather than in the URL",
     "no password supplied": "asks for a password and none was given: put it in "
     "~/.pgpass (host:port:database:user:password, mode 600) or PGPASSWORD",
     "FATAL:  database": "does not exist on the server: create it (createdb NAME) or fix "
@@ -404,6 +410,10 @@ SERVER_HINTS = {
     "permission denied for schema": "does not let this role create laufband's tables: "
     "give it a database of its own (createdb -O ROLE NAME) or GRANT CREATE ON SCHEMA "
     "public TO ROLE",
+    "permission denied for table": "holds laufband tables this role may not use (another "
+    "role created them): connect as that role, give the workflow a database of its own "
+    "(createdb -O ROLE NAME), or have the owner GRANT SELECT, INSERT, UPDATE, DELETE ON "
+    "ALL TABLES IN SCHEMA public TO ROLE",
     "canceling statement due to lock timeout": "kept a lock for longer than "
     f"{DEFAULT_TIMEOUT:.0f} s (the writers' advisory lock, or a row lock): a worker "
     "holds it and does not let go. Find it with `laufband workers` or pg_stat_activity "

@@ -202,7 +202,7 @@ def rewired(led: Ledger, mismatched: list, spec: GraphSpec, url: str) -> list:
             f"runtime or max_parallel_workers than in {url}, e.g. "
             f"{', '.join(map(repr, other[:3]))}: fingerprints let fingerprints and "
             "dependencies change between runs, not these. Give such a task a new id, or "
-            "start a new db file.")
+            "start a new db (a new file; on PostgreSQL, a new database).")
     return result
 
 

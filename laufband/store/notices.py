@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import typing as t
 
@@ -72,12 +73,19 @@ class Notices:
         if self._conn is None or self._conn.closed:
             conn = self._connect()
             conn.autocommit = True
+            # Which process a session is (pg_stat_activity), as connection.py does.
+            conn.execute(f"SET application_name = 'laufband notices pid {os.getpid()}'")
             self._conn, self._listening = conn, False
         if not self._listening:
             self._conn.execute(SQL["listen"])
             self._listening = True
             self._heard += 1  # commits while nobody listened: a change
         return self._conn
+
+    def close(self) -> None:
+        """Close the connection (the next look opens a new one)."""
+        with self._guard:
+            self._close()
 
     def _close(self) -> None:
         conn, self._conn, self._listening = self._conn, None, False

@@ -120,7 +120,8 @@ class Registration:
                 f"{', '.join(repr(r.id) for r in self._missing[:3])}). All workers must "
                 "yield the same tasks (a rerun may add tasks, but not drop them; ids must "
                 "stay the same: e.g. Laufband with and without key= gives other ids). To "
-                "let tasks go, enable fingerprints; else start a new db file."
+                "let tasks go, enable fingerprints; else start a new db (a new file; on "
+                "PostgreSQL, a new database)."
             )
 
     # ------------------------------------------------------------ apply (writes)
@@ -173,7 +174,8 @@ class Registration:
                 f"The workflow in {self.url} claims ready tasks in {stored} order, and "
                 f"this worker asks for depth_first={self.spec.depth_first}. The order "
                 "belongs to the workflow: start every worker with the same depth_first "
-                "(LAUFBAND_DEPTH_FIRST), or use a new db file.")
+                "(LAUFBAND_DEPTH_FIRST), or use a new db (a new file; on PostgreSQL, a "
+                "new database).")
 
     def _new(self) -> list[tuple[Task, str]]:
         """The tasks to add, in graph order; ``existing`` (id -> (pk, state)) read now,
@@ -210,7 +212,7 @@ class Registration:
                 "identifies items by their position, so inserting, removing or reordering "
                 "items would run the wrong ones. Append new items at the end, pass key= "
                 "(e.g. Laufband(items, key=str)) to identify items by what they are, or "
-                "start a new db file."
+                "start a new db (a new file; on PostgreSQL, a new database)."
             )
         ids = ", ".join(repr(r.id) for r in rows[:3])
         return (
@@ -218,7 +220,7 @@ class Registration:
             f"(dependencies, requirements or max_parallel_workers), e.g. {ids}. All "
             "workers of a workflow must yield the same graph. To change dependencies "
             "between runs, enable fingerprints (enable_fingerprints=True); to change "
-            "anything else, start a new db file."
+            "anything else, start a new db (a new file; on PostgreSQL, a new database)."
         )
 
     # ------------------------------------------------------------------ inserting

@@ -56,13 +56,19 @@ SQL = {
 }
 
 
-def in_time(find_ready: str) -> str:
+def in_time(find_ready: str, locking: str = "") -> str:
     """``find_ready`` (claiming.SQL: pk first, ``LIMIT :limit``) for a worker with a
     deadline: of its first ``:limit`` (LOOKAHEAD) rows, up to ``:take`` whose runtime
-    (declared, else ``:estimate``; none: 0) is at most ``:left``, with that runtime."""
+    (declared, else ``:estimate``; none: 0) is at most ``:left``, with that runtime.
+
+    ``locking`` (a claim on a server: claiming.LOCKING): the rows are locked, and checked
+    again once locked (a row another claim committed meanwhile is locked in its new
+    version, against the outer conditions only: ``f``'s are not evaluated again)."""
+    recheck = " AND t.state = 'ready' AND t.running < t.max_parallel" if locking else ""
     return ("SELECT f.*, coalesce(t.runtime, :estimate) FROM (" + find_ready + ") f"
-            " CROSS JOIN tasks t WHERE t.pk = f.pk"
-            " AND coalesce(t.runtime, :estimate, 0) <= :left LIMIT :take")
+            " CROSS JOIN tasks t WHERE t.pk = f.pk" + recheck
+            + " AND coalesce(t.runtime, :estimate, 0) <= :left LIMIT :take"
+            + (" " + locking if locking else ""))
 
 
 def seconds_left(me: Me, now: float) -> float | None:

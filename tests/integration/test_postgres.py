@@ -96,6 +96,18 @@ def test_the_password_never_shows(workers, pg):
     assert "***" in out.stderr  # the URL is shown, masked
 
 
+def test_tables_of_another_role_get_a_hint(workers, pg):
+    """A role that may not use the tables another role made is told what to do."""
+    url = pg.url()
+    [first] = workers.start("flat:3", db=url)  # the tables are the superuser's
+    assert first.wait(timeout=60) == 0, workers.stderr_of(first)
+    out = laufband_cli("--db", as_role(url, SECRET), "status")
+    assert out.returncode != 0, out.stdout
+    assert "permission denied for table" in out.stderr, out.stderr
+    assert "createdb -O" in out.stderr and "GRANT" in out.stderr, out.stderr
+    assert SECRET not in out.stdout + out.stderr
+
+
 def test_the_password_comes_from_pgpass_or_the_environment(workers, pg, tmp_path):
     """As libpq does: no password in the URL, it is read from ~/.pgpass or PGPASSWORD;
     with neither, a clear error."""
@@ -341,3 +353,134 @@ def test_a_waiting_worker_hears_of_commits(pg):
     assert heard_after((again,)) == (again + 1,)
     a.close()
     b.close()
+
+
+SHARED_SLOTS_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from laufband import Graphband, Task
+    from laufband.store import Store
+
+    url, name, meet, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    real, first = Store._ledger, [True]
+
+    def ledger(self, cancel=None, beside=False):  # all first steps at the same moment
+        if beside and first and first.pop():
+            (meet / name).touch()
+            deadline = time.monotonic() + 60
+            while len(list(meet.iterdir())) < n and time.monotonic() < deadline:
+                time.sleep(0.002)
+        return real(self, cancel, beside)
+
+    Store._ledger = ledger
+    worker = Graphband([Task("t", max_parallel_workers=n)], db=url, identifier=name,
+                       tqdm_kwargs={"disable": True})
+    for task in worker:
+        print(task.id, flush=True)
+        time.sleep(1)
+""")
+
+
+def test_side_by_side_first_steps_take_every_slot_of_a_shared_task(pg, tmp_path):
+    """4 workers' first steps at once, one task with 4 slots: a step beside others that
+    finds nothing (the row is locked by another claim, SKIP LOCKED) must not decide to
+    leave, as its counts show the task ready: each worker takes a slot."""
+    script = tmp_path / "slots.py"
+    script.write_text(SHARED_SLOTS_SCRIPT)
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    url = pg.url()
+    procs = [subprocess.Popen([sys.executable, str(script), url, f"W{i}", str(meet), "4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * 4, [e for _, e in outs]
+    assert [o.split() for o, _ in outs] == [["t"]] * 4, outs
+    assert pg.rows("SELECT count(*) FROM attempts WHERE outcome = 'completed'") == [(4,)]
+
+
+def test_map_stops_listening_when_it_returns(pg):
+    """A map with a free slot listens for commits; when it returns, its listening
+    connection is closed (a listener nobody reads holds back the server's NOTIFY queue
+    for every database)."""
+    from laufband import Graphband, Task
+
+    w = Graphband([Task("a"), Task("b", dependencies={"a"})], db=pg.url(), identifier="M",
+                  heartbeat_interval=3600, heartbeat_timeout=7200,
+                  tqdm_kwargs={"disable": True})
+    w.map(lambda task: time.sleep(0.5 if task.id == "a" else 0), threads=2)
+    assert w._store.db._notices is not None, "the map never listened"
+    name = f"laufband notices pid {os.getpid()}"
+    assert pg.rows("SELECT state FROM pg_stat_activity WHERE application_name = ?",
+                   (name,)) == []
+    w.close()
+
+
+MAP_WAITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from laufband import Graphband, Task
+    url, meet = sys.argv[1], Path(sys.argv[2])
+    tasks = [Task("long", requirements={"a"}), Task("x", requirements={"b"}),
+             Task("y", dependencies={"x"}, requirements={"a"})]
+    w = Graphband(tasks, db=url, identifier="A", labels={"a"}, heartbeat_interval=3600,
+                  heartbeat_timeout=7200, tqdm_kwargs={"disable": True})
+
+    def run(task):
+        if task.id == "y":
+            (meet / "y").touch()
+            return
+        (meet / "long").touch()
+        deadline = time.monotonic() + 20
+        while not (meet / "y").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (meet / "long-saw-y").write_text(str((meet / "y").exists()))
+
+    w.map(run, threads=2)
+""")
+HOLDER = textwrap.dedent("""
+    import sys
+    from laufband import Graphband, Task
+    url = sys.argv[1]
+    tasks = [Task("long", requirements={"a"}), Task("x", requirements={"b"}),
+             Task("y", dependencies={"x"}, requirements={"a"})]
+    w = Graphband(tasks, db=url, identifier="B", labels={"b"}, heartbeat_interval=3600,
+                  heartbeat_timeout=7200, tqdm_kwargs={"disable": True})
+    with w.db_lock:  # its commits hold the session lock: they notify nobody
+        for task in w:
+            pass
+""")
+
+
+def test_a_map_with_a_free_slot_sees_a_commit_that_notified_nobody(pg, tmp_path):
+    """A commit made under worker.db_lock sends no notice; a map waiting with a free
+    slot still reads the database now and then, so the task that commit made ready
+    starts while the map's other task still runs (not at the next heartbeat)."""
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    (tmp_path / "a.py").write_text(MAP_WAITER)
+    (tmp_path / "b.py").write_text(HOLDER)
+    url = pg.url()
+    a = subprocess.Popen([sys.executable, str(tmp_path / "a.py"), url, str(meet)],
+                         stderr=subprocess.PIPE, text=True)
+    b = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (meet / "long").exists():
+            assert a.poll() is None and time.monotonic() < deadline, a.stderr.read()
+            time.sleep(0.01)
+        b = subprocess.run([sys.executable, str(tmp_path / "b.py"), url],
+                           capture_output=True, text=True, timeout=60)
+        assert b.returncode == 0, b.stderr
+        assert a.wait(timeout=60) == 0, a.stderr.read()
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert (meet / "long-saw-y").read_text() == "True"
