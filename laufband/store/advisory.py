@@ -17,7 +17,8 @@ thread that holds the session lock takes nothing more. Why the statement stands 
 its snapshot (READ COMMITTED takes one per statement) would predate the lock. A step
 that only claims takes it in shared mode (``pg_advisory_xact_lock_shared``): such steps
 run side by side, and every other writer waits for them and they for it
-(claiming.py). The same statement notifies the waiting workers (notices.py).
+(claiming.py). The exclusive statement also notifies the waiting workers
+(notices.py).
 
 How a holder that stops is noticed: a killed process closes its connection and the
 server drops its lock at once. A process that hangs (SIGSTOP, a node that lost the
@@ -56,8 +57,11 @@ SQL = {
     # which also tells the waiting workers of its commit (notices.py; a rollback tells
     # nobody) without a round trip of its own.
     "xact_lock": f"SELECT pg_advisory_xact_lock({KEY}), {NOTIFY}",
-    # ... of a claim: claims run side by side, each alone against every other writer.
-    "xact_lock_shared": f"SELECT pg_advisory_xact_lock_shared({KEY}), {NOTIFY}",
+    # ... of a step that only claims: such steps run side by side, each alone against
+    # every other writer. It notifies nobody: a claim makes no work for a waiting
+    # worker, and a notifying commit takes the server's one lock for notifying commits
+    # (through its WAL flush), which would put side-by-side commits back in a row.
+    "xact_lock_shared": f"SELECT pg_advisory_xact_lock_shared({KEY})",
 }
 
 _deferring = threading.local()  # transaction_turn: the server's lock is the transaction's

@@ -1,19 +1,23 @@
 """How a waiting worker learns, on PostgreSQL, that another worker committed: the
 server's form of watching the SQLite file (``Database.change_mark``).
 
-Every write transaction notifies the channel ``laufband`` in its first statement (the
-one that takes the writers' lock: advisory.py); the server delivers the notice to the
+Every write transaction but a step that only claims notifies the channel ``laufband``
+in its first statement (the one that takes the writers' lock: advisory.py; a claim
+makes no work for a waiting worker); the server delivers the notice to the
 listeners of the same database when, and only if, the transaction commits. A worker
 listens only while it waits, on a connection of its own (opened at its first wait, kept
-for the next), and counts what arrived: a look is one non-blocking check of that
-connection's socket, no round trip. The count is the change mark, so waiting.py reads
-the counters only after a commit, as it does on SQLite, instead of polling the server
-with a backoff (up to 250 ms late when the last task ended).
+for the next ones until its loop ends), and counts what arrived: a look is one
+non-blocking check of that connection's socket, no round trip. The count is the change
+mark, so waiting.py reads the counters only after a commit, as it does on SQLite,
+instead of polling the server with a backoff (up to 250 ms late when the last task
+ended).
 
 Not listening between waits keeps the server from sending notices to every worker at
 every commit, and their backlog from growing while a long task runs. Starting to listen
 counts as a change (a commit meanwhile was not heard). A lost connection is opened
 again at the next look; while that fails, there is no mark (None) and waiters poll.
+Waiters read POLL_MAX after their last read even without a notice: a transaction of a
+process that holds the session lock (``worker.db_lock``) notifies nobody.
 """
 
 from __future__ import annotations
