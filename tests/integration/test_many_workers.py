@@ -28,7 +28,10 @@ def complete_graph(workers, graph: str, n: int, env: dict | None = None, **optio
 
 
 def test_flat_2000_tasks_8_workers_each_exactly_once(workers):
-    run = complete_graph(workers, "flat:2000", 8)
+    # 5 ms tasks: 10 s for one worker alone, so the others, which start later on a busy
+    # machine, find work (trivial tasks in batches of up to 256: the first one could
+    # finish all 2,000 before the second one began)
+    run = complete_graph(workers, "flat:2000", 8, sleep=0.005)
     assert len({r["worker"] for r in run.records}) > 1  # the work was actually shared
 
 
