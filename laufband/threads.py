@@ -240,8 +240,8 @@ class ThreadedRun:
     def _wait(self, watch: bool) -> bool:
         """Wait for a task thread to finish, a deadline, or a change of the database:
         with free slots (``watch``) one that may have made a task ready, in any case a
-        cancel (read only when the file changed, or when it is not a file). True if a
-        task this worker may claim is ready."""
+        cancel (read when the change mark moved, or without one; with free slots also
+        POLL_MAX after the last read). True if a task this worker may claim is ready."""
         deadlines = [r.deadline for r in self.running.values() if r.deadline is not None]
         until = min(deadlines) if deadlines else None
         step = WATCH if watch else 0.25  # also how soon a stop signal is seen
@@ -250,15 +250,16 @@ class ThreadedRun:
         if self._collect(block_until=step):
             return False
         # Read only when the database changed since the last read (the file; on a
-        # server, the commits heard of), or POLL_MAX after it (a change the mark may not
-        # show: NFS attribute caching, a commit that notified nobody); the mark is kept
-        # across waits, so a commit between two of them is not missed. Without free
-        # slots, only for a cancel, at most once a second.
+        # server, the commits heard of), or, with free slots, POLL_MAX after it (a change
+        # the mark may not show: NFS attribute caching, a commit that notified nobody);
+        # the mark is kept across waits, so a commit between two of them is not missed.
+        # Without free slots, only for a cancel, at most once a second.
         now = self.clock.monotonic()
         if not watch and now < self._read_at + 1.0:
             return False
         mark = self.store.change_mark(listen=watch)
-        if mark is not None and mark == self._mark and now < self._read_at + waiting.POLL_MAX:
+        if mark is not None and mark == self._mark and (
+                not watch or now < self._read_at + waiting.POLL_MAX):
             return False
         self._mark, self._read_at = mark, now
         result = self.store.poll(self.me)

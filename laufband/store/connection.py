@@ -391,6 +391,11 @@ def explain_text(text: str, where: str, hints: dict[str, str]) -> DatabaseError:
     return DatabaseError(f"Database error on {where}: {text.strip()}")
 
 
+_OTHER_ROLE = ("holds laufband tables this role may not use (another role created them): "
+               "connect as that role, give the workflow a database of its own (createdb "
+               "-O ROLE NAME), or have the owner GRANT SELECT, INSERT, UPDATE, DELETE ON "
+               "ALL TABLES IN SCHEMA public TO ROLE and GRANT USAGE ON ALL SEQUENCES IN "
+               "SCHEMA public TO ROLE")
 #: PostgreSQL's messages (libpq's and the server's) and what to do about them.
 SERVER_HINTS = {
     "password authentication failed": "rejected the password (from the URL, "
@@ -410,10 +415,8 @@ SERVER_HINTS = {
     "permission denied for schema": "does not let this role create laufband's tables: "
     "give it a database of its own (createdb -O ROLE NAME) or GRANT CREATE ON SCHEMA "
     "public TO ROLE",
-    "permission denied for table": "holds laufband tables this role may not use (another "
-    "role created them): connect as that role, give the workflow a database of its own "
-    "(createdb -O ROLE NAME), or have the owner GRANT SELECT, INSERT, UPDATE, DELETE ON "
-    "ALL TABLES IN SCHEMA public TO ROLE",
+    "permission denied for table": _OTHER_ROLE,
+    "permission denied for sequence": _OTHER_ROLE,
     "canceling statement due to lock timeout": "kept a lock for longer than "
     f"{DEFAULT_TIMEOUT:.0f} s (the writers' advisory lock, or a row lock): a worker "
     "holds it and does not let go. Find it with `laufband workers` or pg_stat_activity "
