@@ -5,12 +5,14 @@ PostgreSQL too: they are marked ``backends``.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import backends
 import pytest
@@ -35,6 +37,18 @@ def pg(tmp_path):
     finally:
         backends.current = backends.SQLITE
         chosen.drop_all()
+
+
+@contextlib.contextmanager
+def reaped(procs: list[subprocess.Popen]) -> Iterator[None]:
+    """Kill and reap whatever of ``procs`` still runs when the block ends."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def as_role(url: str, password: str | None) -> str:
@@ -173,13 +187,8 @@ def test_worker_lock_lives_next_to_the_script(workers, pg, tmp_path):
         with open(folder / "err", "w") as err:
             procs.append(subprocess.Popen([sys.executable, str(script), url, str(counter)],
                                           cwd=folder, stderr=err))
-    try:
+    with reaped(procs):
         codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     errs = [(tmp_path / f"node{i}" / "err").read_text() for i in range(4)]
     assert codes == [0] * 4, errs
     assert counter.read_text() == "40"  # no update lost
@@ -305,13 +314,8 @@ def test_claims_run_side_by_side(pg, tmp_path):
     url = pg.url()
     procs = [subprocess.Popen([sys.executable, str(script), url, name, str(meet)],
                               stderr=subprocess.PIPE, text=True) for name in ("A", "B")]
-    try:
+    with reaped(procs):
         errs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     assert [p.returncode for p in procs] == [0, 0], errs
     firsts = [json.loads((meet / f"first-{n}").read_text()) for n in ("A", "B")]
     assert len(firsts[0]) == len(firsts[1]) == 1 and firsts[0] != firsts[1], firsts
@@ -404,13 +408,8 @@ def test_side_by_side_first_steps_take_every_slot_of_a_shared_task(pg, tmp_path)
     procs = [subprocess.Popen([sys.executable, str(script), url, f"W{i}", str(meet), "4"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(4)]
-    try:
+    with reaped(procs):
         outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     assert [p.returncode for p in procs] == [0] * 4, [e for _, e in outs]
     assert [o.split() for o, _ in outs] == [["t"]] * 4, outs
     assert pg.rows("SELECT count(*) FROM attempts WHERE outcome = 'completed'") == [(4,)]
