@@ -494,3 +494,48 @@ def test_a_map_with_a_free_slot_sees_a_commit_that_notified_nobody(pg, tmp_path)
             a.kill()
             a.wait()
     assert (meet / "long-saw-y").read_text() == "True"
+
+
+IN_TIME_CLAIMER = textwrap.dedent("""
+    import io, logging, os, sys
+    from laufband import Graphband, Task
+    from laufband.store import Want
+    url, name, n, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    log = io.StringIO()
+    logging.getLogger("laufband").addHandler(logging.StreamHandler(log))
+    w = Graphband([Task(str(i)) for i in range(n)], db=url, identifier=name,
+                  tqdm_kwargs={"disable": True}, batch_size=1)
+    if steps:
+        it = iter(w)
+        next(it)
+        assert w._me.deadline is not None  # claims by the walltime find
+        for _ in range(steps):  # steps that only claim: side by side
+            w._store.step(w._me, [], Want(2, 2))
+    print(log.getvalue().count("found ready were claimed"), flush=True)
+    os._exit(0)  # what it claimed stays claimed: the checks read the database
+""")
+
+
+def test_walltime_claims_side_by_side_find_no_task_just_claimed(pg, tmp_path):
+    """Workers whose allocation ends claim through the walltime find, locking what it
+    finds; a row another claim committed meanwhile is locked in its new version, and the
+    find checks it again (state, a free slot): no task is found that is no longer ready
+    (the claim's guard would refuse it, with a warning), none is claimed twice."""
+    script = tmp_path / "claimer.py"
+    script.write_text(IN_TIME_CLAIMER)
+    url, n = pg.url(), 6000
+    env = {**os.environ, "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_END_TIME": str(int(time.time()) + 7200)}
+    subprocess.run([sys.executable, str(script), url, "init", str(n), "0"], env=env,
+                   check=True, capture_output=True, timeout=120)  # registers the graph
+    procs = [subprocess.Popen([sys.executable, str(script), url, f"W{i}", str(n), "150"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(8)]
+    with reaped(procs):
+        outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [e for _, e in outs]
+    assert [int(o) for o, _ in outs] == [0] * 8, outs  # warnings per worker
+    assert pg.rows("SELECT count(*) FROM (SELECT task FROM attempts GROUP BY task"
+                   " HAVING count(*) > 1) twice") == [(0,)]
+    assert pg.rows("SELECT count(*) FROM attempts") == pg.rows(
+        "SELECT count(*) FROM tasks WHERE state = 'running'")
