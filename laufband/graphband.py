@@ -424,7 +424,7 @@ class Graphband(t.Generic[T]):
             # dead (the heartbeat stops below).
             log.error("could not record the end of worker %s's loop: %s", self._me.id, err)
         finally:
-            self._store.stop_listening()  # a map listens while it has free slots
+            self._store.stop_listening(close=True)  # a map listens with free slots
             if offline:
                 self._prefetch.shutdown()
                 self._session.went_offline()

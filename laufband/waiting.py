@@ -35,7 +35,7 @@ def wait_for_work(store: Store, me: Me, clock: Clock, leave: WorkerState,
     try:
         return _wait(store, me, clock, leave, stop, observe)
     finally:
-        store.change_mark()  # on a server: stop listening (store/notices.py)
+        store.stop_listening()  # on a server (store/notices.py)
 
 
 def _wait(store: Store, me: Me, clock: Clock, leave: WorkerState,

@@ -147,9 +147,10 @@ class Store:
         waiting worker, on a server too (a connection of its own: notices.py)."""
         return self.db.change_mark(listen)
 
-    def stop_listening(self) -> None:
-        """The end of a loop: close the connection a server's change mark listens on."""
-        self.db.stop_listening()
+    def stop_listening(self, close: bool = False) -> None:
+        """Stop listening for commits (a server's change mark, notices.py); ``close``:
+        the end of a loop, close its connection too."""
+        self.db.stop_listening(close)
 
     @contextmanager
     def _ledger(self, cancel: Cancel = None, beside: bool = False) -> Iterator[Ledger]:

@@ -348,10 +348,14 @@ class Database:
                 raw.close()
 
     # --------------------------------------------------------------- watching
-    def stop_listening(self) -> None:
-        """Close the connection ``change_mark`` listens on, if any (notices.py)."""
+    def stop_listening(self, close: bool = False) -> None:
+        """Stop listening for commits (notices.py), if this worker listens; ``close``:
+        close the connection too (the end of a loop), else keep it for the next wait."""
         if self._notices is not None:
-            self._notices.close()
+            if close:
+                self._notices.close()
+            else:
+                self._notices.stop()
 
     def change_mark(self, listen: bool = False) -> tuple[int, ...] | None:
         """A cheap fingerprint of the database files (size, mtime), taken without any
@@ -362,8 +366,7 @@ class Database:
         where it cannot tell (:memory:, a server without ``listen`` or not reachable)."""
         if not self.sqlite:
             if not listen:
-                if self._notices is not None:
-                    self._notices.stop()  # not waiting (any more)
+                self.stop_listening()  # not waiting (any more)
                 return None
             if self._notices is None:
                 from laufband.store.notices import Notices  # it needs this module
