@@ -436,11 +436,13 @@ class DatabaseLock:
         self._depth += 1
 
     def transaction_turn(self, cancel: Callable[[], bool] | None = None,
-                         shared: bool = False) -> str | None:
+                         shared: bool = False, notify: bool = True) -> str | None:
         """Take the lock for one write transaction (``acquire``). A lock that a
         transaction can take itself returns the statement that does so, to run first in
         it (store/advisory.py); None: held now. ``shared``: a claim, which a server lets
-        run beside other claims (a file lock has one mode: it is taken whole)."""
+        run beside other claims (a file lock has one mode: it is taken whole).
+        ``notify``: the statement tells waiting workers of the commit (a server's;
+        False: the transaction decides itself, ledger.py)."""
         self.acquire(cancel)
         return None
 

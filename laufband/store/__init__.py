@@ -153,11 +153,14 @@ class Store:
         self.db.stop_listening(close)
 
     @contextmanager
-    def _ledger(self, cancel: Cancel = None, beside: bool = False) -> Iterator[Ledger]:
+    def _ledger(self, cancel: Cancel = None, beside: bool = False, step: bool = False
+                ) -> Iterator[Ledger]:
         """A write transaction that books state changes and flushes them at its end
-        (``beside``: a claim beside other claims, claiming.py)."""
-        with self.db.transaction(cancel, shared=beside) as conn:
-            led = Ledger(conn, self.clock.now(), beside)
+        (``beside``: a claim beside other claims, claiming.py; ``step``: a worker's
+        step, which on a server tells the waiting workers of its commit only if it
+        concerns them, Ledger.wakes)."""
+        with self.db.transaction(cancel, shared=beside, notify=not step) as conn:
+            led = Ledger(conn, self.clock.now(), beside, tells=step)
             yield led
             led.flush()
 
@@ -265,7 +268,7 @@ class Store:
     def _step(self, me: Me, finishes: list[Finish], want: Want, cancel: Cancel,
               beside: bool = False) -> StepResult | None:
         """``step`` in one transaction; ``beside``: None if it has to run alone."""
-        with self._ledger(cancel, beside) as led:
+        with self._ledger(cancel, beside, step=True) as led:
             runtimes.refresh(led, me)  # a worker whose allocation ends: now and then
             if beside and self._to_revive(led, me, force=want.start):
                 return None

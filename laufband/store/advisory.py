@@ -18,7 +18,8 @@ its snapshot (READ COMMITTED takes one per statement) would predate the lock. A 
 that only claims takes it in shared mode (``pg_advisory_xact_lock_shared``): such steps
 run side by side, and every other writer waits for them and they for it
 (claiming.py). The exclusive statement also notifies the waiting workers
-(notices.py).
+(notices.py), except in a worker's step, which notifies only when its changes concern
+them (ledger.py).
 
 How a holder that stops is noticed: a killed process closes its connection and the
 server drops its lock at once. A process that hangs (SIGSTOP, a node that lost the
@@ -57,6 +58,9 @@ SQL = {
     # which also tells the waiting workers of its commit (notices.py; a rollback tells
     # nobody) without a round trip of its own.
     "xact_lock": f"SELECT pg_advisory_xact_lock({KEY}), {NOTIFY}",
+    # ... of a step: it notifies only if what it changed may concern a waiting worker
+    # (ledger.py; most steps of a run end attempts and claim, which concerns none).
+    "xact_lock_quiet": f"SELECT pg_advisory_xact_lock({KEY})",
     # ... of a step that only claims: such steps run side by side, each alone against
     # every other writer. It notifies nobody: a claim makes no work for a waiting
     # worker, and a notifying commit takes the server's one lock for notifying commits
@@ -108,10 +112,12 @@ class AdvisoryLock(DatabaseLock):
         return self._conn
 
     def transaction_turn(self, cancel: t.Callable[[], bool] | None = None,
-                         shared: bool = False) -> str | None:
+                         shared: bool = False, notify: bool = True) -> str | None:
         """This process's turn for one write transaction, and the statement that takes
         the server's lock in it (None: this thread holds the session lock already).
-        ``shared``: a claim (claiming.py: claims take the lock in shared mode)."""
+        ``shared``: a claim (claiming.py: claims take the lock in shared mode), which
+        notifies nobody; ``notify``: an exclusive turn notifies the waiting workers in
+        the same statement (False: the transaction decides, ledger.py)."""
         _deferring.on = True
         try:
             self.acquire(cancel)
@@ -119,7 +125,9 @@ class AdvisoryLock(DatabaseLock):
             _deferring.on = False
         if not (self._in_xact and self._depth == 1):
             return None
-        return SQL["xact_lock_shared" if shared else "xact_lock"]
+        if shared:
+            return SQL["xact_lock_shared"]
+        return SQL["xact_lock" if notify else "xact_lock_quiet"]
 
     def _acquire_file(self) -> None:
         if getattr(_deferring, "on", False):

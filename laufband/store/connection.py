@@ -245,14 +245,16 @@ class Database:
 
     # ---------------------------------------------------------- transactions
     @contextmanager
-    def transaction(self, cancel: Callable[[], bool] | None = None, shared: bool = False
-                    ) -> Iterator[Connection]:
+    def transaction(self, cancel: Callable[[], bool] | None = None, shared: bool = False,
+                    notify: bool = True) -> Iterator[Connection]:
         """A write transaction under the database lock. If it raises, nothing was
         committed (the lock's release cannot fail after a commit: see locking.py).
-        ``shared``: a claim, which on a server runs beside other claims (claiming.py)."""
+        ``shared``: a claim, which on a server runs beside other claims (claiming.py).
+        ``notify``: on a server, tell the waiting workers of the commit (False: the
+        transaction decides itself whether to, ledger.py)."""
         lock = self.lock
         # On a server, the lock may be the transaction's own first statement.
-        take = lock.transaction_turn(cancel, shared) if lock is not None else None
+        take = lock.transaction_turn(cancel, shared, notify) if lock is not None else None
         _here.depth = getattr(_here, "depth", 0) + 1
         try:
             with self.translate_errors(), self.engine.begin() as conn:

@@ -20,6 +20,9 @@ from sqlalchemy.engine import Connection
 
 from laufband.states import UNFINISHED, Event, TaskState, check_transition
 from laufband.store.model import Counts
+from laufband.store.notices import NOTIFY
+
+S = TaskState
 
 SQL = {
     "counts": "SELECT reqset, state, n FROM counts",
@@ -29,6 +32,13 @@ SQL = {
     "bump_all": "UPDATE counts SET n = n + d.delta FROM unnest(CAST(:reqset AS integer[]),"
                 " CAST(:state AS text[]), CAST(:delta AS integer[])) AS d(reqset, state,"
                 " delta) WHERE counts.reqset = d.reqset AND counts.state = d.state",
+    # "bump_all" that also tells the waiting workers of the commit (notices.py).
+    "bump_all_notify": "WITH bumped AS (UPDATE counts SET n = n + d.delta FROM unnest("
+                       "CAST(:reqset AS integer[]), CAST(:state AS text[]), CAST(:delta AS"
+                       " integer[])) AS d(reqset, state, delta) WHERE counts.reqset ="
+                       " d.reqset AND counts.state = d.state RETURNING 1)"
+                       f" SELECT {NOTIFY}",
+    "notify": f"SELECT {NOTIFY}",
     # Before "bump_all" in a claim beside others: their rows in one order, so two such
     # claims wait for each other's rows instead of deadlocking (an UPDATE ... FROM locks
     # them in the order of its plan).
@@ -85,13 +95,20 @@ _IN_PAIRS = ("IN (SELECT * FROM unnest(CAST(:pair_a AS integer[]),"
 class Ledger:
     """One transaction's statements and bookings (``counts`` is read at the start and
     kept up to date by ``record``). ``beside``: a claim that runs beside other claims
-    (on a server; claiming.py)."""
+    (on a server; claiming.py). ``tells``: on a server, the transaction notifies the
+    waiting workers itself, and only if what it changed may concern them (``wakes``),
+    instead of at every commit (a worker's step: notices.py)."""
 
-    def __init__(self, conn: Connection, now: float, beside: bool = False) -> None:
+    def __init__(self, conn: Connection, now: float, beside: bool = False,
+                 tells: bool = False) -> None:
         self.conn = conn
         self.now = now
         self.beside = beside
         self._raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        self._tells = tells and self._raw is None
+        #: Set by a change the counts do not show that may concern a waiting worker (a
+        #: worker left: what the live workers can run changed).
+        self.wake = False
         self._deltas: dict[tuple[int, str], int] = {}
         self._events: list[dict[str, t.Any]] = []
         rows: dict[int, dict[str, int]] = {}
@@ -217,18 +234,53 @@ class Ledger:
         failed = self.counts.n([TaskState.FAILED, TaskState.KILLED])
         return not self.counts.n(UNFINISHED) and (not failed or self.final_failures() == failed)
 
+    def wakes(self) -> bool:
+        """May what this transaction changed let a waiting worker claim a task or leave
+        (waiting.py; the rules of workers.done_for and Counts.can_change)? Tasks became
+        ready; a task left the usual path (failed, killed, blocked, cancelled, back to
+        pending ...); attempts ended while tasks are ready (resources or a shared task's
+        slot freed), or ended the last running task anywhere, or the last unfinished
+        one of a requirement set; a worker left. Not: claims, and completions that
+        make nothing ready (the tail of a run, where most workers wait). Whatever this
+        misses a waiter still reads within POLL_MAX."""
+        if self.wake:
+            return True
+        ended = False
+        for (_reqset, state), delta in self._deltas.items():
+            if delta > 0 and state == S.READY:
+                return True
+            if delta and state not in (S.READY, S.RUNNING, S.COMPLETED):
+                return True
+            ended = ended or (delta < 0 and state == S.RUNNING)
+        if not ended:
+            return False
+        counts = self.counts
+        if counts.n([S.READY]) or not counts.n([S.RUNNING]):
+            return True
+        touched = {reqset for (reqset, _), delta in self._deltas.items() if delta}
+        return any(not counts.n([S.PENDING, S.RUNNING], [r]) for r in touched)
+
     def flush(self) -> None:
         """Write the collected count changes and history rows; if no task is
-        unfinished any more, release the waiting workers."""
+        unfinished any more, release the waiting workers. A transaction that
+        ``tells`` notifies the waiting workers if its changes concern them."""
         bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
+        over = bool(bumps) and self._workflow_over()
+        notify = self._tells and (over or self.wakes())
         if bumps:
             if self.beside:
                 bumps.sort(key=lambda b: (b["reqset"], b["state"]))
                 self.all(SQL["lock_counts"], {"reqset": [b["reqset"] for b in bumps],
                                               "state": [b["state"] for b in bumps]})
-            self.run_rows(SQL["bump"], SQL["bump_all"], bumps)
-            if self._workflow_over():
+            if notify:  # in the same statement: no round trip of its own
+                self.all(SQL["bump_all_notify"],
+                         {key: [b[key] for b in bumps] for key in bumps[0]})
+            else:
+                self.run_rows(SQL["bump"], SQL["bump_all"], bumps)
+            if over:
                 self.run(SQL["release_waiters"], {"now": self.now})
+        elif notify:
+            self.all(SQL["notify"])
         if self._events:
             self.run_rows(SQL["event"], SQL["event_all"], self._events)
         self._deltas.clear()

@@ -1,10 +1,15 @@
 """How a waiting worker learns, on PostgreSQL, that another worker committed: the
 server's form of watching the SQLite file (``Database.change_mark``).
 
-Every write transaction but a step that only claims notifies the channel ``laufband``
-in its first statement (the one that takes the writers' lock: advisory.py; a claim
-makes no work for a waiting worker); the server delivers the notice to the
-listeners of the same database when, and only if, the transaction commits. A worker
+Write transactions notify the channel ``laufband``; the server delivers the notice to
+the listeners of the same database when, and only if, the transaction commits. Most
+do so in their first statement (the one that takes the writers' lock: advisory.py). A
+worker's step, the transaction that runs thousands of times in a run, notifies only
+if what it changed may let a waiting worker claim a task or leave
+(``ledger.Ledger.wakes``), in the statement that writes its counts: at the end of a run,
+when most workers wait and each step ends attempts while others still run, a notice at
+every commit woke every waiting worker to read, 31 reads per commit with 32 workers,
+on the cores the committing workers needed (SCALING_ANALYSIS.md). A worker
 listens only while it waits, on a connection of its own (opened at its first wait, kept
 for the next ones until its loop ends), and counts what arrived: a look is one
 non-blocking check of that connection's socket, no round trip. The count is the change

@@ -151,6 +151,7 @@ def set_state(led: Ledger, worker: str, state: WorkerState) -> None:
     """Set a worker's state, unless it was declared dead; offline stamps the stop."""
     stopped = led.now if state == WorkerState.OFFLINE else None
     led.run(SQL["leave"], {"state": state.value, "stopped": stopped, "worker": worker})
+    led.wake = True  # what the live workers can run changed (Counts.can_change)
 
 
 def start_loop(led: Ledger, me: Me) -> None:

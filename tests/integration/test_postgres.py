@@ -281,10 +281,10 @@ SIDE_BY_SIDE_SCRIPT = textwrap.dedent("""
 
     real_ledger, real_claim = Store._ledger, claiming.claim
 
-    def ledger(self, cancel=None, beside=False):
+    def ledger(self, cancel=None, beside=False, **kw):
         if beside and first.pop("ledger", False):
             barrier("claiming")  # both have done the rest of their first step
-        return real_ledger(self, cancel, beside)
+        return real_ledger(self, cancel, beside, **kw)
 
     def claim(led, me, limit, ahead=False):
         got = real_claim(led, me, limit, ahead)
@@ -370,6 +370,73 @@ def test_a_waiting_worker_hears_of_commits(pg):
     b.close()
 
 
+def test_steps_notify_the_waiting_workers_only_when_it_concerns_them(pg):
+    """A step that ends an attempt and claims the last ready task, and one that ends an
+    attempt while others still run and nothing became ready, notify nobody (in the tail
+    of a run most workers wait: each notice woke every one of them to read); the step
+    that finishes the workflow notifies, and the waiting worker leaves."""
+    from laufband import Graphband, Task
+
+    url = pg.url()
+
+    def worker(name):
+        return Graphband([Task(f"t{i}") for i in range(3)], db=url, identifier=name,
+                         batch_size=1, heartbeat_interval=3600, heartbeat_timeout=7200,
+                         tqdm_kwargs={"disable": True})
+
+    a, b = worker("A"), worker("B")
+    try:
+        notify_when_it_concerns_them(pg, url, a, b)
+    finally:
+        a.close()
+        b.close()
+    states = pg.rows("SELECT state, count(*) FROM tasks GROUP BY state")
+    assert states == [("completed", 3)], states
+
+
+def notify_when_it_concerns_them(pg, url, a, b):
+    import threading
+
+    import psycopg
+
+    it_a, it_b = iter(a), iter(b)
+    next(it_a), next(it_b)  # one task each, one left ready
+    raw = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(raw, autocommit=True) as listener, \
+            psycopg.connect(raw, autocommit=True) as marker:
+        listener.execute("LISTEN laufband")
+        (marker_pid,) = marker.execute("SELECT pg_backend_pid()").fetchone()
+
+        def notices_up_to_marker() -> list[int]:
+            """The backends that notified, in commit order, up to a marker's notice."""
+            marker.execute("SELECT pg_notify('laufband', '')")
+            pids: list[int] = []
+            for notice in listener.notifies(timeout=30):
+                pids.append(notice.pid)
+                if notice.pid == marker_pid:
+                    return pids
+            raise AssertionError(f"the marker's notice never came: {pids}")
+
+        next(it_b)  # B ends its attempt and claims the last ready task
+        assert notices_up_to_marker() == [marker_pid]
+        # A ends its attempt; nothing is ready, B's task runs: A waits (in a thread).
+        ended = threading.Event()
+        waiter = threading.Thread(target=lambda: (list(it_a), ended.set()))
+        waiter.start()
+        try:
+            deadline = time.monotonic() + 30
+            while pg.rows("SELECT leave_as FROM workers WHERE id = 'A'") != [("offline",)]:
+                assert time.monotonic() < deadline, "A never began to wait"
+                time.sleep(0.01)
+            assert notices_up_to_marker() == [marker_pid]
+            assert list(it_b) == []  # B ends the last task: the workflow is over
+            pids = notices_up_to_marker()
+            assert len(pids) >= 2 and marker_pid not in pids[:-1], pids
+        finally:
+            waiter.join(timeout=60)
+        assert ended.is_set() and not waiter.is_alive()
+
+
 SHARED_SLOTS_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -379,13 +446,13 @@ SHARED_SLOTS_SCRIPT = textwrap.dedent("""
     url, name, meet, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     real, first = Store._ledger, [True]
 
-    def ledger(self, cancel=None, beside=False):  # all first steps at the same moment
+    def ledger(self, cancel=None, beside=False, **kw):  # all first steps at once
         if beside and first and first.pop():
             (meet / name).touch()
             deadline = time.monotonic() + 60
             while len(list(meet.iterdir())) < n and time.monotonic() < deadline:
                 time.sleep(0.002)
-        return real(self, cancel, beside)
+        return real(self, cancel, beside, **kw)
 
     Store._ledger = ledger
     worker = Graphband([Task("t", max_parallel_workers=n)], db=url, identifier=name,

@@ -252,3 +252,46 @@ def test_a_dead_workers_kill_is_charged_to_its_earliest_claim():
         beat(c)
     assert dict(rows("SELECT id, state FROM tasks")) == {
         "x": "completed", "y": "ready", "z": "killed"}
+
+
+R, P = 1, 2  # two requirement sets
+
+
+@pytest.mark.parametrize("counts, moves, wakes", [
+    # Claims concern no waiting worker.
+    ({R: {"ready": 3}}, [("ready", "running")], False),
+    # Steady state at the end of the ready tasks: one attempt ends, the last ready
+    # task is claimed; others still run.
+    ({R: {"ready": 1, "running": 2}}, [("running", "completed"), ("ready", "running")],
+     False),
+    # The tail of a run: an attempt ends, others still run, nothing is ready.
+    ({R: {"running": 2, "completed": 5}}, [("running", "completed")], False),
+    # ... but the last running task anywhere ends ...
+    ({R: {"running": 1}}, [("running", "completed")], True),
+    # ... or the last unfinished task of a requirement set (others run elsewhere).
+    ({R: {"running": 1}, P: {"running": 1}}, [("running", "completed")], True),
+    # A task becomes ready, or an attempt ends while tasks are ready (it may have
+    # held the resources they wait for, or a shared task's slot).
+    ({R: {"pending": 1, "running": 1}}, [("pending", "ready")], True),
+    ({R: {"running": 2}, P: {"ready": 3}}, [("running", "completed")], True),
+    # A task leaves the usual path.
+    ({R: {"running": 2}}, [("running", "failed")], True),
+    ({R: {"running": 2, "pending": 1}}, [("pending", "blocked")], True),
+])
+def test_a_step_wakes_the_waiting_workers_only_when_it_concerns_them(counts, moves, wakes):
+    """Ledger.wakes: on a server, a worker's step notifies the waiting workers only if
+    what it changed may let one of them claim a task or leave (the moves are booked in
+    requirement set R)."""
+    from laufband.store.ledger import Ledger
+    from laufband.store.model import Counts
+
+    worker = make([Task("a")])
+    with worker._store.db.read() as conn:
+        led = Ledger(conn, 0.0)
+        led.counts = Counts({r: dict(by_state) for r, by_state in counts.items()})
+        for i, (old, new) in enumerate(moves):
+            led.record([(100 + i, R)], old, new, Event.CLAIMED, "A")
+        assert led.wakes() is wakes
+        led.wake = True  # a worker left: what the live workers can run changed
+        assert led.wakes()
+    worker.close()
