@@ -16,6 +16,7 @@ one read), and nothing outside this package builds a query or knows the dialect.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from laufband.store import (
 )
 from laufband.store.advisory import advisory_lock
 from laufband.store.connection import (
+    Conflict,
     Database,
     absolute_url,
     database_url,
@@ -74,6 +76,13 @@ __all__ = [
 
 S = TaskState
 Cancel = Callable[[], bool] | None
+
+
+class _Alone(enum.Enum):
+    """A step beside others (Store.step) hands over to a step alone: all of it, or
+    the rest after its completions."""
+    REDO = "redo"
+    REST = "rest"
 
 
 class Store:
@@ -250,28 +259,32 @@ class Store:
         changed), and with ``me.stop_on_failure`` nothing is claimed once a task failed
         for good under every live worker's budget.
 
-        On a server, a step that records no finished attempt (a worker's first, or one
-        after waiting) runs beside other workers' such steps (claiming.py), unless it
-        makes failed tasks ready again or claims nothing: then it runs (again) alone,
-        as every step with finishes does (a second transaction per step, to claim
-        beside others, cost more than it gained: SCALING_ANALYSIS.md, 'SQLite and
-        PostgreSQL').
+        On a server, a step whose attempts all completed runs beside other workers'
+        such steps (claiming.py). It runs alone instead when it would make failed tasks
+        ready again, or when the server picked it as the victim of a deadlock (both
+        times nothing of it was committed); when it claims nothing, its completions
+        stay recorded and the rest (claim, wait or leave) runs alone.
         """
-        if not finishes and not self.db.sqlite and claiming.may_claim_beside(me):
-            result = self._step(me, finishes, want, cancel, beside=True)
-            if result is not None:
-                return result
+        if not self.db.sqlite and claiming.may_step_beside(me, finishes):
+            try:
+                outcome = self._step(me, finishes, want, cancel, beside=True)
+            except Conflict:
+                outcome = _Alone.REDO  # rolled back by the server
+            if isinstance(outcome, StepResult):
+                return outcome
+            if outcome is _Alone.REST:
+                finishes = []  # recorded beside the others
         result = self._step(me, finishes, want, cancel)
-        assert result is not None
+        assert isinstance(result, StepResult)
         return result
 
     def _step(self, me: Me, finishes: list[Finish], want: Want, cancel: Cancel,
-              beside: bool = False) -> StepResult | None:
-        """``step`` in one transaction; ``beside``: None if it has to run alone."""
+              beside: bool = False) -> StepResult | _Alone:
+        """``step`` in one transaction; ``beside``: or what has to run alone."""
         with self._ledger(cancel, beside, step=True) as led:
             runtimes.refresh(led, me)  # a worker whose allocation ends: now and then
             if beside and self._to_revive(led, me, force=want.start):
-                return None
+                return _Alone.REDO
             if want.start:
                 workers.start_loop(led, me)
             attempts.end(led, me.id, cancelling.settle(led, finishes))
@@ -284,11 +297,13 @@ class Store:
             if limit:
                 workers.ensure_alive(led, me.id)
             claimed = claiming.claim(led, me, limit, want.ahead)
-            if beside and not claimed:
-                # Whether to wait or leave is not a side-by-side step's to decide: the
+            if beside and not claimed and not want.ahead:
+                # Whether to wait or leave is not a step beside others' to decide: the
                 # tasks another claim holds locked look ready in our counts but are
-                # not found (SKIP LOCKED), so we would leave while they are taken.
-                return None
+                # not found (SKIP LOCKED), and what other steps complete meanwhile we
+                # do not see, so we would leave while they are taken. (A step ahead
+                # decides neither: its loop steps again after the task it runs.)
+                return _Alone.REST
             left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
             if not (claimed or left) and want.leave is not None:
                 workers.wait(led, me.id, want.leave)

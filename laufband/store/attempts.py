@@ -58,6 +58,11 @@ SQL = {
                 " ELSE 'pending' END, invalidated = CASE WHEN dirty = 1 THEN 1 ELSE 0 END,"
                 " dirty = CASE WHEN running > 0 THEN dirty ELSE 0 END,"
                 " updated_at = :now WHERE pk {in_pks} RETURNING pk, reqset, state",
+    # In a step beside others, before "release_dependents": the dependents in one
+    # order, so that two steps that complete dependencies of the same tasks wait for
+    # each other instead of deadlocking.
+    "lock_dependents": "SELECT pk FROM tasks WHERE pk IN (SELECT task FROM edges"
+                       " WHERE dep {in_pks}) ORDER BY pk FOR UPDATE",
     # Decrement every dependent once per completed dependency; those at zero become ready.
     "release_dependents":
         "UPDATE tasks SET waiting_on = waiting_on - d.n,"
@@ -165,6 +170,8 @@ def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> N
         if not done:
             return
         marks, params = led.in_pks([c.pk for c, _ in done])
+    if led.beside:
+        led.all(SQL["lock_dependents"].format(in_pks=marks), params)
     rows = led.all(SQL["release_dependents"].format(in_pks=marks), params)
     ready = [(pk, reqset) for pk, reqset, state in rows if state == S.READY]
     if ready:

@@ -9,29 +9,40 @@ up to ``Want.limit``, but only this worker's fair share of the ready tasks (read
 workers) or ``Want.free`` if that is more; nothing once a task failed for good under
 failure_policy="stop"; and a step ahead only while every live worker finds a task.
 
-On PostgreSQL, claims run side by side (Store.step): a step that only claims (it
-records no finished attempt: a worker's first step, or one after waiting) takes the
-writers' lock in shared mode, which excludes every other writer (finishing, reaping,
-registering, cancelling) but not other such steps, and finds its tasks with ``FOR
-UPDATE SKIP LOCKED``: a task one claim found is skipped by the others, and the UPDATE's
-guard would refuse it anyway. Besides its claim, such a step writes only its worker's
-own row (busy, waiting, left) and its count rows (ledger.py locks those in one order).
-What other claims change meanwhile (ready tasks become running) makes the counts it
-read stale only in the safe direction: fewer ready tasks than it saw, never a task
-ready that was not, nothing finished. Run alone instead: a step that makes failed tasks
-ready again, and the claims of a worker that may take tasks that hold resources (what
-the limits leave is a sum over running attempts, which a claim beside another could
-not see change). On SQLite every transaction runs alone (the file lock).
+On PostgreSQL, steps run side by side (Store.step): a step whose attempts all
+completed (most steps of a run: a batch ended, the next one claimed) takes the
+writers' lock in shared mode, which excludes every other writer (reaping, registering,
+cancelling, failures, resources) but not other such steps, and finds its tasks with
+``FOR UPDATE SKIP LOCKED``: a task one claim found is skipped by the others, and the
+UPDATE's guard would refuse it anyway. What else such steps write is row-locked in
+one order: the tasks they completed are their own (a shared task's other attempts wait
+for the row and then see it completed), the tasks waiting for them are locked in key
+order before they are released (attempts.py: the step whose completion brings a task's
+count of waits to zero makes it ready), each worker writes only its own row, and the
+counts come last, every row in one order (ledger.py), re-read under the lock: from
+there to its commit a step is alone with the counts, so what it decides from them
+(the workflow is over, a waiting worker may act) sees every other step. What other
+steps change meanwhile makes the counts a step read at its start stale only in the
+safe direction for claiming: a claim may find fewer ready tasks than there are, never
+take one that is not. Run alone instead: a step that records an attempt that did not
+complete, makes failed tasks ready again, or claims nothing (after its completions
+were recorded beside the others, whether it waits or leaves is decided alone); the
+steps of a worker that may take tasks that hold resources (what the limits leave is a
+sum over running attempts, which a claim beside another could not see change); and a
+step the server rolled back to break a deadlock (completions of tasks that are
+dependencies of each other's running tasks, after a rerun changed a graph). On SQLite
+every transaction runs alone (the file lock).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from laufband.states import Event, TaskState
 from laufband.store import resources, runtimes
 from laufband.store.ledger import Ledger
-from laufband.store.model import Claim, Me, Want
+from laufband.store.model import Claim, Finish, Me, Want
 
 S = TaskState
 log = logging.getLogger(__name__)
@@ -144,10 +155,12 @@ def find(led: Ledger, me: Me, limit: int, ahead: bool = False, lock: bool = Fals
     return pks
 
 
-def may_claim_beside(me: Me) -> bool:
-    """May this worker's claims run beside others' on a server (see the module's
-    notes)? Not if a task it may claim holds resources."""
-    return not any(r in me.needs for r in me.reqset_ids)
+def may_step_beside(me: Me, finishes: Sequence[Finish]) -> bool:
+    """May this step run beside others' on a server (see the module's notes)? Not if
+    an attempt it records did not complete, nor if a task this worker may claim holds
+    resources."""
+    return (all(f.outcome == Event.COMPLETED for f in finishes)
+            and not any(r in me.needs for r in me.reqset_ids))
 
 
 def claim(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[Claim]:

@@ -138,6 +138,16 @@ def read_only_reason(path: str) -> str:
 _here = threading.local()
 
 
+#: PostgreSQL's error code for a transaction it rolled back to break a deadlock.
+DEADLOCK = "40P01"
+
+
+class Conflict(DatabaseError):
+    """The server rolled this transaction back to break a deadlock with another
+    (steps beside each other can meet one in rare graphs: Store.step runs it again
+    alone)."""
+
+
 class Database:
     """An engine plus the lock that serialises its writers (None: a read-only user that
     cannot create the lock file reads under SQLite's own locks only)."""
@@ -317,6 +327,8 @@ class Database:
     def explain(self, exc: sa_exc.DBAPIError | sqlite3.Error) -> DatabaseError:
         orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
         text = str(orig)
+        if getattr(orig, "sqlstate", None) == DEADLOCK:
+            return Conflict(f"{text} (on {self.shown}; the transaction was rolled back)")
         path = self.path
         where = path or self.shown
         if path is not None and not self.opened and not os.path.exists(path):

@@ -39,12 +39,12 @@ SQL = {
                        " d.reqset AND counts.state = d.state RETURNING 1)"
                        f" SELECT {NOTIFY}",
     "notify": f"SELECT {NOTIFY}",
-    # Before "bump_all" in a claim beside others: their rows in one order, so two such
-    # claims wait for each other's rows instead of deadlocking (an UPDATE ... FROM locks
-    # them in the order of its plan).
-    "lock_counts": "SELECT 1 FROM counts WHERE (reqset, state) IN (SELECT * FROM"
-                   " unnest(CAST(:reqset AS integer[]), CAST(:state AS text[])))"
-                   " ORDER BY reqset, state FOR UPDATE",
+    # Before "bump_all" in a step beside others: every counts row, in one order (so two
+    # such steps wait for each other instead of deadlocking: an UPDATE ... FROM locks
+    # rows in the order of its plan), as the steps that committed meanwhile left them.
+    # From here to its commit the step is alone with the counts: what it decides from
+    # them (the workflow is over, a waiting worker may act) sees every other step.
+    "lock_counts": "SELECT reqset, state, n FROM counts ORDER BY reqset, state FOR UPDATE",
     "event": "INSERT INTO events (task, attempt, event, state, worker, at, detail)"
              " VALUES (:task, :attempt, :event, :state, :worker, :at, :detail)",
     "event_all": "INSERT INTO events (task, attempt, event, state, worker, at, detail)"
@@ -260,18 +260,33 @@ class Ledger:
         touched = {reqset for (reqset, _), delta in self._deltas.items() if delta}
         return any(not counts.n([S.PENDING, S.RUNNING], [r]) for r in touched)
 
+    def _lock_counts(self) -> None:
+        """Lock the counts (a step beside others) and take in what the steps that
+        committed since this one began changed: ``counts`` is then what this commit
+        leaves (in place: a step's result holds the object)."""
+        rows: dict[int, dict[str, int]] = {}
+        for reqset, state, n in self.all(SQL["lock_counts"]):
+            rows.setdefault(reqset, {})[state] = n
+        for (reqset, state), delta in self._deltas.items():
+            by_state = rows.setdefault(reqset, {})
+            by_state[state] = by_state.get(state, 0) + delta
+        self.counts.rows.clear()
+        self.counts.rows.update(rows)
+
     def flush(self) -> None:
         """Write the collected count changes and history rows; if no task is
         unfinished any more, release the waiting workers. A transaction that
         ``tells`` notifies the waiting workers if its changes concern them."""
+        # The history first: the counts rows, once written, are locked until the
+        # commit, and every step writes them (steps beside others wait for each other).
+        if self._events:
+            self.run_rows(SQL["event"], SQL["event_all"], self._events)
         bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
+        if bumps and self.beside:
+            self._lock_counts()
         over = bool(bumps) and self._workflow_over()
         notify = self._tells and (over or self.wakes())
         if bumps:
-            if self.beside:
-                bumps.sort(key=lambda b: (b["reqset"], b["state"]))
-                self.all(SQL["lock_counts"], {"reqset": [b["reqset"] for b in bumps],
-                                              "state": [b["state"] for b in bumps]})
             if notify:  # in the same statement: no round trip of its own
                 self.all(SQL["bump_all_notify"],
                          {key: [b[key] for b in bumps] for key in bumps[0]})
@@ -281,7 +296,5 @@ class Ledger:
                 self.run(SQL["release_waiters"], {"now": self.now})
         elif notify:
             self.all(SQL["notify"])
-        if self._events:
-            self.run_rows(SQL["event"], SQL["event_all"], self._events)
         self._deltas.clear()
         self._events.clear()

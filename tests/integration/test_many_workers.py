@@ -50,6 +50,18 @@ def test_layered_dag_1000_tasks_8_workers_in_dependency_order(workers):
     complete_graph(workers, "layered:10x100", 8)
 
 
+def test_wide_fan_in_dag_of_trivial_tasks_8_workers(workers):
+    """Trivial tasks in batches, 12 dependencies each: on PostgreSQL steps run side by
+    side, completing dependencies of the same tasks at the same time. The step whose
+    completion brings a task's waits to zero makes it ready, once; the counts match."""
+    complete_graph(workers, "layered:8x60x12", 8)
+    db = workers.folder / "graph.sqlite"
+    assert query(db, "SELECT task FROM events WHERE event = 'ready'"
+                     " GROUP BY task HAVING count(*) > 1") == []
+    assert query(db, "SELECT state, sum(n) FROM counts WHERE n != 0 GROUP BY state") == [
+        ("completed", 480)]
+
+
 @pytest.mark.sqlite_only
 def test_layered_dag_with_short_tasks_in_wal_mode(workers):
     """WAL: commits change the -wal file, not the database, which waiting workers watch

@@ -324,6 +324,140 @@ def test_claims_run_side_by_side(pg, tmp_path):
     assert pg.rows("SELECT count(*) FROM attempts") == [(6,)]
 
 
+COMPLETIONS_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from laufband import Graphband, Task
+    from laufband.store import attempts
+
+    url, name, meet = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    real_end, first = attempts.end, [True]
+
+    def barrier(stage):  # both workers get here, or this one gives up
+        (meet / f"{stage}-{name}").touch()
+        deadline = time.monotonic() + 60
+        while len(list(meet.glob(f"{stage}-*"))) < 2:
+            if time.monotonic() > deadline:
+                sys.exit(f"{name}: the other worker never reached {stage!r}")
+            time.sleep(0.01)
+
+    def end(led, worker, finishes):
+        if finishes and first and first.pop():
+            barrier("completing")  # both inside a step that records a completion
+        return real_end(led, worker, finishes)
+
+    attempts.end = end
+    tasks = [Task("r0"), Task("r1"), Task("j", dependencies={"r0", "r1"}),
+             *(Task(f"e{i}") for i in range(4))]
+    worker = Graphband(tasks, db=url, identifier=name, batch_size=1,
+                       heartbeat_interval=3600, heartbeat_timeout=7200,
+                       tqdm_kwargs={"disable": True})
+    barrier("registered")  # the other's registration would wait for our step
+    with open(meet / f"ran-{name}", "w") as out:
+        for task in worker:
+            print("start", task.id, time.time(), file=out, flush=True)
+            time.sleep(0.05)
+            print("end", task.id, time.time(), file=out, flush=True)
+""")
+
+
+def test_steps_that_complete_tasks_run_side_by_side(pg, tmp_path):
+    """Two workers' steps that record completions run at the same time (each one waits
+    inside its step until the other is inside one too: with such steps serialised,
+    neither gets there). Each completes one dependency of j: the step that brings j's
+    waits to zero makes it ready, once, and j runs after both. Every task runs once,
+    and the counts match the tasks."""
+    script = tmp_path / "completions.py"
+    script.write_text(COMPLETIONS_SCRIPT)
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    url = pg.url()
+    procs = [subprocess.Popen([sys.executable, str(script), url, name, str(meet)],
+                              stderr=subprocess.PIPE, text=True) for name in ("A", "B")]
+    with reaped(procs):
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    times: dict[tuple[str, str], list[float]] = {}
+    for n in ("A", "B"):
+        for line in (meet / f"ran-{n}").read_text().splitlines():
+            what, task, at = line.split()
+            times.setdefault((what, task), []).append(float(at))
+    ids = ["r0", "r1", "j", "e0", "e1", "e2", "e3"]
+    assert {task for what, task in times if what == "start"} == set(ids), times
+    assert all(len(v) == 1 for v in times.values()), times  # each task once
+    assert times["start", "j"][0] > max(times["end", "r0"][0], times["end", "r1"][0])
+    ready_j = ("SELECT count(*) FROM events e JOIN tasks t ON t.pk = e.task"
+               " WHERE t.id = 'j' AND e.event = 'ready'")
+    assert pg.rows(ready_j) == [(1,)]
+    assert pg.rows("SELECT state, sum(n) FROM counts WHERE n != 0 GROUP BY state") == [
+        ("completed", 7)]
+
+
+def test_a_deadlock_is_reported_as_a_conflict(pg):
+    """Two transactions that lock two rows in opposite orders: the server rolls one
+    back, which laufband reports as a Conflict (a DatabaseError that Store.step answers
+    by running the step again alone)."""
+    import threading
+
+    from laufband import DatabaseError, Graphband, Task
+    from laufband.store.connection import Conflict
+
+    w = Graphband([Task("a"), Task("b")], db=pg.url(), identifier="W",
+                  heartbeat_interval=3600, heartbeat_timeout=7200,
+                  tqdm_kwargs={"disable": True})
+    db = w._store.db
+    both = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    def lock(first: str, second: str) -> None:
+        try:
+            with db.translate_errors(), db.engine.begin() as conn:
+                for i, task in enumerate((first, second)):
+                    conn.exec_driver_sql(f"SELECT 1 FROM tasks WHERE id = '{task}' FOR UPDATE")
+                    if not i:
+                        both.wait()
+        except DatabaseError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lock, args=order) for order in (("a", "b"), ("b", "a"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(errors) == 1 and isinstance(errors[0], Conflict), errors
+    assert "deadlock" in str(errors[0])
+    w.close()
+
+
+def test_a_step_beside_others_that_meets_a_deadlock_runs_again_alone(pg, monkeypatch):
+    """A step beside others that the server rolled back (Conflict) runs again alone:
+    its completion is recorded once, and it claims."""
+    from laufband import Graphband, Task
+    from laufband.store import attempts
+    from laufband.store.connection import Conflict
+
+    real_end, tries = attempts.end, []
+
+    def end(led, worker, finishes):
+        tries.append((bool(finishes), led.beside))
+        if finishes and led.beside:
+            raise Conflict("deadlock detected (made by the test)")
+        return real_end(led, worker, finishes)
+
+    monkeypatch.setattr(attempts, "end", end)
+    w = Graphband([Task("a"), Task("b")], db=pg.url(), identifier="W", batch_size=1,
+                  heartbeat_interval=3600, heartbeat_timeout=7200,
+                  tqdm_kwargs={"disable": True})
+    assert [t.id for t in w] == ["a", "b"]
+    # The second step: beside (rolled back), then alone.
+    assert tries[1:3] == [(True, True), (True, False)], tries
+    assert pg.rows("SELECT t.id, a.outcome FROM attempts a JOIN tasks t ON t.pk = a.task"
+                   " ORDER BY t.id") == [("a", "completed"), ("b", "completed")]
+    assert pg.rows("SELECT count(*) FROM events WHERE event = 'fenced'") == [(0,)]
+    w.close()
+
+
 def test_a_waiting_worker_hears_of_commits(pg):
     """On PostgreSQL a waiting worker's change mark (the server's form of watching the
     SQLite file) moves with each commit of another worker's write transaction, not with
