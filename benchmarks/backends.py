@@ -8,6 +8,8 @@
     python benchmarks/backends.py --backends postgres --only 'x(8|32)'   # PostgreSQL only
     git worktree add /tmp/base <commit>                                   # before/after:
     python benchmarks/backends.py --backends postgres --against /tmp/base
+    python benchmarks/delay_proxy.py 54330 127.0.0.1:54329 0.0001 &   # across a network:
+    python benchmarks/backends.py --postgres postgresql+psycopg://postgres@127.0.0.1:54330/postgres
 
 The server: --postgres URL, else $LAUFBAND_TEST_POSTGRES (postgresql+psycopg://...; the
 user must be allowed to CREATE DATABASE). Without either the script says how to start
@@ -147,7 +149,20 @@ class Server:
         out["url"] = self.shown
         out["connections_in_use"] = self.sql("SELECT count(*) FROM pg_stat_activity "
                                              "WHERE backend_type = 'client backend'")[0][0]
+        out["round_trip_ms"] = self.round_trip_ms()
         return out
+
+    def round_trip_ms(self, n: int = 200) -> float:
+        """A statement's round trip to the server (the median of ``n``), in ms."""
+        import psycopg
+
+        with psycopg.connect(self.libpq(), autocommit=True, connect_timeout=10) as conn:
+            times = []
+            for _ in range(n):
+                start = time.perf_counter()
+                conn.execute("SELECT 1")
+                times.append(time.perf_counter() - start)
+        return sorted(times)[n // 2] * 1000
 
     def create(self) -> str:
         name = f"lb_bench_{uuid.uuid4().hex[:12]}"
@@ -344,7 +359,7 @@ def header(info: dict, args: argparse.Namespace, pg: dict) -> str:
             f"max_connections {pg['max_connections']}, shared_buffers "
             f"{pg['shared_buffers']}, fsync {pg['fsync']}, synchronous_commit "
             f"{pg['synchronous_commit']}; {pg['connections_in_use']} client connections "
-            "open at the start\n"
+            f"open at the start; a round trip (SELECT 1) {pg['round_trip_ms']:.2f} ms\n"
             f"- {args.repeat} run(s) per cell, in rounds; batch_size='auto'")
 
 
