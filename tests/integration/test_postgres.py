@@ -262,22 +262,27 @@ def test_connections_give_up_on_a_lost_server(pg):
         conn.close()
 
 
-SIDE_BY_SIDE_SCRIPT = textwrap.dedent("""
+#: What both workers of ``run_pair`` start with: their arguments and a barrier.
+PAIR_PRELUDE = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from laufband import Graphband, Task
-    from laufband.store import Store, claiming
 
     url, name, meet = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    first = {"ledger": True, "claim": True}
 
-    def barrier(stage):  # both workers get here, or this one gives up (exit 3)
+    def barrier(stage):  # both workers get here, or this one gives up
         (meet / f"{stage}-{name}").touch()
         deadline = time.monotonic() + 60
         while len(list(meet.glob(f"{stage}-*"))) < 2:
             if time.monotonic() > deadline:
                 sys.exit(f"{name}: the other worker never reached {stage!r}")
             time.sleep(0.01)
+""")
+
+SIDE_BY_SIDE_SCRIPT = textwrap.dedent("""
+    from laufband import Graphband, Task
+    from laufband.store import Store, claiming
+
+    first = {"ledger": True, "claim": True}
 
     real_ledger, real_claim = Store._ledger, claiming.claim
 
@@ -302,13 +307,11 @@ SIDE_BY_SIDE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_claims_run_side_by_side(pg, tmp_path):
-    """Two workers' claims on PostgreSQL run at the same time: each one holds its claim
-    transaction open until the other has claimed too (with claims serialised, or a
-    claim that waited for the task the other one found, neither gets there), and they
-    claim different tasks (FOR UPDATE SKIP LOCKED). Every task still runs once."""
-    script = tmp_path / "side.py"
-    script.write_text(SIDE_BY_SIDE_SCRIPT)
+def run_pair(pg, tmp_path, source: str):
+    """Run ``source`` (after PAIR_PRELUDE) as workers A and B; both must exit 0.
+    Returns the meeting folder (their barriers' and records' files)."""
+    script = tmp_path / "pair.py"
+    script.write_text(PAIR_PRELUDE + source)
     meet = tmp_path / "meet"
     meet.mkdir()
     url = pg.url()
@@ -317,6 +320,15 @@ def test_claims_run_side_by_side(pg, tmp_path):
     with reaped(procs):
         errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
+    return meet
+
+
+def test_claims_run_side_by_side(pg, tmp_path):
+    """Two workers' claims on PostgreSQL run at the same time: each one holds its claim
+    transaction open until the other has claimed too (with claims serialised, or a
+    claim that waited for the task the other one found, neither gets there), and they
+    claim different tasks (FOR UPDATE SKIP LOCKED). Every task still runs once."""
+    meet = run_pair(pg, tmp_path, SIDE_BY_SIDE_SCRIPT)
     firsts = [json.loads((meet / f"first-{n}").read_text()) for n in ("A", "B")]
     assert len(firsts[0]) == len(firsts[1]) == 1 and firsts[0] != firsts[1], firsts
     ran = [line for n in ("A", "B") for line in (meet / f"ran-{n}").read_text().split()]
@@ -325,21 +337,10 @@ def test_claims_run_side_by_side(pg, tmp_path):
 
 
 COMPLETIONS_SCRIPT = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
     from laufband import Graphband, Task
     from laufband.store import attempts
 
-    url, name, meet = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     real_end, first = attempts.end, [True]
-
-    def barrier(stage):  # both workers get here, or this one gives up
-        (meet / f"{stage}-{name}").touch()
-        deadline = time.monotonic() + 60
-        while len(list(meet.glob(f"{stage}-*"))) < 2:
-            if time.monotonic() > deadline:
-                sys.exit(f"{name}: the other worker never reached {stage!r}")
-            time.sleep(0.01)
 
     def end(led, worker, finishes):
         if finishes and first and first.pop():
@@ -367,16 +368,7 @@ def test_steps_that_complete_tasks_run_side_by_side(pg, tmp_path):
     neither gets there). Each completes one dependency of j: the step that brings j's
     waits to zero makes it ready, once, and j runs after both. Every task runs once,
     and the counts match the tasks."""
-    script = tmp_path / "completions.py"
-    script.write_text(COMPLETIONS_SCRIPT)
-    meet = tmp_path / "meet"
-    meet.mkdir()
-    url = pg.url()
-    procs = [subprocess.Popen([sys.executable, str(script), url, name, str(meet)],
-                              stderr=subprocess.PIPE, text=True) for name in ("A", "B")]
-    with reaped(procs):
-        errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    meet = run_pair(pg, tmp_path, COMPLETIONS_SCRIPT)
     times: dict[tuple[str, str], list[float]] = {}
     for n in ("A", "B"):
         for line in (meet / f"ran-{n}").read_text().splitlines():
