@@ -165,7 +165,7 @@ class Store:
     def _ledger(self, cancel: Cancel = None, beside: bool = False, step: bool = False
                 ) -> Iterator[Ledger]:
         """A write transaction that books state changes and flushes them at its end
-        (``beside``: a claim beside other claims, claiming.py; ``step``: a worker's
+        (``beside``: a step beside other steps, claiming.py; ``step``: a worker's
         step, which on a server tells the waiting workers of its commit only if it
         concerns them, Ledger.wakes)."""
         with self.db.transaction(cancel, shared=beside, notify=not step) as conn:
@@ -263,7 +263,9 @@ class Store:
         such steps (claiming.py). It runs alone instead when it would make failed tasks
         ready again, or when the server picked it as the victim of a deadlock (both
         times nothing of it was committed); when it claims nothing, its completions
-        stay recorded and the rest (claim, wait or leave) runs alone.
+        stay recorded and the rest (claim, wait or leave) runs alone. So a step can
+        fail after it recorded ``finishes``: what it recorded is removed from that list
+        (in place), and callers put back only what is left in it.
         """
         if not self.db.sqlite and claiming.may_step_beside(me, finishes):
             try:
@@ -273,7 +275,7 @@ class Store:
             if isinstance(outcome, StepResult):
                 return outcome
             if outcome is _Alone.REST:
-                finishes = []  # recorded beside the others
+                finishes.clear()  # recorded beside the others (the caller's list)
         result = self._step(me, finishes, want, cancel)
         assert isinstance(result, StepResult)
         return result
@@ -296,7 +298,8 @@ class Store:
             limit = 0 if final else claiming.how_many(led, me, want)
             if limit:
                 workers.ensure_alive(led, me.id)
-            claimed = claiming.claim(led, me, limit, want.ahead)
+            claimed = claiming.claim(led, me, limit, want.ahead,
+                                     clock=self.clock.now if beside else None)
             if beside and not claimed and not want.ahead:
                 # Whether to wait or leave is not a step beside others' to decide: the
                 # tasks another claim holds locked look ready in our counts but are

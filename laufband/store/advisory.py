@@ -15,8 +15,8 @@ transaction. Only holds outside a transaction (``worker.db_lock``, VACUUM) use t
 session lock; the two kinds exclude each other on the server, and a transaction of a
 thread that holds the session lock takes nothing more. Why the statement stands alone:
 its snapshot (READ COMMITTED takes one per statement) would predate the lock. A step
-that only claims takes it in shared mode (``pg_advisory_xact_lock_shared``): such steps
-run side by side, and every other writer waits for them and they for it
+whose attempts all completed takes it in shared mode (``pg_advisory_xact_lock_shared``):
+such steps run side by side, and every other writer waits for them and they for it
 (claiming.py). The exclusive statement also notifies the waiting workers
 (notices.py), except in a worker's step, which notifies only when its changes concern
 them (ledger.py).
@@ -61,10 +61,11 @@ SQL = {
     # ... of a step: it notifies only if what it changed may concern a waiting worker
     # (ledger.py; most steps of a run end attempts and claim, which concerns none).
     "xact_lock_quiet": f"SELECT pg_advisory_xact_lock({KEY})",
-    # ... of a step that only claims: such steps run side by side, each alone against
-    # every other writer. It notifies nobody: a claim makes no work for a waiting
-    # worker, and a notifying commit takes the server's one lock for notifying commits
-    # (through its WAL flush), which would put side-by-side commits back in a row.
+    # ... of a step beside others (claiming.py): such steps run side by side, each
+    # alone against every other writer. Like "xact_lock_quiet", it leaves notifying to
+    # the step (ledger.py), which does so only when it concerns a waiting worker: a
+    # notifying commit takes the server's one lock for notifying commits (through its
+    # WAL flush), which puts side-by-side commits back in a row.
     "xact_lock_shared": f"SELECT pg_advisory_xact_lock_shared({KEY})",
 }
 

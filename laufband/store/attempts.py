@@ -133,6 +133,7 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
             _fence(led, worker, claim, Event.COMPLETED)
     live = [c for c in claims if c.pk in current]
     if live:
+        led.ended = True
         led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
         marks, params = led.in_pks([c.pk for c in live])
         state_of = dict(led.all(SQL["end_attempts"].format(in_pks=marks), params))
@@ -191,6 +192,7 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
             "traceback": trace[-MAX_TRACEBACK:] if trace else None}):
         _fence(led, worker, claim, outcome)
         return
+    led.ended = True
     state, running, failures, kills, dirty, waiting = led.all(SQL["end_attempt"],
                                                              {"pk": claim.pk})[0]
     # Back to waiting if a dependency was invalidated while the attempt ran.

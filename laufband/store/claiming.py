@@ -37,7 +37,7 @@ every transaction runs alone (the file lock).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from laufband.states import Event, TaskState
 from laufband.store import resources, runtimes
@@ -163,11 +163,20 @@ def may_step_beside(me: Me, finishes: Sequence[Finish]) -> bool:
             and not any(r in me.needs for r in me.reqset_ids))
 
 
-def claim(led: Ledger, me: Me, limit: int, ahead: bool = False) -> list[Claim]:
-    """Claim up to ``limit`` tasks: a new attempt each, live in ``attempts``."""
+def claim(led: Ledger, me: Me, limit: int, ahead: bool = False,
+          clock: Callable[[], float] | None = None) -> list[Claim]:
+    """Claim up to ``limit`` tasks: a new attempt each, live in ``attempts``.
+
+    ``clock``: a step beside others reads the time again after its find, for the claim
+    and what it writes from then on: the find sees tasks that steps which committed
+    after this one began made ready, whose ends and 'ready' events carry their own,
+    later, start times (the history would show a task starting before its dependency
+    ended)."""
     pks = find(led, me, limit, ahead, lock=True) if limit > 0 else []
     if not pks:
         return []
+    if clock is not None:
+        led.now = clock()
     marks, params = led.in_pks(pks)
     rows = led.all(SQL["claim"].format(in_pks=marks), {**params, "now": led.now})
     by_pk = {row[0]: row[1:] for row in rows}

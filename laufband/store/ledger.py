@@ -94,7 +94,7 @@ _IN_PAIRS = ("IN (SELECT * FROM unnest(CAST(:pair_a AS integer[]),"
 
 class Ledger:
     """One transaction's statements and bookings (``counts`` is read at the start and
-    kept up to date by ``record``). ``beside``: a claim that runs beside other claims
+    kept up to date by ``record``). ``beside``: a step that runs beside other steps
     (on a server; claiming.py). ``tells``: on a server, the transaction notifies the
     waiting workers itself, and only if what it changed may concern them (``wakes``),
     instead of at every commit (a worker's step: notices.py)."""
@@ -109,6 +109,9 @@ class Ledger:
         #: Set by a change the counts do not show that may concern a waiting worker (a
         #: worker left: what the live workers can run changed).
         self.wake = False
+        #: An attempt ended: its resources and its task's slot are free (a shared task
+        #: with a free slot stays 'ready', so the counts do not show it).
+        self.ended = False
         self._deltas: dict[tuple[int, str], int] = {}
         self._events: list[dict[str, t.Any]] = []
         rows: dict[int, dict[str, int]] = {}
@@ -238,14 +241,15 @@ class Ledger:
         """May what this transaction changed let a waiting worker claim a task or leave
         (waiting.py; the rules of workers.done_for and Counts.can_change)? Tasks became
         ready; a task left the usual path (failed, killed, blocked, cancelled, back to
-        pending ...); attempts ended while tasks are ready (resources or a shared task's
-        slot freed), or ended the last running task anywhere, or the last unfinished
-        one of a requirement set; a worker left. Not: claims, and completions that
+        pending ...); attempts ended (``ended``, or a running task's count fell) while
+        tasks are ready (resources or a shared task's slot freed: such a task stays
+        'ready' while a slot is free), or ended the last running task anywhere, or the
+        last unfinished one of a requirement set; a worker left. Not: claims, and completions that
         make nothing ready (the tail of a run, where most workers wait). Whatever this
         misses a waiter still reads within POLL_MAX."""
         if self.wake:
             return True
-        ended = False
+        ended = self.ended
         for (_reqset, state), delta in self._deltas.items():
             if delta > 0 and state == S.READY:
                 return True

@@ -62,6 +62,22 @@ def test_wide_fan_in_dag_of_trivial_tasks_8_workers(workers):
         ("completed", 480)]
 
 
+def test_history_stamps_follow_dependency_order(workers):
+    """Tasks one at a time, 2 ms each, 10 dependencies each: no attempt's recorded
+    start precedes a dependency's recorded end, and no 'claimed' event its 'ready'
+    event (on PostgreSQL a step beside others may claim a task that a step begun after
+    it made ready: its claim must carry a time read after it found the task)."""
+    complete_graph(workers, "layered:6x40x10", 8, env={"LAUFBAND_BATCH_SIZE": "1"},
+                   sleep=0.002)
+    db = workers.folder / "graph.sqlite"
+    assert query(db, "SELECT count(*) FROM edges e JOIN attempts t ON t.task = e.task"
+                     " JOIN attempts d ON d.task = e.dep WHERE d.outcome = 'completed'"
+                     " AND t.started_at < d.ended_at") == [(0,)]
+    assert query(db, "SELECT count(*) FROM events r JOIN events c ON c.task = r.task"
+                     " WHERE r.event = 'ready' AND c.event = 'claimed' AND c.at < r.at") == [
+        (0,)]
+
+
 @pytest.mark.sqlite_only
 def test_layered_dag_with_short_tasks_in_wal_mode(workers):
     """WAL: commits change the -wal file, not the database, which waiting workers watch

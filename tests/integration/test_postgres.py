@@ -291,8 +291,8 @@ SIDE_BY_SIDE_SCRIPT = textwrap.dedent("""
             barrier("claiming")  # both have done the rest of their first step
         return real_ledger(self, cancel, beside, **kw)
 
-    def claim(led, me, limit, ahead=False):
-        got = real_claim(led, me, limit, ahead)
+    def claim(led, me, limit, ahead=False, **kw):
+        got = real_claim(led, me, limit, ahead, **kw)
         if got and first.pop("claim", False):
             (meet / f"first-{name}").write_text(json.dumps([c.id for c in got]))
             barrier("claimed")  # ... inside the claim's transaction: both at once
@@ -448,6 +448,35 @@ def test_a_step_beside_others_that_meets_a_deadlock_runs_again_alone(pg, monkeyp
                    " ORDER BY t.id") == [("a", "completed"), ("b", "completed")]
     assert pg.rows("SELECT count(*) FROM events WHERE event = 'fenced'") == [(0,)]
     w.close()
+
+
+def test_a_map_whose_step_fails_after_its_completions_were_recorded(pg, monkeypatch):
+    """A step beside others that claims nothing commits its completions, then runs the
+    rest alone; if that fails (a lost connection), the completions stay recorded once:
+    the map, which records what it still holds on the way out, does not record them
+    again (that would be rejected as a late write: a false warning and history row)."""
+    from laufband import DatabaseError, Graphband, Task
+    from laufband.store import Store, _Alone
+
+    real, state = Store._step, {"rest": False, "raised": False}
+
+    def step(self, me, finishes, want, cancel, beside=False):
+        if not beside and state["rest"] and not state["raised"]:
+            state["raised"] = True
+            raise DatabaseError("the connection was lost (made by the test)")
+        out = real(self, me, finishes, want, cancel, beside)
+        state["rest"] = out is _Alone.REST
+        return out
+
+    monkeypatch.setattr(Store, "_step", step)
+    w = Graphband([Task("a")], db=pg.url(), identifier="W", heartbeat_interval=3600,
+                  heartbeat_timeout=7200, tqdm_kwargs={"disable": True})
+    with pytest.raises(DatabaseError, match="made by the test"):
+        w.map(lambda task: None, threads=1)
+    w.close()
+    assert state["raised"]
+    assert pg.rows("SELECT outcome FROM attempts") == [("completed",)]
+    assert pg.rows("SELECT event FROM events ORDER BY id") == [("claimed",), ("completed",)]
 
 
 def test_a_waiting_worker_hears_of_commits(pg):

@@ -295,3 +295,22 @@ def test_a_step_wakes_the_waiting_workers_only_when_it_concerns_them(counts, mov
         led.wake = True  # a worker left: what the live workers can run changed
         assert led.wakes()
     worker.close()
+
+
+def test_an_ended_attempt_of_a_shared_task_wakes_while_tasks_are_ready():
+    """An attempt of a shared task with a free slot ends: the task stays 'ready', the
+    counts do not move, but the attempt's resources and slot are free (a waiting
+    worker capped by them may claim now). In the tail (nothing ready) it wakes nobody."""
+    from laufband.store.ledger import Ledger
+    from laufband.store.model import Counts
+
+    worker = make([Task("a")])
+    with worker._store.db.read() as conn:
+        for counts, wakes in (({R: {"ready": 1, "running": 1}}, True),
+                              ({R: {"running": 2}}, False)):
+            led = Ledger(conn, 0.0)
+            led.counts = Counts(counts)
+            assert not led.wakes()
+            led.ended = True  # as attempts.py sets it
+            assert led.wakes() is wakes
+    worker.close()
