@@ -300,10 +300,15 @@ def test_sigkill_inside_a_write_transaction_holding_the_lock(workers):
     if backends.current.sqlite:
         assert Path(f"{faults.db}-journal").exists()  # the transaction is really open
     else:
-        assert len(advisory_holders(faults)) == 1  # A holds the lock
-        assert query(faults.db, "SELECT count(*) FROM pg_stat_activity WHERE"
-                     " state = 'idle in transaction' AND datname = current_database()"
-                     ) == [(1,)]  # its transaction is open
+        # Its transaction is open (idle for longer than any other worker's between two
+        # statements), and holds the writers' lock: in shared mode (a step whose
+        # attempt completed), beside the steps of the others.
+        hung = "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction'" \
+               " AND state_change < now() - interval '1 second'" \
+               " AND datname = current_database()"
+        wait_until(lambda: len(query(faults.db, hung)) == 1, what="A's open transaction")
+        [(pid,)] = query(faults.db, hung)
+        assert pid in advisory_holders(faults)
     a.send_signal(signal.SIGKILL)
     a.wait()
     wait_until(lambda: completed(faults) == 60, timeout=60,
