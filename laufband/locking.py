@@ -439,8 +439,8 @@ class DatabaseLock:
                          shared: bool = False, notify: bool = True) -> str | None:
         """Take the lock for one write transaction (``acquire``). A lock that a
         transaction can take itself returns the statement that does so, to run first in
-        it (store/advisory.py); None: held now. ``shared``: a claim, which a server lets
-        run beside other claims (a file lock has one mode: it is taken whole).
+        it (store/advisory.py); None: held now. ``shared``: a step that a server lets run
+        beside other such steps (a file lock has one mode: it is taken whole).
         ``notify``: the statement tells waiting workers of the commit (a server's;
         False: the transaction decides itself, ledger.py)."""
         self.acquire(cancel)

@@ -259,7 +259,7 @@ class Database:
                     notify: bool = True) -> Iterator[Connection]:
         """A write transaction under the database lock. If it raises, nothing was
         committed (the lock's release cannot fail after a commit: see locking.py).
-        ``shared``: a claim, which on a server runs beside other claims (claiming.py).
+        ``shared``: a step that on a server runs beside other such steps (claiming.py).
         ``notify``: on a server, tell the waiting workers of the commit (False: the
         transaction decides itself whether to, ledger.py)."""
         lock = self.lock

@@ -32,12 +32,6 @@ SQL = {
     "bump_all": "UPDATE counts SET n = n + d.delta FROM unnest(CAST(:reqset AS integer[]),"
                 " CAST(:state AS text[]), CAST(:delta AS integer[])) AS d(reqset, state,"
                 " delta) WHERE counts.reqset = d.reqset AND counts.state = d.state",
-    # "bump_all" that also tells the waiting workers of the commit (notices.py).
-    "bump_all_notify": "WITH bumped AS (UPDATE counts SET n = n + d.delta FROM unnest("
-                       "CAST(:reqset AS integer[]), CAST(:state AS text[]), CAST(:delta AS"
-                       " integer[])) AS d(reqset, state, delta) WHERE counts.reqset ="
-                       " d.reqset AND counts.state = d.state RETURNING 1)"
-                       f" SELECT {NOTIFY}",
     "notify": f"SELECT {NOTIFY}",
     # Before "bump_all" in a step beside others: every counts row, in one order (so two
     # such steps wait for each other instead of deadlocking: an UPDATE ... FROM locks
@@ -76,6 +70,8 @@ SQL = {
     "live_budgets": "SELECT labels, max_failed, max_killed FROM workers"
                     " WHERE state IN ('idle', 'busy')",
 }
+# "bump_all" that also tells the waiting workers of the commit (notices.py).
+SQL["bump_all_notify"] = f"WITH bumped AS ({SQL['bump_all']} RETURNING 1) SELECT {NOTIFY}"
 
 
 def in_list(values: Sequence[t.Any]) -> tuple[str, dict[str, t.Any]]:
@@ -244,9 +240,9 @@ class Ledger:
         pending ...); attempts ended (``ended``, or a running task's count fell) while
         tasks are ready (resources or a shared task's slot freed: such a task stays
         'ready' while a slot is free), or ended the last running task anywhere, or the
-        last unfinished one of a requirement set; a worker left. Not: claims, and completions that
-        make nothing ready (the tail of a run, where most workers wait). Whatever this
-        misses a waiter still reads within POLL_MAX."""
+        last unfinished one of a requirement set; a worker left. Not: claims, and
+        completions that make nothing ready (the tail of a run, where most workers
+        wait). Whatever this misses a waiter still reads within POLL_MAX."""
         if self.wake:
             return True
         ended = self.ended
@@ -291,11 +287,10 @@ class Ledger:
         over = bool(bumps) and self._workflow_over()
         notify = self._tells and (over or self.wakes())
         if bumps:
-            if notify:  # in the same statement: no round trip of its own
-                self.all(SQL["bump_all_notify"],
-                         {key: [b[key] for b in bumps] for key in bumps[0]})
-            else:
-                self.run_rows(SQL["bump"], SQL["bump_all"], bumps)
+            # Notifying in the same statement costs no round trip of its own (only a
+            # server notifies: "bump" is SQLite's form).
+            self.run_rows(SQL["bump"], SQL["bump_all_notify" if notify else "bump_all"],
+                          bumps)
             if over:
                 self.run(SQL["release_waiters"], {"now": self.now})
         elif notify:
