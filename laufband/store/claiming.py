@@ -51,14 +51,18 @@ SQL = {
     # Ready tasks of one requirement set, of a generation this worker's graph has, of
     # which it holds no live attempt (a shared task's second slot is someone else's);
     # not a shared task that waits again (a dependency was invalidated while one of its
-    # attempts ran: it stays 'ready') nor one to be removed (fingerprints).
+    # attempts ran: it stays 'ready') nor one to be removed (fingerprints). Attempts
+    # are looked up only for tasks that have live ones (``running``: a shared task):
+    # as an anti-join, PostgreSQL without statistics (a graph just registered) walked
+    # all of the worker's live attempts for every ready task it passed, most of a
+    # server's time in a run of trivial tasks (SCALING_ANALYSIS.md).
     "find_ready": "SELECT pk, priority, depth, timeout IS NOT NULL FROM tasks"
                   " WHERE state = 'ready'"
                   " AND reqset = :reqset AND generation <= :generation AND waiting_on = 0"
                   " AND dirty != 2"
-                  " AND NOT EXISTS (SELECT 1 FROM attempts"
+                  " AND (running = 0 OR NOT EXISTS (SELECT 1 FROM attempts"
                   " WHERE attempts.task = tasks.pk AND attempts.worker = :worker"
-                  " AND attempts.ended_at IS NULL) ORDER BY priority DESC, depth DESC, pk"
+                  " AND attempts.ended_at IS NULL)) ORDER BY priority DESC, depth DESC, pk"
                   " LIMIT :limit",
     # {in_pks}: the batch (Ledger.in_pks; one statement claims the whole batch). The
     # guard (still ready, a slot free) as ``state || ''``, a term no index serves: with

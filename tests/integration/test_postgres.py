@@ -385,6 +385,43 @@ def test_steps_that_complete_tasks_run_side_by_side(pg, tmp_path):
         ("completed", 7)]
 
 
+def test_a_claim_reads_attempts_only_of_tasks_that_run(pg):
+    """A claim's find on a graph just registered (no statistics yet) looks for the
+    worker's own live attempts only of ready tasks that have live attempts (shared
+    tasks), never for every ready task it passes: as an anti-join the server walked
+    all of the worker's live attempts for each ready task, most of its time in a run
+    of trivial tasks."""
+    from laufband import Graphband, Task
+    from laufband.store.claiming import SQL as CLAIMING
+
+    Graphband([Task(f"t{i}") for i in range(2000)], db=pg.url(), identifier="W").close()
+    pg.execute("INSERT INTO attempts (task, attempt, worker, started_at)"
+               " SELECT pk, 1, 'W', 0 FROM tasks WHERE pk < 300")
+    pg.execute("UPDATE tasks SET state = 'running', running = 1 WHERE pk < 300")
+    engine = sa.create_engine(pg.url())
+    try:
+        with engine.connect() as conn:
+            reqset, generation = conn.execute(sa.text(
+                "SELECT min(reqset), max(generation) FROM tasks")).one()
+            plan = conn.execute(
+                sa.text("EXPLAIN (ANALYZE, FORMAT JSON) " + CLAIMING["find_ready"]),
+                {"reqset": reqset, "generation": generation, "worker": "W", "limit": 256},
+            ).scalar()
+    finally:
+        engine.dispose()
+
+    def nodes(node):
+        yield node
+        for child in node.get("Plans", []):
+            yield from nodes(child)
+
+    top = plan[0]["Plan"]
+    assert top["Actual Rows"] == 256
+    on_attempts = [n for n in nodes(top) if n.get("Relation Name") == "attempts"]
+    assert on_attempts, "the find no longer reads attempts: update this test"
+    assert all(n["Actual Loops"] == 0 for n in on_attempts), json.dumps(plan, indent=1)
+
+
 def test_a_deadlock_is_reported_as_a_conflict(pg):
     """Two transactions that lock two rows in opposite orders: the server rolls one
     back, which laufband reports as a Conflict (a DatabaseError that Store.step answers
