@@ -215,11 +215,15 @@ class Store:
                     registration.compare(Ledger(conn, 0.0), lo, lo + step - 1)
             with self.db.read() as conn:
                 registration.conclude(Ledger(conn, 0.0))
+            applied = False
             with self.db.transaction() as conn:
                 generation = generation_of(conn, spec.digest, spec.fingerprints)
                 if generation is None:
                     generation = registration.apply(conn, self.clock.now(), self.lock)
+                    applied = generation is not None
             if generation is not None:
+                if applied:
+                    self.db.refresh_statistics()
                 return generation  # else another registration came first: again
 
     def reqsets_for(self, me: Me, labels: frozenset[str]) -> None:

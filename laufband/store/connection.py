@@ -276,6 +276,18 @@ class Database:
             if lock is not None:
                 lock.release()
 
+    def refresh_statistics(self) -> None:
+        """On a server: the planner's statistics of the tables a registration filled.
+        Without them (the server's own ANALYZE comes a minute or more later) it planned
+        the step's updates by primary key as scans of all tasks. A statement of its
+        own after the commit: it blocks no reader or writer, and a role that does not
+        own the tables gets a warning from the server, not an error."""
+        if self.sqlite:
+            return
+        with self.translate_errors(), self.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("ANALYZE tasks, edges, attempts")
+
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only snapshot; callers keep it to a statement or two. On SQLite under

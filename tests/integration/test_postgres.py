@@ -422,6 +422,30 @@ def test_a_claim_reads_attempts_only_of_tasks_that_run(pg):
     assert all(n["Actual Loops"] == 0 for n in on_attempts), json.dumps(plan, indent=1)
 
 
+def test_a_registration_leaves_statistics_for_the_steps_plans(pg):
+    """The worker that registers a graph has the server's planner statistics made
+    (ANALYZE) right after: without them a step's updates of a batch by primary key
+    were planned as scans of every task (the server's own ANALYZE comes a minute or
+    more later)."""
+    from laufband import Graphband, Task
+    from laufband.store.claiming import SQL as CLAIMING
+    from laufband.store.ledger import _ANY_PKS
+
+    Graphband([Task(f"t{i}") for i in range(20_000)], db=pg.url(), identifier="W").close()
+    assert pg.rows("SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL"
+                   " AND relname IN ('tasks', 'edges', 'attempts') ORDER BY relname") == [
+        ("attempts",), ("edges",), ("tasks",)]
+    engine = sa.create_engine(pg.url())
+    try:
+        with engine.connect() as conn:
+            plan = conn.execute(
+                sa.text("EXPLAIN (FORMAT JSON) " + CLAIMING["claim"].format(in_pks=_ANY_PKS)),
+                {"pks": list(range(5000, 5256)), "now": 0.0}).scalar()
+    finally:
+        engine.dispose()
+    assert "Seq Scan" not in json.dumps(plan), json.dumps(plan, indent=1)
+
+
 def test_a_deadlock_is_reported_as_a_conflict(pg):
     """Two transactions that lock two rows in opposite orders: the server rolls one
     back, which laufband reports as a Conflict (a DatabaseError that Store.step answers
