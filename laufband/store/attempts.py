@@ -43,10 +43,10 @@ SQL = {
     "count_done": "UPDATE workers SET completed = completed + :n WHERE id = :worker",
     "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
     "count_failure": "UPDATE tasks SET failures = failures + 1 WHERE pk = :pk",
-    # {in_pairs}, {in_pks}: Ledger.in_pairs, Ledger.in_pks. Each handles a whole batch.
+    # {pairs}, {in_pks}: Ledger.pairs_in, Ledger.in_pks. Each handles a whole batch.
     "end_completed": "UPDATE attempts SET ended_at = :now, outcome = 'completed'"
                      " WHERE ended_at IS NULL AND worker = :worker"
-                     " AND (task, attempt) {in_pairs} RETURNING task",
+                     " AND {pairs} RETURNING task",
     "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk {in_pks}"
                     " RETURNING pk, state",
     # Only pk in the WHERE (see ledger.SQL["move_many"]). A task invalidated while the
@@ -125,8 +125,8 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
     """End attempts that completed, a whole batch in four statements."""
     if not claims:
         return
-    pairs, params = led.in_pairs([(c.pk, c.attempt) for c in claims])
-    current = {pk for (pk,) in led.all(SQL["end_completed"].format(in_pairs=pairs),
+    pairs, params = led.pairs_in("task", "attempt", [(c.pk, c.attempt) for c in claims])
+    current = {pk for (pk,) in led.all(SQL["end_completed"].format(pairs=pairs),
                                        {**params, "worker": worker, "now": led.now})}
     for claim in claims:
         if claim.pk not in current:

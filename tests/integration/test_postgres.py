@@ -422,6 +422,36 @@ def test_a_claim_reads_attempts_only_of_tasks_that_run(pg):
     assert all(n["Actual Loops"] == 0 for n in on_attempts), json.dumps(plan, indent=1)
 
 
+def test_ending_a_batch_of_attempts_reads_each_once(pg):
+    """The completions of a batch end its attempts by (task, attempt) pairs: found by
+    the task's key and the pair as one number, not as a join that scanned all pairs
+    once per attempt (256 x 256 in a step, as planned on a graph just registered)."""
+    from laufband import Graphband, Task
+    from laufband.store.attempts import SQL as ATTEMPTS
+    from laufband.store.ledger import Ledger
+
+    Graphband([Task(f"t{i}") for i in range(2000)], db=pg.url(), identifier="W").close()
+    pg.execute("INSERT INTO attempts (task, attempt, worker, started_at)"
+               " SELECT pk, 1, 'W', 0 FROM tasks WHERE pk BETWEEN 1 AND 256")
+    engine = sa.create_engine(pg.url())
+    try:
+        with engine.begin() as conn:
+            # Pairs of other attempt numbers, and of other tasks, are not ended.
+            pairs, params = Ledger(conn, 0.0).pairs_in(
+                "task", "attempt", [(pk, 1) for pk in range(1, 257)] + [(257, 1), (1, 2)])
+            plan = conn.execute(
+                sa.text("EXPLAIN (ANALYZE, FORMAT JSON) "
+                        + ATTEMPTS["end_completed"].format(pairs=pairs)),
+                {**params, "worker": "W", "now": 1.0}).scalar()
+            ended = conn.execute(sa.text("SELECT count(*) FROM attempts WHERE ended_at = 1")
+                                 ).scalar()
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert plan[0]["Plan"]["Actual Rows"] == 256 and ended == 256
+    assert "Nested Loop" not in json.dumps(plan), json.dumps(plan, indent=1)
+
+
 def test_a_registration_leaves_statistics_for_the_steps_plans(pg):
     """The worker that registers a graph has the server's planner statistics made
     (ANALYZE) right after: without them a step's updates of a batch by primary key
