@@ -329,14 +329,15 @@ class Database:
     def translate_errors(self) -> Iterator[None]:
         try:
             yield
-        except (sa_exc.DBAPIError, sqlite3.Error) as exc:
-            # sqlite3.Error: the hot path runs on the raw driver connection (ledger.py).
+        except (sa_exc.DBAPIError, sqlite3.Error, *_server_errors(self.engine)) as exc:
+            # The driver's own errors: the hot path runs on the raw driver connection
+            # (ledger.py).
             # "from None": the user gets our explanation, which quotes the driver's
             # message, instead of a traceback through SQLAlchemy (the original stays
             # reachable as __context__ for debugging).
             raise self.explain(exc) from None
 
-    def explain(self, exc: sa_exc.DBAPIError | sqlite3.Error) -> DatabaseError:
+    def explain(self, exc: Exception) -> DatabaseError:
         orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
         text = str(orig)
         if getattr(orig, "sqlstate", None) == DEADLOCK:
@@ -410,6 +411,14 @@ class Database:
             else:
                 mark += (st.st_size, st.st_mtime_ns)
         return tuple(mark)
+
+
+def _server_errors(engine: Engine) -> tuple[type[Exception], ...]:
+    """The errors of a server's driver (psycopg.Error), which the Ledger's statements
+    raise as they are; none for SQLite (sqlite3.Error is named where caught)."""
+    if engine.dialect.name == "sqlite":
+        return ()
+    return (engine.dialect.loaded_dbapi.Error,)
 
 
 def explain_text(text: str, where: str, hints: dict[str, str]) -> DatabaseError:

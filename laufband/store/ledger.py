@@ -11,7 +11,9 @@ SCALING_ANALYSIS.md, 'Measurements behind the code'), elsewhere through
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import typing as t
 from collections.abc import Sequence
 
@@ -91,6 +93,17 @@ _PAIRS_ANY = ("{a} = ANY(CAST(:pair_a AS integer[])) AND CAST({a} AS bigint) * 4
               " + {b} = ANY(CAST(:pair_ab AS bigint[]))")
 
 
+#: ``:name`` placeholders, as ``sqlalchemy.text()`` finds them (not ``::`` casts).
+_PLACEHOLDER = re.compile(r"(?<![:\w\x5c]):(\w+)(?!:)")
+
+
+@functools.lru_cache(maxsize=512)
+def pyformat(sql: str) -> str:
+    """A statement's ``:name`` placeholders as psycopg's ``%(name)s`` (and a literal
+    ``%`` doubled), for a server's driver connection."""
+    return _PLACEHOLDER.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
 class Ledger:
     """One transaction's statements and bookings (``counts`` is read at the start and
     kept up to date by ``record``). ``beside``: a step that runs beside other steps
@@ -103,7 +116,12 @@ class Ledger:
         self.conn = conn
         self.now = now
         self.beside = beside
-        self._raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        driver = conn.connection.driver_connection
+        self._raw = driver if conn.dialect.name == "sqlite" else None
+        #: A server's driver connection (psycopg): statements run on it directly, as on
+        #: SQLite, in the transaction SQLAlchemy began (a fifth of the CPU per
+        #: statement: SCALING_ANALYSIS.md, 'Measurements behind the code').
+        self._server = driver if self._raw is None else None
         self._tells = tells and self._raw is None
         #: Set by a change the counts do not show that may concern a waiting worker (a
         #: worker left: what the live workers can run changed).
@@ -127,7 +145,7 @@ class Ledger:
     def all(self, sql: str, params: dict[str, t.Any] | None = None) -> list[tuple]:
         if self._raw is not None:
             return self._raw.execute(sql, params or {}).fetchall()
-        return [tuple(r) for r in self.conn.execute(sa.text(sql), params or {})]
+        return self._server.execute(pyformat(sql), params or {}).fetchall()
 
     def scalar(self, sql: str, params: dict[str, t.Any] | None = None) -> t.Any:
         rows = self.all(sql, params)
@@ -171,7 +189,9 @@ class Ledger:
             if isinstance(params, list):
                 return self._raw.executemany(sql, params).rowcount
             return self._raw.execute(sql, params).rowcount
-        return self.conn.execute(sa.text(sql), params).rowcount
+        if isinstance(params, list):  # rare on a server (run_rows sends arrays)
+            return self.conn.execute(sa.text(sql), params).rowcount
+        return self._server.execute(pyformat(sql), params).rowcount
 
     # -- booking
     def record(self, moved: Sequence[tuple[int, int]], old: str, new: str, event: Event,

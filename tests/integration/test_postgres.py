@@ -385,6 +385,32 @@ def test_steps_that_complete_tasks_run_side_by_side(pg, tmp_path):
         ("completed", 7)]
 
 
+def test_ledger_statements_run_on_the_driver_connection(pg):
+    """On a server the Ledger runs its statements on psycopg's connection, in the
+    transaction SQLAlchemy began: placeholders as sqlalchemy.text() reads them (not a
+    '::' cast; a literal '%' stays), and the driver's errors explained like any other."""
+    from laufband import Graphband, Task
+    from laufband.errors import DatabaseError
+    from laufband.store.connection import Database
+    from laufband.store.ledger import Ledger
+
+    Graphband([Task("a")], db=pg.url(), identifier="W").close()
+    db = Database(pg.url(), None)
+    try:
+        with db.transaction() as conn:
+            led = Ledger(conn, 0.0)
+            assert led.all("SELECT 'a%' || :x, '2'::int, :y", {"x": "b", "y": None}) == [
+                ("a%b", 2, None)]
+            assert led.run("UPDATE tasks SET label = :label WHERE id = 'a'",
+                           {"label": "100%"}) == 1
+            conn.rollback()  # the statements ran in SQLAlchemy's transaction
+        assert pg.rows("SELECT label FROM tasks") == [(None,)]
+        with pytest.raises(DatabaseError, match="no_such_table"), db.transaction() as conn:
+            Ledger(conn, 0.0).run("UPDATE no_such_table SET x = 1", {})
+    finally:
+        db.engine.dispose()
+
+
 def test_a_claim_reads_attempts_only_of_tasks_that_run(pg):
     """A claim's find on a graph just registered (no statistics yet) looks for the
     worker's own live attempts only of ready tasks that have live attempts (shared
