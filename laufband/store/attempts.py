@@ -46,7 +46,7 @@ SQL = {
     # {pairs}, {in_pks}: Ledger.pairs_in, Ledger.in_pks. Each handles a whole batch.
     "end_completed": "UPDATE attempts SET ended_at = :now, outcome = 'completed'"
                      " WHERE ended_at IS NULL AND worker = :worker"
-                     " AND {pairs} RETURNING task",
+                     " AND {pairs} RETURNING task, attempt",
     "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk {in_pks}"
                     " RETURNING pk, state",
     # Only pk in the WHERE (see ledger.SQL["move_many"]). A task invalidated while the
@@ -126,12 +126,14 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
     if not claims:
         return
     pairs, params = led.pairs_in("task", "attempt", [(c.pk, c.attempt) for c in claims])
-    current = {pk for (pk,) in led.all(SQL["end_completed"].format(pairs=pairs),
-                                       {**params, "worker": worker, "now": led.now})}
+    # By (task, attempt), not by task: a worker declared dead, then back, can record
+    # a stale attempt of a task together with its new one (the stale one is fenced).
+    current = set(led.all(SQL["end_completed"].format(pairs=pairs),
+                          {**params, "worker": worker, "now": led.now}))
     for claim in claims:
-        if claim.pk not in current:
+        if (claim.pk, claim.attempt) not in current:
             _fence(led, worker, claim, Event.COMPLETED)
-    live = [c for c in claims if c.pk in current]
+    live = [c for c in claims if (c.pk, c.attempt) in current]
     if live:
         led.ended = True
         led.run(SQL["count_done"], {"worker": worker, "n": len(live)})

@@ -4,6 +4,7 @@ the translation of driver errors into laufband's own.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sqlite3
@@ -19,6 +20,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from laufband.errors import ConfigError, DatabaseError
 from laufband.locking import DEFAULT_TIMEOUT, DatabaseLock
+
+log = logging.getLogger(__name__)
 
 if t.TYPE_CHECKING:
     from laufband.store.notices import Notices
@@ -281,12 +284,19 @@ class Database:
         Without them (the server's own ANALYZE comes a minute or more later) it planned
         the step's updates by primary key as scans of all tasks. A statement of its
         own after the commit: it blocks no reader or writer, and a role that does not
-        own the tables gets a warning from the server, not an error."""
+        own the tables gets a warning from the server, not an error. Best effort: a
+        table another session holds (a VACUUM, an index being built) is skipped, not
+        waited for, and an error is logged, not raised (the registration committed;
+        the server's autovacuum analyzes the tables later anyway)."""
         if self.sqlite:
             return
-        with self.translate_errors(), self.engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.exec_driver_sql("ANALYZE tasks, edges, attempts")
+        try:
+            with self.translate_errors(), self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql("ANALYZE (SKIP_LOCKED) tasks, edges, attempts")
+        except DatabaseError as err:
+            log.warning("laufband: could not update the server's statistics of the "
+                        "workflow's tables (the first steps may be slower): %s", err)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -502,6 +502,41 @@ def test_a_registration_leaves_statistics_for_the_steps_plans(pg):
     assert "Seq Scan" not in json.dumps(plan), json.dumps(plan, indent=1)
 
 
+def test_statistics_are_not_waited_for(pg):
+    """The ANALYZE after a registration skips a table that another session holds (a
+    VACUUM, an index being built: SHARE UPDATE EXCLUSIVE) instead of waiting for it,
+    up to the lock timeout (review22: the registering worker stalled, then failed,
+    after its registration had committed)."""
+    import threading
+
+    import psycopg
+
+    from laufband import Graphband, Task
+
+    Graphband([Task("a")], db=pg.url(), identifier="A").close()
+    holder = psycopg.connect(backends._conninfo(pg.url()))
+    holder.execute("LOCK TABLE tasks IN SHARE UPDATE EXCLUSIVE MODE")
+    done: list[object] = []
+
+    def register() -> None:
+        try:
+            worker = Graphband([Task("a"), Task("b")], db=pg.url(), identifier="B")
+            done.append([t.id for t in worker])
+        except Exception as exc:  # reported below
+            done.append(exc)
+
+    thread = threading.Thread(target=register)
+    thread.start()
+    try:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the registering worker waits for the table lock"
+    finally:
+        holder.rollback()
+        holder.close()
+        thread.join()
+    assert done == [["a", "b"]]
+
+
 def test_a_deadlock_is_reported_as_a_conflict(pg):
     """Two transactions that lock two rows in opposite orders: the server rolls one
     back, which laufband reports as a Conflict (a DatabaseError that Store.step answers

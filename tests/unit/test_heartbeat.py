@@ -64,6 +64,44 @@ def test_killed_task_is_retried_and_late_completion_is_fenced():
     assert rows("SELECT count(*) FROM events WHERE event = 'completed'") == [(2,)]  # a, b
 
 
+def test_a_stale_attempt_recorded_with_the_live_one_of_its_task_is_fenced():
+    """W runs x; paused past its timeout, it is declared dead (x killed, ready again);
+    back, it claims x again while its first attempt still runs, and one step records
+    both completions: the stale attempt is fenced, x is completed once, the counts
+    stay in step (review22: the attempt number was dropped, x was completed twice and
+    'running' counted -1)."""
+    from helpers import url
+
+    from laufband.states import Event
+    from laufband.store import Store
+    from laufband.store.model import Finish, Me, Want, WorkerInfo
+    from laufband.task import read_graph
+
+    clock = FakeClock()
+    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    gen = None
+    for name in ("W", "P"):
+        store.register_worker(WorkerInfo(name, "h", 1, frozenset(), 10.0, max_killed=1),
+                              lambda host, pid: False)
+        gen = gen or store.register_graph(read_graph([Task("x"), Task("z")]), name)
+    me = Me("W", [], gen, max_killed=1)
+    store.reqsets_for(me, frozenset())
+    [first] = store.step(me, [], Want(limit=1, start=True)).claims
+    clock.advance(31)
+    store.heartbeat("P", budget=1, stalled_after=100.0)  # P declares W dead
+    assert states()["x"] == "ready"
+    [again] = store.step(me, [], Want(limit=1)).claims
+    assert (again.id, again.attempt) == ("x", 2)
+    store.step(me, [Finish(first, Event.COMPLETED), Finish(again, Event.COMPLETED)],
+               Want(limit=0))
+    assert [(*e[:2], e[3]) for e in history("x")] == [
+        ("claimed", "running", 1), ("killed", "ready", 1), ("claimed", "running", 2),
+        ("fenced", None, 1), ("completed", "completed", 2)]
+    assert rows("SELECT completed FROM workers WHERE id = 'W'") == [(1,)]
+    counted = {s: n for s, n in rows("SELECT state, sum(n) FROM counts GROUP BY state") if n}
+    assert counted == dict(rows("SELECT state, count(*) FROM tasks GROUP BY state"))
+
+
 def test_dead_worker_id_can_be_reused_at_once():
     clock = FakeClock()
     a, _b = two_workers(clock)
