@@ -3,10 +3,10 @@ change (the one place that checks the state machine, keeps the counts in step an
 appends the history).
 
 Count changes and history rows are collected and written once at the end (``flush``),
-so a claim+finish costs a handful of statements. On SQLite the statements run on the
-raw sqlite3 connection (ten times cheaper per statement than SQLAlchemy's execute:
-SCALING_ANALYSIS.md, 'Measurements behind the code'), elsewhere through
-``sqlalchemy.text()``.
+so a claim+finish costs a handful of statements. The statements run on the driver's
+connection (sqlite3, psycopg), in the transaction SQLAlchemy began: several times
+cheaper per statement than SQLAlchemy's execute (SCALING_ANALYSIS.md, 'Measurements
+behind the code').
 """
 
 from __future__ import annotations
@@ -97,11 +97,18 @@ _PAIRS_ANY = ("{a} = ANY(CAST(:pair_a AS integer[])) AND CAST({a} AS bigint) * 4
 _PLACEHOLDER = re.compile(r"(?<![:\w\x5c]):(\w+)(?!:)")
 
 
-@functools.lru_cache(maxsize=512)
 def pyformat(sql: str) -> str:
     """A statement's ``:name`` placeholders as psycopg's ``%(name)s`` (and a literal
-    ``%`` doubled), for a server's driver connection."""
+    ``%`` doubled), for a server's driver connection. Cached, unless long: a statement
+    with an IN list of a batch's keys (``in_list``) has a text of its own per size."""
+    return _pyformat(sql) if len(sql) <= 4096 else _convert(sql)
+
+
+def _convert(sql: str) -> str:
     return _PLACEHOLDER.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+_pyformat = functools.lru_cache(maxsize=512)(_convert)
 
 
 class Ledger:
@@ -145,7 +152,7 @@ class Ledger:
     def all(self, sql: str, params: dict[str, t.Any] | None = None) -> list[tuple]:
         if self._raw is not None:
             return self._raw.execute(sql, params or {}).fetchall()
-        return self._server.execute(pyformat(sql), params or {}).fetchall()
+        return self._on_server(pyformat(sql), params or {}).fetchall()
 
     def scalar(self, sql: str, params: dict[str, t.Any] | None = None) -> t.Any:
         rows = self.all(sql, params)
@@ -191,7 +198,17 @@ class Ledger:
             return self._raw.execute(sql, params).rowcount
         if isinstance(params, list):  # rare on a server (run_rows sends arrays)
             return self.conn.execute(sa.text(sql), params).rowcount
-        return self._server.execute(pyformat(sql), params).rowcount
+        return self._on_server(pyformat(sql), params).rowcount
+
+    def _on_server(self, sql: str, params: dict[str, t.Any]) -> t.Any:
+        """A statement on the driver connection; one that lost the connection hands it
+        to SQLAlchemy invalidated (no rollback on it: its error would hide this one)."""
+        try:
+            return self._server.execute(sql, params)
+        except BaseException:
+            if self._server.broken or self._server.closed:
+                self.conn.invalidate()
+            raise
 
     # -- booking
     def record(self, moved: Sequence[tuple[int, int]], old: str, new: str, event: Event,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import backends
 import pytest
 import sqlalchemy as sa
-from conftest import assert_dependency_order, assert_exactly_once, query
+from conftest import assert_dependency_order, assert_exactly_once, query, wait_until
 from graphs import build
 
 pytestmark = [pytest.mark.processes, pytest.mark.postgres]
@@ -407,6 +407,33 @@ def test_ledger_statements_run_on_the_driver_connection(pg):
         assert pg.rows("SELECT label FROM tasks") == [(None,)]
         with pytest.raises(DatabaseError, match="no_such_table"), db.transaction() as conn:
             Ledger(conn, 0.0).run("UPDATE no_such_table SET x = 1", {})
+    finally:
+        db.engine.dispose()
+
+
+def test_a_connection_lost_inside_a_step_keeps_the_servers_reason(pg):
+    """A Ledger statement on the driver connection that the server ended (here: idle in
+    the transaction past its timeout, as a worker that hung) raises the server's reason
+    with its hint, not the error of a rollback on the dead connection ("the connection
+    is lost", review23), and the next transaction gets a working connection."""
+    from laufband import Graphband, Task
+    from laufband.errors import DatabaseError
+    from laufband.store.connection import Database
+    from laufband.store.ledger import Ledger
+
+    Graphband([Task("a")], db=pg.url(), identifier="W").close()
+    db = Database(pg.url(), None)
+    try:
+        hung = pytest.raises(DatabaseError, match="hung inside a transaction")
+        with hung, db.transaction() as conn:
+            led = Ledger(conn, 0.0)
+            led.run("SET LOCAL idle_in_transaction_session_timeout = 200", {})
+            pid = led.scalar("SELECT pg_backend_pid()")
+            wait_until(lambda: not pg.rows(
+                f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"), timeout=30)
+            led.run("UPDATE tasks SET label = 'x'", {})
+        with db.transaction() as conn:
+            assert Ledger(conn, 0.0).all("SELECT label FROM tasks") == [(None,)]
     finally:
         db.engine.dispose()
 
