@@ -438,6 +438,24 @@ def test_a_connection_lost_inside_a_step_keeps_the_servers_reason(pg):
         db.engine.dispose()
 
 
+@contextlib.contextmanager
+def rolled_back(pg) -> Iterator[sa.Connection]:
+    """A connection to the test's database in a transaction that is rolled back."""
+    engine = sa.create_engine(pg.url())
+    try:
+        with engine.connect() as conn:
+            yield conn
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def explain(conn: sa.Connection, sql: str, params: dict, analyze: bool = True) -> list:
+    """The server's plan of ``sql`` (JSON; with ``analyze``, as run)."""
+    options = "ANALYZE, FORMAT JSON" if analyze else "FORMAT JSON"
+    return conn.execute(sa.text(f"EXPLAIN ({options}) {sql}"), params).scalar()
+
+
 def test_a_claim_reads_attempts_only_of_tasks_that_run(pg):
     """A claim's find on a graph just registered (no statistics yet) looks for the
     worker's own live attempts only of ready tasks that have live attempts (shared
@@ -451,17 +469,10 @@ def test_a_claim_reads_attempts_only_of_tasks_that_run(pg):
     pg.execute("INSERT INTO attempts (task, attempt, worker, started_at)"
                " SELECT pk, 1, 'W', 0 FROM tasks WHERE pk < 300")
     pg.execute("UPDATE tasks SET state = 'running', running = 1 WHERE pk < 300")
-    engine = sa.create_engine(pg.url())
-    try:
-        with engine.connect() as conn:
-            reqset, generation = conn.execute(sa.text(
-                "SELECT min(reqset), max(generation) FROM tasks")).one()
-            plan = conn.execute(
-                sa.text("EXPLAIN (ANALYZE, FORMAT JSON) " + CLAIMING["find_ready"]),
-                {"reqset": reqset, "generation": generation, "worker": "W", "limit": 256},
-            ).scalar()
-    finally:
-        engine.dispose()
+    [(reqset, generation)] = pg.rows("SELECT min(reqset), max(generation) FROM tasks")
+    with rolled_back(pg) as conn:
+        plan = explain(conn, CLAIMING["find_ready"], {
+            "reqset": reqset, "generation": generation, "worker": "W", "limit": 256})
 
     def nodes(node):
         yield node
@@ -486,21 +497,14 @@ def test_ending_a_batch_of_attempts_reads_each_once(pg):
     Graphband([Task(f"t{i}") for i in range(2000)], db=pg.url(), identifier="W").close()
     pg.execute("INSERT INTO attempts (task, attempt, worker, started_at)"
                " SELECT pk, 1, 'W', 0 FROM tasks WHERE pk BETWEEN 1 AND 256")
-    engine = sa.create_engine(pg.url())
-    try:
-        with engine.begin() as conn:
-            # Pairs of other attempt numbers, and of other tasks, are not ended.
-            pairs, params = Ledger(conn, 0.0).pairs_in(
-                "task", "attempt", [(pk, 1) for pk in range(1, 257)] + [(257, 1), (1, 2)])
-            plan = conn.execute(
-                sa.text("EXPLAIN (ANALYZE, FORMAT JSON) "
-                        + ATTEMPTS["end_completed"].format(pairs=pairs)),
-                {**params, "worker": "W", "now": 1.0}).scalar()
-            ended = conn.execute(sa.text("SELECT count(*) FROM attempts WHERE ended_at = 1")
-                                 ).scalar()
-            conn.rollback()
-    finally:
-        engine.dispose()
+    with rolled_back(pg) as conn:
+        # Pairs of other attempt numbers, and of other tasks, are not ended.
+        pairs, params = Ledger(conn, 0.0).pairs_in(
+            "task", "attempt", [(pk, 1) for pk in range(1, 257)] + [(257, 1), (1, 2)])
+        plan = explain(conn, ATTEMPTS["end_completed"].format(pairs=pairs),
+                       {**params, "worker": "W", "now": 1.0})
+        ended = conn.execute(sa.text("SELECT count(*) FROM attempts WHERE ended_at = 1")
+                             ).scalar()
     assert plan[0]["Plan"]["Actual Rows"] == 256 and ended == 256
     assert "Nested Loop" not in json.dumps(plan), json.dumps(plan, indent=1)
 
@@ -518,14 +522,9 @@ def test_a_registration_leaves_statistics_for_the_steps_plans(pg):
     assert pg.rows("SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL"
                    " AND relname IN ('tasks', 'edges', 'attempts') ORDER BY relname") == [
         ("attempts",), ("edges",), ("tasks",)]
-    engine = sa.create_engine(pg.url())
-    try:
-        with engine.connect() as conn:
-            plan = conn.execute(
-                sa.text("EXPLAIN (FORMAT JSON) " + CLAIMING["claim"].format(in_pks=_ANY_PKS)),
-                {"pks": list(range(5000, 5256)), "now": 0.0}).scalar()
-    finally:
-        engine.dispose()
+    with rolled_back(pg) as conn:
+        plan = explain(conn, CLAIMING["claim"].format(in_pks=_ANY_PKS),
+                       {"pks": list(range(5000, 5256)), "now": 0.0}, analyze=False)
     assert "Seq Scan" not in json.dumps(plan), json.dumps(plan, indent=1)
 
 
