@@ -392,7 +392,7 @@ def test_ledger_statements_run_on_the_driver_connection(pg):
     from laufband import Graphband, Task
     from laufband.errors import DatabaseError
     from laufband.store.connection import Database
-    from laufband.store.ledger import Ledger
+    from laufband.store.ledger import Ledger, pyformat
 
     Graphband([Task("a")], db=pg.url(), identifier="W").close()
     db = Database(pg.url(), None)
@@ -401,6 +401,12 @@ def test_ledger_statements_run_on_the_driver_connection(pg):
             led = Ledger(conn, 0.0)
             assert led.all("SELECT 'a%' || :x, '2'::int, :y", {"x": "b", "y": None}) == [
                 ("a%b", 2, None)]
+            # Arrays go in binary (no quoting to check per element): any values, None,
+            # quotes, an empty array.
+            arrays = "SELECT CAST(:a AS integer[]), CAST(:b AS text[]), CAST(:c AS bigint[])"
+            assert "CAST(%(a)b AS integer[])" in pyformat(arrays)
+            assert led.all(arrays, {"a": [1, None, 2**31 - 1], "b": ["x'y,\"{}", None],
+                                    "c": []}) == [([1, None, 2**31 - 1], ["x'y,\"{}", None], [])]
             assert led.run("UPDATE tasks SET label = :label WHERE id = 'a'",
                            {"label": "100%"}) == 1
             conn.rollback()  # the statements ran in SQLAlchemy's transaction
