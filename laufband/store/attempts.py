@@ -47,16 +47,23 @@ SQL = {
     "end_completed": "UPDATE attempts SET ended_at = :now, outcome = 'completed'"
                      " WHERE ended_at IS NULL AND worker = :worker"
                      " AND {pairs} RETURNING task, attempt",
-    "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk {in_pks}"
-                    " RETURNING pk, state",
+    # The states of the tasks whose attempts completed, {lock}ed in a step beside
+    # others (in one order: two steps that complete attempts of the same shared tasks
+    # wait for each other instead of deadlocking); then one UPDATE each ends the attempt
+    # and completes the task, or only ends it (a sibling attempt completed the task).
+    # Two updates of every row were a new row version and index entries each.
+    "ended_states": "SELECT pk, state FROM tasks WHERE pk {in_pks} ORDER BY pk{lock}",
+    "end_attempts": "UPDATE tasks SET running = running - 1 WHERE pk {in_pks}",
     # Only pk in the WHERE (see ledger.SQL["move_many"]). A task invalidated while the
     # attempt ran (dirty 1) waits or is ready to run again; one removed from the graph
     # meanwhile (dirty 2) is removed now. The mark stays while other attempts of a
-    # shared task run: they began before the change too.
-    "complete": "UPDATE tasks SET state = CASE WHEN dirty = 0 THEN 'completed'"
-                " WHEN dirty = 2 THEN 'removed' WHEN waiting_on = 0 THEN 'ready'"
-                " ELSE 'pending' END, invalidated = CASE WHEN dirty = 1 THEN 1 ELSE 0 END,"
-                " dirty = CASE WHEN running > 0 THEN dirty ELSE 0 END,"
+    # shared task run (``running`` before this attempt ended: > 1): they began before
+    # the change too.
+    "complete": "UPDATE tasks SET running = running - 1, state = CASE WHEN dirty = 0"
+                " THEN 'completed' WHEN dirty = 2 THEN 'removed' WHEN waiting_on = 0"
+                " THEN 'ready' ELSE 'pending' END,"
+                " invalidated = CASE WHEN dirty = 1 THEN 1 ELSE 0 END,"
+                " dirty = CASE WHEN running > 1 THEN dirty ELSE 0 END,"
                 " updated_at = :now WHERE pk {in_pks} RETURNING pk, reqset, state",
     # In a step beside others, before "release_dependents": the dependents in one
     # order, so that two steps that complete dependencies of the same tasks wait for
@@ -138,19 +145,24 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
         led.ended = True
         led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
         marks, params = led.in_pks([c.pk for c in live])
-        state_of = dict(led.all(SQL["end_attempts"].format(in_pks=marks), params))
+        lock = " FOR UPDATE" if led.beside else ""
+        state_of = dict(led.all(SQL["ended_states"].format(in_pks=marks, lock=lock),
+                                params))
         _complete(led, worker, [(c, state_of[c.pk]) for c in live])
 
 
 def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> None:
-    """Mark completed the tasks whose attempts ``ended`` (claim, task state after the
-    attempt ended), and release their dependents."""
-    done = []
+    """End the attempts that completed, ``ended`` (claim, its task's state), and mark
+    their tasks completed (but one a sibling attempt of a shared task completed
+    already), and release their dependents."""
+    done, released = [], []
     for claim, state in ended:
-        if state == S.COMPLETED:  # a sibling attempt of a shared task completed it
+        (released if state == S.COMPLETED else done).append((claim, state))
+    if released:
+        marks, params = led.in_pks([c.pk for c, _ in released])
+        led.run(SQL["end_attempts"].format(in_pks=marks), params)
+        for claim, _ in released:
             led.note([claim.pk], Event.RELEASED, None, worker, claim.attempt)
-        else:
-            done.append((claim, state))
     if not done:
         return
     marks, params = led.in_pks([c.pk for c, _ in done])
