@@ -145,7 +145,7 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
         led.ended = True
         led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
         marks, params = led.in_pks([c.pk for c in live])
-        lock = " FOR UPDATE" if led.beside else ""
+        lock = " FOR NO KEY UPDATE" if led.beside else ""  # as an UPDATE locks a row
         state_of = dict(led.all(SQL["ended_states"].format(in_pks=marks, lock=lock),
                                 params))
         _complete(led, worker, [(c, state_of[c.pk]) for c in live])
