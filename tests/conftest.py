@@ -184,6 +184,13 @@ class Faults:
         states = dict(query(self.db, "SELECT id, state FROM tasks"))
         assert states == dict.fromkeys(ids, "completed")
         assert query(self.db, "SELECT count(*) FROM attempts WHERE ended_at IS NULL") == [(0,)]
+        # Each task's count of running attempts (which the claim's find relies on)
+        # matches its live attempts.
+        drift = query(self.db, "SELECT id, running FROM tasks WHERE running != (SELECT"
+                      " count(*) FROM attempts WHERE attempts.task = tasks.pk"
+                      " AND attempts.ended_at IS NULL)")
+        assert not drift, (f"{len(drift)} tasks whose running count is not their live "
+                           f"attempts, e.g. {drift[:5]}")
         latest = dict(query(self.db, "SELECT id, attempts FROM tasks"))
         completions = query(self.db, "SELECT tasks.id, events.attempt FROM events JOIN tasks"
                             " ON tasks.pk = events.task WHERE event = 'completed'")
