@@ -152,9 +152,9 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
 
 
 def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> None:
-    """End the attempts that completed, ``ended`` (claim, its task's state), and mark
-    their tasks completed (but one a sibling attempt of a shared task completed
-    already), and release their dependents."""
+    """End the attempts that completed, ``ended`` (claim, its task's state); mark
+    their tasks completed (a task that a sibling attempt of a shared task completed
+    already is only released) and release their dependents."""
     done, released = [], []
     for claim, state in ended:
         (released if state == S.COMPLETED else done).append((claim, state))

@@ -96,8 +96,8 @@ _PAIRS_ANY = ("{a} = ANY(CAST(:pair_a AS integer[])) AND CAST({a} AS bigint) * 4
 #: ``:name`` placeholders, as ``sqlalchemy.text()`` finds them (not ``::`` casts).
 _PLACEHOLDER = re.compile(r"(?<![:\w\x5c]):(\w+)(?!:)")
 #: An array parameter, ``CAST(:name AS type[])``: sent in binary (``%(name)b``), which
-#: psycopg dumps in a third to a half of the CPU of the text form (no quoting to check
-#: per element: SCALING_ANALYSIS.md).
+#: psycopg dumps in a third (integers) to two thirds (text) of the CPU of the text
+#: form, which checks every element for quoting (SCALING_ANALYSIS.md).
 _ARRAY_PARAM = re.compile(r"CAST\(:(\w+) AS ([\w ]+)\[\]\)")
 
 
