@@ -283,20 +283,34 @@ class Database:
         """On a server: the planner's statistics of the tables a registration filled.
         Without them (the server's own ANALYZE comes a minute or more later) it planned
         the step's updates by primary key as scans of all tasks. A statement of its
-        own after the commit: it blocks no reader or writer, and a role that does not
-        own the tables gets a warning from the server, not an error. Best effort: a
-        table another session holds (a VACUUM, an index being built) is skipped, not
-        waited for, and an error is logged, not raised (the registration committed;
-        the server's autovacuum analyzes the tables later anyway)."""
+        own after the commit: it blocks no reader or writer. Best effort: a table
+        another session holds (a VACUUM, an index being built) is skipped, not waited
+        for; that, a role that does not own the tables (both warnings of the server)
+        and an error are logged, not raised (the registration committed; the server's
+        autovacuum analyzes the tables later anyway)."""
         if self.sqlite:
             return
+        skipped: list[str] = []  # the server's warnings (a skipped table, no owner)
+
+        def notice(diag: t.Any) -> None:  # the diagnostic is valid during the call only
+            skipped.append(diag.message_primary)
+
         try:
             with self.translate_errors(), self.engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                conn.exec_driver_sql("ANALYZE (SKIP_LOCKED) tasks, edges, attempts")
+                driver = conn.connection.driver_connection
+                driver.add_notice_handler(notice)
+                try:
+                    conn.exec_driver_sql("ANALYZE (SKIP_LOCKED) tasks, edges, attempts")
+                finally:
+                    driver.remove_notice_handler(notice)
         except DatabaseError as err:
             log.warning("laufband: could not update the server's statistics of the "
                         "workflow's tables (the first steps may be slower): %s", err)
+        for message in skipped:
+            log.warning("laufband: updating the server's statistics of the workflow's "
+                        "tables: %s (the first steps may be slower until the server's "
+                        "autovacuum analyzes them)", message)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

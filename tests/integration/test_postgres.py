@@ -534,11 +534,11 @@ def test_a_registration_leaves_statistics_for_the_steps_plans(pg):
     assert "Seq Scan" not in json.dumps(plan), json.dumps(plan, indent=1)
 
 
-def test_statistics_are_not_waited_for(pg):
+def test_statistics_are_not_waited_for(pg, caplog):
     """The ANALYZE after a registration skips a table that another session holds (a
     VACUUM, an index being built: SHARE UPDATE EXCLUSIVE) instead of waiting for it,
     up to the lock timeout (review22: the registering worker stalled, then failed,
-    after its registration had committed)."""
+    after its registration had committed), and says so in the log."""
     import threading
 
     import psycopg
@@ -567,6 +567,8 @@ def test_statistics_are_not_waited_for(pg):
         holder.close()
         thread.join()
     assert done == [["a", "b"]]
+    assert any('skipping analyze of "tasks"' in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_a_deadlock_is_reported_as_a_conflict(pg):
