@@ -49,6 +49,16 @@ def database_url(value: str, name: str = "db") -> str:
             f"SQLAlchemy understands ({exc}). Use a path such as runs/wf.sqlite, or a URL "
             "such as sqlite:///runs/wf.sqlite."
         ) from None
+    if parsed.get_backend_name() != "sqlite":
+        try:  # a missing driver otherwise surfaces deep inside the first connection
+            parsed.get_dialect().import_dbapi()
+        except ImportError as exc:
+            raise ConfigError(
+                f"{name}={display_url(value)!r} needs the database driver "
+                f"{parsed.get_driver_name()!r}, which is not installed ({exc}). For "
+                "PostgreSQL install psycopg 3 (pip install 'laufband[postgres]') and use "
+                "a postgresql+psycopg:// URL."
+            ) from None
     return url
 
 

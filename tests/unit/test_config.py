@@ -135,3 +135,19 @@ def test_an_unparsable_url_with_a_password_is_masked_in_the_error():
     with pytest.raises(ConfigError) as exc:
         database_url("postgresql+psycopg://postgres:s3cret@127.0.0.1:54x29", "db")
     assert "s3cret" not in str(exc.value) and "postgres:***@" in str(exc.value)
+
+
+def test_a_server_url_whose_driver_is_missing_says_what_to_install(monkeypatch):
+    """A postgresql+psycopg:// URL without psycopg installed (laufband without its
+    [postgres] extra) is refused up front with what to install, not with an import
+    error from inside SQLAlchemy at the first connection; the password stays masked."""
+    import sys
+
+    from laufband import Graphband, Task
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` fails
+    with pytest.raises(ConfigError) as exc:
+        Graphband([Task("a")], db="postgresql+psycopg://u:s3cret@127.0.0.1:1/x")
+    message = str(exc.value)
+    assert "pip install 'laufband[postgres]'" in message and "'psycopg'" in message
+    assert "s3cret" not in message and "u:***@" in message
