@@ -137,10 +137,12 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
     # a stale attempt of a task together with its new one (the stale one is fenced).
     current = set(led.all(SQL["end_completed"].format(pairs=pairs),
                           {**params, "worker": worker, "now": led.now}))
+    live = []
     for claim in claims:
-        if (claim.pk, claim.attempt) not in current:
+        if (claim.pk, claim.attempt) in current:
+            live.append(claim)
+        else:
             _fence(led, worker, claim, Event.COMPLETED)
-    live = [c for c in claims if (c.pk, c.attempt) in current]
     if live:
         led.ended = True
         led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
