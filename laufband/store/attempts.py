@@ -129,7 +129,7 @@ def end(led: Ledger, worker: str, finishes: Sequence[Finish]) -> None:
 
 
 def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
-    """End attempts that completed, a whole batch in four statements."""
+    """End attempts that completed, a whole batch in a few statements (not one per task)."""
     if not claims:
         return
     pairs, params = led.pairs_in("task", "attempt", [(c.pk, c.attempt) for c in claims])
