@@ -300,8 +300,6 @@ class Store:
             self._revive(led, me, force=want.start)
             final = workers.final_failures(led) if me.stop_on_failure else 0
             limit = 0 if final else claiming.how_many(led, me, want)
-            if limit:
-                workers.ensure_alive(led, me.id)
             claimed = claiming.claim(led, me, limit, want.ahead,
                                      clock=self.clock.now if beside else None)
             if beside and not claimed and not want.ahead:

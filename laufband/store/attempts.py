@@ -64,7 +64,8 @@ SQL = {
                 " THEN 'ready' ELSE 'pending' END,"
                 " invalidated = CASE WHEN dirty = 1 THEN 1 ELSE 0 END,"
                 " dirty = CASE WHEN running > 1 THEN dirty ELSE 0 END,"
-                " updated_at = :now WHERE pk {in_pks} RETURNING pk, reqset, state",
+                " updated_at = :now WHERE pk {in_pks} RETURNING pk, reqset, state,"
+                " EXISTS (SELECT 1 FROM edges WHERE edges.dep = tasks.pk)",
     # In a step beside others, before "release_dependents": the dependents in one
     # order, so that two steps that complete dependencies of the same tasks wait for
     # each other instead of deadlocking.
@@ -112,6 +113,11 @@ SQL = {
                  " WHERE task = :pk AND attempt = :attempt AND worker = :worker"
                  " AND outcome = 'failed'",
 }
+# A server's form of "end_completed" then "count_done": one statement, one round trip.
+SQL["end_and_count"] = (
+    "WITH e AS (" + SQL["end_completed"] + "), w AS (UPDATE workers SET completed ="
+    " completed + (SELECT count(*) FROM e) WHERE id = :worker AND EXISTS (SELECT 1 FROM e))"
+    " SELECT task, attempt FROM e")
 
 
 def end(led: Ledger, worker: str, finishes: Sequence[Finish]) -> None:
@@ -135,7 +141,8 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
     pairs, params = led.pairs_in("task", "attempt", [(c.pk, c.attempt) for c in claims])
     # By (task, attempt), not by task: a worker declared dead, then back, can record
     # a stale attempt of a task together with its new one (the stale one is fenced).
-    current = set(led.all(SQL["end_completed"].format(pairs=pairs),
+    end = SQL["end_and_count" if led.server else "end_completed"]
+    current = set(led.all(end.format(pairs=pairs),
                           {**params, "worker": worker, "now": led.now}))
     live = []
     for claim in claims:
@@ -145,7 +152,8 @@ def _end_completed(led: Ledger, worker: str, claims: Sequence[Claim]) -> None:
             _fence(led, worker, claim, Event.COMPLETED)
     if live:
         led.ended = True
-        led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
+        if not led.server:
+            led.run(SQL["count_done"], {"worker": worker, "n": len(live)})
         marks, params = led.in_pks([c.pk for c in live])
         lock = " FOR NO KEY UPDATE" if led.beside else ""  # as an UPDATE locks a row
         state_of = dict(led.all(SQL["ended_states"].format(in_pks=marks, lock=lock),
@@ -168,22 +176,23 @@ def _complete(led: Ledger, worker: str, ended: Sequence[tuple[Claim, str]]) -> N
     if not done:
         return
     marks, params = led.in_pks([c.pk for c, _ in done])
-    after = {pk: (reqset, new) for pk, reqset, new in
+    after = {pk: (reqset, new, below) for pk, reqset, new, below in
              led.all(SQL["complete"].format(in_pks=marks), {**params, "now": led.now})}
-    completed = []
+    below = []  # completed tasks that have dependents (in a flat workflow none)
     for claim, state in done:
-        reqset, new = after[claim.pk]
+        reqset, new, has_dependents = after[claim.pk]
         if new == S.COMPLETED:
             led.record([(claim.pk, reqset)], state, new, Event.COMPLETED, worker,
                        claim.attempt)
-            completed.append(claim)
+            if has_dependents:
+                below.append((claim, state))
         else:  # its inputs changed, or it left the graph, while it ran
             event = Event.REMOVED if new == S.REMOVED else Event.INVALIDATED
             led.record([(claim.pk, reqset)], state, new, event, worker, claim.attempt,
                        "changed while its attempt ran: the result of that attempt is "
                        "not kept")
-    if len(completed) < len(done):
-        done = [(c, s) for c, s in done if c in completed]
+    if len(below) < len(done):
+        done = below
         if not done:
             return
         marks, params = led.in_pks([c.pk for c, _ in done])

@@ -21,7 +21,6 @@ from laufband.store.model import Claim, Finish
 S = TaskState
 
 SQL = {
-    "flag": "SELECT value FROM laufband_meta WHERE key = 'cancel'",
     "set_flag": "INSERT INTO laufband_meta (key, value) VALUES ('cancel', :value)",
     "clear_flag": "DELETE FROM laufband_meta WHERE key = 'cancel'",
     # Never started: ready or pending with no attempt running (a shared task with a
@@ -46,7 +45,8 @@ class Cancel:
 
 
 def flag(led: Ledger) -> Cancel | None:
-    raw = led.scalar(SQL["flag"])
+    """The flag as the transaction sees it (read with the counts: Ledger)."""
+    raw = led.cancel_flag
     return None if raw is None else Cancel(**json.loads(raw))
 
 
@@ -56,7 +56,8 @@ def cancel(led: Ledger, drain: float, who: str) -> tuple[Cancel, int, int]:
     current = flag(led)
     if current is None:
         current = Cancel(led.now, drain, who)
-        led.run(SQL["set_flag"], {"value": json.dumps(dataclasses.asdict(current))})
+        led.cancel_flag = json.dumps(dataclasses.asdict(current))
+        led.run(SQL["set_flag"], {"value": led.cancel_flag})
     before = led.counts.n([S.CANCELLED])
     sweep(led, who)
     return current, led.counts.n([S.CANCELLED]) - before, len(led.all(SQL["live"]))
@@ -98,6 +99,7 @@ def resume(led: Ledger, who: str) -> int:
     """Clear the flag; cancelled tasks wait or are ready again (blocked if what they
     depend on failed for good meanwhile). Returns how many came back."""
     led.run(SQL["clear_flag"], {})
+    led.cancel_flag = None
     rows = led.all(SQL["cancelled"])
     detail = f"resumed by {who}"
     led.move_all([pk for pk, waiting in rows if waiting == 0], S.READY, Event.RESUMED, who,

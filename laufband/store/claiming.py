@@ -40,7 +40,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from laufband.states import Event, TaskState
-from laufband.store import resources, runtimes
+from laufband.store import resources, runtimes, workers
 from laufband.store.ledger import Ledger
 from laufband.store.model import Claim, Finish, Me, Want
 
@@ -76,14 +76,15 @@ SQL = {
     "add_attempt": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint,"
                    " deadline) VALUES (:task, :attempt, :worker, :now, :fingerprint,"
                    " :deadline)",
-    # A server's form: the whole batch in one statement (Ledger.run_rows).
-    "add_attempts": "INSERT INTO attempts (task, attempt, worker, started_at, fingerprint,"
-                    " deadline) SELECT * FROM unnest(CAST(:task AS integer[]),"
-                    " CAST(:attempt AS integer[]), CAST(:worker AS text[]),"
-                    " CAST(:now AS double precision[]), CAST(:fingerprint AS text[]),"
-                    " CAST(:deadline AS double precision[]))",
     "live_workers": "SELECT count(*) FROM workers WHERE state IN ('idle', 'busy')",
 }
+# A server's form of workers.ensure_alive, "claim" and "add_attempt" for each task it
+# claimed: one statement, one round trip (the last column: 1 if the worker was revived).
+SQL["claim_and_add"] = (
+    "WITH r AS (" + workers.SQL["revive"] + " RETURNING 1), c AS (" + SQL["claim"] + "),"
+    " a AS (INSERT INTO attempts (task, attempt, worker, started_at, fingerprint, deadline)"
+    " SELECT pk, attempts, :worker, :now, fingerprint, :now + timeout FROM c)"
+    " SELECT *, (SELECT count(*) FROM r) FROM c")
 # For a worker whose allocation ends: only tasks that fit in its time (runtimes.py).
 SQL["find_in_time"] = runtimes.in_time(SQL["find_ready"])
 # A claim's forms on a server: the tasks it finds are locked, and skipped by the others.
@@ -182,8 +183,15 @@ def claim(led: Ledger, me: Me, limit: int, ahead: bool = False,
     if clock is not None:
         led.now = clock()
     marks, params = led.in_pks(pks)
-    rows = led.all(SQL["claim"].format(in_pks=marks), {**params, "now": led.now})
-    by_pk = {row[0]: row[1:] for row in rows}
+    params.update(now=led.now, worker=me.id)
+    if led.server:
+        rows = led.all(SQL["claim_and_add"].format(in_pks=marks), params)
+        if rows and rows[0][-1]:
+            workers.revived(me.id)
+    else:
+        workers.ensure_alive(led, me.id)
+        rows = led.all(SQL["claim"].format(in_pks=marks), params)
+    by_pk = {row[0]: row[1:7] for row in rows}
     if len(by_pk) < len(pks):
         # Under the writers' lock nobody changes a task between find and claim; the
         # guard in the UPDATE keeps a task from being claimed twice should the lock
@@ -196,9 +204,10 @@ def claim(led: Ledger, me: Me, limit: int, ahead: bool = False,
         task_id, attempt, state, reqset, _fp, _timeout = by_pk[pk]
         led.record([(pk, reqset)], S.READY, state, Event.CLAIMED, me.id, attempt)
         result.append(Claim(pk, task_id, attempt))
-    led.run_rows(SQL["add_attempt"], SQL["add_attempts"], [
-        {"task": c.pk, "attempt": c.attempt, "worker": me.id, "now": led.now,
-         "fingerprint": by_pk[c.pk][4],
-         "deadline": None if by_pk[c.pk][5] is None else led.now + by_pk[c.pk][5]}
-        for c in result])
+    if not led.server:
+        led.run(SQL["add_attempt"], [
+            {"task": c.pk, "attempt": c.attempt, "worker": me.id, "now": led.now,
+             "fingerprint": by_pk[c.pk][4],
+             "deadline": None if by_pk[c.pk][5] is None else led.now + by_pk[c.pk][5]}
+            for c in result])
     return result

@@ -27,7 +27,10 @@ from laufband.store.notices import NOTIFY
 S = TaskState
 
 SQL = {
-    "counts": "SELECT reqset, state, n FROM counts",
+    # With the cancel flag (cancelling.py; reqset NULL), which every step reads: one
+    # statement, one round trip to a server, for both.
+    "counts": "SELECT reqset, state, n FROM counts UNION ALL"
+              " SELECT NULL, value, NULL FROM laufband_meta WHERE key = 'cancel'",
     "bump": "UPDATE counts SET n = n + :delta WHERE reqset = :reqset AND state = :state",
     # A server's form of "bump" and "event": one statement for all rows, one array per
     # column (see Ledger.run_rows).
@@ -72,6 +75,8 @@ SQL = {
     "live_budgets": "SELECT labels, max_failed, max_killed FROM workers"
                     " WHERE state IN ('idle', 'busy')",
 }
+# The history ("event_all") and "lock_counts" in one statement (one round trip).
+SQL["event_all_lock_counts"] = f"WITH ev AS ({SQL['event_all']}) {SQL['lock_counts']}"
 # "bump_all" that also tells the waiting workers of the commit (notices.py).
 SQL["bump_all_notify"] = f"WITH bumped AS ({SQL['bump_all']} RETURNING 1) SELECT {NOTIFY}"
 
@@ -143,9 +148,14 @@ class Ledger:
         self.ended = False
         self._deltas: dict[tuple[int, str], int] = {}
         self._events: list[dict[str, t.Any]] = []
+        #: The cancel flag's stored value (cancelling.py, which keeps it up to date).
+        self.cancel_flag: str | None = None
         rows: dict[int, dict[str, int]] = {}
         for reqset, state, n in self.all(SQL["counts"]):
-            rows.setdefault(reqset, {})[state] = n
+            if reqset is None:
+                self.cancel_flag = state
+            else:
+                rows.setdefault(reqset, {})[state] = n
         self.counts = Counts(rows)
 
     @property
@@ -192,7 +202,12 @@ class Ledger:
             return 0
         if self._raw is not None:
             return self.run(sql, rows)
-        return self.run(bulk, {key: [row[key] for row in rows] for key in rows[0]})
+        return self.run(bulk, self._columns(rows))
+
+    @staticmethod
+    def _columns(rows: list[dict[str, t.Any]]) -> dict[str, list[t.Any]]:
+        """Rows as one array per column (a server's bulk statements)."""
+        return {key: [row[key] for row in rows] for key in rows[0]}
 
     def run(self, sql: str, params: dict[str, t.Any] | list[dict[str, t.Any]]) -> int:
         if isinstance(params, list) and not params:
@@ -308,12 +323,16 @@ class Ledger:
         touched = {reqset for (reqset, _), delta in self._deltas.items() if delta}
         return any(not counts.n([S.PENDING, S.RUNNING], [r]) for r in touched)
 
-    def _lock_counts(self) -> None:
+    def _lock_counts(self, history: bool) -> None:
         """Lock the counts (a step beside others) and take in what the steps that
         committed since this one began changed: ``counts`` is then what this commit
-        leaves (in place: a step's result holds the object)."""
+        leaves (in place: a step's result holds the object). ``history``: write the
+        collected history rows in the same statement."""
+        sql, params = SQL["lock_counts"], None
+        if history:
+            sql, params = SQL["event_all_lock_counts"], self._columns(self._events)
         rows: dict[int, dict[str, int]] = {}
-        for reqset, state, n in self.all(SQL["lock_counts"]):
+        for reqset, state, n in self.all(sql, params):
             rows.setdefault(reqset, {})[state] = n
         for (reqset, state), delta in self._deltas.items():
             by_state = rows.setdefault(reqset, {})
@@ -327,11 +346,14 @@ class Ledger:
         ``tells`` notifies the waiting workers if its changes concern them."""
         # The history first: the counts rows, once written, are locked until the
         # commit, and every step writes them (steps beside others wait for each other).
-        if self._events:
-            self.run_rows(SQL["event"], SQL["event_all"], self._events)
+        # A step beside others that locks them writes its history in that statement: a
+        # round trip less, for the server's time to insert the rows under the lock.
         bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
-        if bumps and self.beside:
-            self._lock_counts()
+        locks = bool(bumps) and self.beside
+        if self._events and not locks:
+            self.run_rows(SQL["event"], SQL["event_all"], self._events)
+        if locks:
+            self._lock_counts(history=bool(self._events))
         over = bool(bumps) and self._workflow_over()
         notify = self._tells and (over or self.wakes())
         if bumps:

@@ -139,12 +139,17 @@ def reap(led: Ledger, me: str, budget: int) -> None:
 
 
 def ensure_alive(led: Ledger, worker: str) -> None:
-    """Before claiming: a worker that was declared dead (paused past its timeout, now
-    running again) renews its heartbeat first, in the same transaction, so that its
-    new claims are reaped like anyone's if it dies again."""
+    """With a claim: a worker that was declared dead (paused past its timeout, now
+    running again) renews its heartbeat in the same transaction, so that its new
+    claims are reaped like anyone's if it dies again. (On a server the claim's own
+    statement does it: claiming.SQL["claim_and_add"].)"""
     if led.run(SQL["revive"], {"worker": worker, "now": led.now}):
-        log.warning("worker %s had been declared dead (paused longer than its heartbeat "
-                    "timeout?); it is back and claims again", worker)
+        revived(worker)
+
+
+def revived(worker: str) -> None:
+    log.warning("worker %s had been declared dead (paused longer than its heartbeat "
+                "timeout?); it is back and claims again", worker)
 
 
 def set_state(led: Ledger, worker: str, state: WorkerState) -> None:
