@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import sqlite3
 import threading
 import typing as t
@@ -138,6 +139,20 @@ def server_connect(url: str) -> Callable[[], t.Any]:
     return lambda: engine.dialect.connect(*args, **kwargs)
 
 
+def _alive(dbapi_conn: t.Any) -> bool:
+    return not (dbapi_conn.closed or dbapi_conn.broken)
+
+
+def _readable(dbapi_conn: t.Any) -> bool:
+    """Has an idle connection something to read (a message of the server, or EOF)?"""
+    fd = dbapi_conn.fileno()
+    if not hasattr(select, "poll"):  # Windows (select() takes no descriptor >= 1024)
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def read_only_reason(path: str) -> str:
     """Why ``path`` cannot be written, for error messages."""
     try:
@@ -243,8 +258,22 @@ class Database:
     def _make_server_engine(self, url: str, read_only: bool) -> Engine:
         """PostgreSQL (a server): writers are serialised by the advisory lock
         (advisory.py), readers see one snapshot (REPEATABLE READ) and take no lock."""
-        engine = sa.create_engine(url, pool_pre_ping=True,
-                                  connect_args=network_timeouts(url))
+        engine = sa.create_engine(url, connect_args=network_timeouts(url))
+
+        @sa.event.listens_for(engine, "checkout")
+        def _on_checkout(dbapi_conn, _record, _proxy):  # pragma: no branch
+            # What pool_pre_ping does, without its round trip at every checkout (one in
+            # every step and read): a server that ended an idle connection (a restart,
+            # idle_session_timeout, pg_terminate_backend) said so on it, or closed it,
+            # so only a connection with something to read is pinged. A ping that fails
+            # makes the pool open a new connection.
+            if not _alive(dbapi_conn):
+                raise sa_exc.DisconnectionError("the server ended the connection")
+            if _readable(dbapi_conn):
+                try:
+                    engine.dialect.do_ping(dbapi_conn)
+                except Exception as exc:  # psycopg.OperationalError, or its closed state
+                    raise sa_exc.DisconnectionError(str(exc)) from exc
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # pragma: no branch

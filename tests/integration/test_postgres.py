@@ -947,3 +947,29 @@ def test_walltime_claims_side_by_side_find_no_task_just_claimed(pg, tmp_path):
                    " HAVING count(*) > 1) twice") == [(0,)]
     assert pg.rows("SELECT count(*) FROM attempts") == pg.rows(
         "SELECT count(*) FROM tasks WHERE state = 'running'")
+
+
+def test_connections_the_server_ended_while_idle_are_replaced(pg):
+    """A server restart, ``idle_session_timeout`` or ``pg_terminate_backend`` ends a
+    worker's idle connections: its next transaction opens new ones instead of failing.
+    (Not by a ping on every use of a pooled connection: that costs a round trip each.)"""
+    from laufband import Graphband, Task
+
+    w = Graphband([Task(f"t{i}") for i in range(4)], db=pg.url(), identifier="W",
+                  batch_size=1, heartbeat_interval=3600, heartbeat_timeout=7200,
+                  tqdm_kwargs={"disable": True})
+    it = iter(w)
+    got = [next(it).id]
+    mine = "SELECT pid FROM pg_stat_activity WHERE application_name = ?"
+    name = (f"laufband pid {os.getpid()}",)
+    before = {pid for (pid,) in pg.rows(mine, name)}
+    assert before, "the worker holds no connection"
+    for pid in before:
+        pg._admin(f"SELECT pg_terminate_backend({pid})")
+    wait_until(lambda: not before & {pid for (pid,) in pg.rows(mine, name)},
+               timeout=30, what="the server to end the worker's connections")
+    got += [task.id for task in it]
+    assert sorted(got) == ["t0", "t1", "t2", "t3"]
+    assert pg.rows("SELECT outcome, count(*) FROM attempts GROUP BY outcome") == [
+        ("completed", 4)]
+    w.close()
