@@ -166,6 +166,10 @@ def read_only_reason(path: str) -> str:
 _here = threading.local()
 
 
+class _GoneBeforeStart(Exception):
+    """The first statement of a transaction found its connection gone (Database._begin)."""
+
+
 #: PostgreSQL's error code for a transaction it rolled back to break a deadlock.
 DEADLOCK = "40P01"
 
@@ -309,14 +313,34 @@ class Database:
         take = lock.transaction_turn(cancel, shared, notify) if lock is not None else None
         _here.depth = getattr(_here, "depth", 0) + 1
         try:
-            with self.translate_errors(), self.engine.begin() as conn:
-                if take is not None:
-                    conn.exec_driver_sql(take)
+            with self.translate_errors(), self._begin(take) as conn:
                 yield conn
         finally:
             _here.depth -= 1
             if lock is not None:
                 lock.release()
+
+    @contextmanager
+    def _begin(self, take: str | None) -> Iterator[Connection]:
+        """``engine.begin()`` and, on a server, the statement that takes the lock
+        (``take``), on a new connection once more if that first statement finds its
+        connection gone: the server ended it (a restart, ``pg_terminate_backend``)
+        just before, too recently for the checkout to tell (``_on_checkout``), and
+        nothing of the transaction ran yet."""
+        for last in (take is None, True):
+            try:
+                with self.engine.begin() as conn:
+                    if take is not None:
+                        try:
+                            conn.exec_driver_sql(take)
+                        except sa_exc.DBAPIError as exc:
+                            if last or not exc.connection_invalidated:
+                                raise
+                            raise _GoneBeforeStart from exc
+                    yield conn
+                return
+            except _GoneBeforeStart:
+                continue
 
     def refresh_statistics(self) -> None:
         """On a server: the planner's statistics of the tables a registration filled.

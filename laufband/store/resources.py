@@ -32,8 +32,10 @@ SQL = {
     "capped_labels": "SELECT id, labels, resources FROM reqsets WHERE resources != '{}'",
     # Busy workers that compete for capped work: this one, those waiting for work,
     # and those running a task that holds resources.
-    "competing": "SELECT labels FROM workers w WHERE state = 'busy' AND (id = :worker"
-                 " OR leave_as IS NOT NULL OR EXISTS (SELECT 1 FROM attempts a"
+    # The asking worker whatever its row says: one declared dead that is back is
+    # revived only by its claim (claiming.claim), after this.
+    "competing": "SELECT labels FROM workers w WHERE id = :worker OR state = 'busy' AND"
+                 " (leave_as IS NOT NULL OR EXISTS (SELECT 1 FROM attempts a"
                  " CROSS JOIN tasks t CROSS JOIN reqsets r WHERE a.worker = w.id"
                  " AND a.ended_at IS NULL AND t.pk = a.task AND r.id = t.reqset"
                  " AND r.resources != '{}'))",

@@ -954,11 +954,19 @@ def test_walltime_claims_side_by_side_find_no_task_just_claimed(pg, tmp_path):
         "SELECT count(*) FROM tasks WHERE state = 'running'")
 
 
-def test_connections_the_server_ended_while_idle_are_replaced(pg):
+@pytest.mark.parametrize("seen", [True, False], ids=["seen-at-checkout", "too-recent"])
+def test_connections_the_server_ended_while_idle_are_replaced(pg, monkeypatch, seen):
     """A server restart, ``idle_session_timeout`` or ``pg_terminate_backend`` ends a
     worker's idle connections: its next transaction opens new ones instead of failing.
-    (Not by a ping on every use of a pooled connection: that costs a round trip each.)"""
+    (Not by a ping on every use of a pooled connection: that costs a round trip each.)
+    ``too-recent``: the checkout does not see it yet (the server's farewell still on its
+    way, review25): the transaction's first statement fails, and runs again on a new
+    connection."""
     from laufband import Graphband, Task
+    from laufband.store import connection
+
+    if not seen:
+        monkeypatch.setattr(connection, "_readable", lambda _conn: False)
 
     w = Graphband([Task(f"t{i}") for i in range(4)], db=pg.url(), identifier="W",
                   batch_size=1, heartbeat_interval=3600, heartbeat_timeout=7200,

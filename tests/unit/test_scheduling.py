@@ -551,3 +551,27 @@ def test_taking_worker_lock_twice_on_one_thread_raises_as_flufl_does():
     with worker.lock, pytest.raises(AlreadyLockedError):
         worker.lock.__enter__()
     assert not worker.lock.is_locked
+
+
+def test_a_worker_declared_dead_that_is_back_gets_its_fair_share_of_a_limit():
+    """A worker declared dead (paused past its timeout) is revived by the claim of its
+    next step, after the find: its share of a limit still counts it among the workers
+    that compete (review25: it took the whole limit for that step)."""
+    from laufband.states import WorkerState
+    from laufband.store import Want, workers
+
+    tasks = [Task(f"u{i}", resources={"api": 1}) for i in range(6)]
+    a = make(tasks, name="A", limits={"api": 2})
+    b = make(tasks, name="B")
+    assert len(a._store.step(a._me, [], Want(2, 2, start=True)).claims) == 2
+    # B finds the limit held and waits for capped work: it competes.
+    assert b._store.step(b._me, [], Want(2, 2, start=True, leave=WorkerState.OFFLINE)
+                         ).claims == []
+    with a._store._ledger() as led:  # what a peer's heartbeat does to a silent worker
+        workers.declare_dead(led, "A", 5, "made by the test")
+    assert rows("SELECT state FROM workers WHERE id = 'A'") == [("dead",)]
+    back = a._store.step(a._me, [], Want(2, 2)).claims
+    assert len(back) == 1, "two workers compete for a limit of 2: a share of 1 each"
+    assert rows("SELECT state FROM workers WHERE id = 'A'") == [("busy",)]
+    a.close()
+    b.close()
