@@ -712,13 +712,21 @@ class _Loop:
     def _step_ahead(self) -> None:
         """Start the next step in the background while the last claimed task runs
         (prefetch.py), if tasks are short enough for that to pay."""
-        if self._stopping() or not self.batcher.prefetch():
+        if self._stopping() or not self.batcher.prefetch() or self._nothing_ahead():
             return
         if self.store.lock is not None and self.store.lock.held_here():
             return  # user code holds worker.db_lock around the loop: the step would wait
         finishes = self._take_done()
         if not self.prefetch.start(self._step_ahead_of_task, finishes, self._give_back):
             self.done[:0] = finishes  # no thread to run it: the loop steps itself
+
+    def _nothing_ahead(self) -> bool:
+        """No task this worker may run is ready or pending (the tail of a run): a step
+        ahead would claim nothing (a failed task made ready again is claimed by a step
+        alone), and the loop's own step after the task records the whole batch, a
+        transaction less per worker at the end of every run."""
+        counts = self.w._last_counts
+        return counts is not None and not counts.n(["ready", "pending"], self.me.reqset_ids)
 
     def _step_ahead_of_task(self, finishes: list[Finish], cancel: Callable[[], bool]
                             ) -> StepResult:

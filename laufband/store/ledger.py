@@ -77,6 +77,21 @@ SQL = {
 }
 # The history ("event_all") and "lock_counts" in one statement (one round trip).
 SQL["event_all_lock_counts"] = f"WITH ev AS ({SQL['event_all']}) {SQL['lock_counts']}"
+# What a step beside others decides from the counts once they are locked and bumped
+# (Ledger._flush_beside), in SQL, so that it is sent with them and the commit: the
+# waiting workers are released if no task is unfinished (nor failed or killed: a step
+# beside others takes that path only when none is, and cannot make one so), and told
+# of the commit if that, or (``maybe``: an attempt ended) what Ledger.wakes asks of the
+# counts, holds. A statement alone with the counts sees every other step's commit.
+_NOT_OVER = ("EXISTS (SELECT 1 FROM counts WHERE state IN ('pending', 'ready', 'running',"
+             " 'failed', 'killed') AND n <> 0)")
+SQL["settle"] = (
+    f"WITH released AS ({SQL['release_waiters']} AND NOT {_NOT_OVER} RETURNING 1)"
+    f" SELECT {NOTIFY} WHERE NOT {_NOT_OVER} OR (:maybe AND (EXISTS (SELECT 1 FROM counts"
+    " WHERE state = 'ready' AND n <> 0) OR NOT EXISTS (SELECT 1 FROM counts WHERE state ="
+    " 'running' AND n <> 0) OR EXISTS (SELECT 1 FROM unnest(CAST(:touched AS integer[]))"
+    " AS r(id) WHERE NOT EXISTS (SELECT 1 FROM counts c WHERE c.reqset = r.id AND c.state"
+    " IN ('pending', 'running') AND c.n <> 0))))")
 # "bump_all" that also tells the waiting workers of the commit (notices.py).
 SQL["bump_all_notify"] = f"WITH bumped AS ({SQL['bump_all']} RETURNING 1) SELECT {NOTIFY}"
 
@@ -306,6 +321,12 @@ class Ledger:
         last unfinished one of a requirement set; a worker left. Not: claims, and
         completions that make nothing ready (the tail of a run, where most workers
         wait). Whatever this misses a waiter still reads within POLL_MAX."""
+        reason = self._wake_reason()
+        return self._wakes_after() if reason is None else reason
+
+    def _wake_reason(self) -> bool | None:
+        """``wakes`` as far as what this transaction changed decides it; None: an
+        attempt ended, and the counts after it decide (``_wakes_after``)."""
         if self.wake:
             return True
         ended = self.ended
@@ -315,24 +336,34 @@ class Ledger:
             if delta and state not in (S.READY, S.RUNNING, S.COMPLETED):
                 return True
             ended = ended or (delta < 0 and state == S.RUNNING)
-        if not ended:
-            return False
+        return None if ended else False
+
+    def _touched(self) -> set[int]:
+        return {reqset for (reqset, _), delta in self._deltas.items() if delta}
+
+    def _wakes_after(self) -> bool:
+        """``wakes`` after an attempt ended (SQL["settle"] asks the same in SQL)."""
         counts = self.counts
         if counts.n([S.READY]) or not counts.n([S.RUNNING]):
             return True
-        touched = {reqset for (reqset, _), delta in self._deltas.items() if delta}
-        return any(not counts.n([S.PENDING, S.RUNNING], [r]) for r in touched)
+        return any(not counts.n([S.PENDING, S.RUNNING], [r]) for r in self._touched())
 
     def _lock_counts(self, history: bool) -> None:
         """Lock the counts (a step beside others) and take in what the steps that
         committed since this one began changed: ``counts`` is then what this commit
         leaves (in place: a step's result holds the object). ``history``: write the
         collected history rows in the same statement."""
-        sql, params = SQL["lock_counts"], None
+        self._take_counts(self.all(*self._lock_statement(history)))
+
+    def _lock_statement(self, history: bool) -> tuple[str, dict[str, t.Any] | None]:
         if history:
-            sql, params = SQL["event_all_lock_counts"], self._columns(self._events)
+            return SQL["event_all_lock_counts"], self._columns(self._events)
+        return SQL["lock_counts"], None
+
+    def _take_counts(self, locked: list[tuple]) -> None:
+        """The counts as the lock found them, plus this transaction's changes."""
         rows: dict[int, dict[str, int]] = {}
-        for reqset, state, n in self.all(sql, params):
+        for reqset, state, n in locked:
             rows.setdefault(reqset, {})[state] = n
         for (reqset, state), delta in self._deltas.items():
             by_state = rows.setdefault(reqset, {})
@@ -350,6 +381,9 @@ class Ledger:
         # round trip less, for the server's time to insert the rows under the lock.
         bumps = [{"reqset": r, "state": s, "delta": d} for (r, s), d in self._deltas.items() if d]
         locks = bool(bumps) and self.beside
+        if locks and not self.counts.n([TaskState.FAILED, TaskState.KILLED]):
+            self._flush_beside(bumps)
+            return
         if self._events and not locks:
             self.run_rows(SQL["event"], SQL["event_all"], self._events)
         if locks:
@@ -365,5 +399,39 @@ class Ledger:
                 self.run(SQL["release_waiters"], {"now": self.now})
         elif notify:
             self.all(SQL["notify"])
+        self._deltas.clear()
+        self._events.clear()
+
+    def _flush_beside(self, bumps: list[dict[str, t.Any]]) -> None:
+        """``flush`` of a step beside others, and its commit, in one round trip (a
+        pipeline): the history and the lock of the counts, their bump, what is decided
+        from them (SQL["settle"]) and the commit. The counts are locked for the server's
+        time to run these, not for three round trips: every step waits for them, and
+        on a loaded machine a round trip is a wait for the CPU as well
+        (SCALING_ANALYSIS.md). Only steps run beside others, and a step tells the
+        waiting workers itself (``tells``). With failed or killed tasks ``flush``
+        decides in Python (final_failures); their number does not change meanwhile
+        (what fails is recorded by a step alone, which waits for every step beside)."""
+        reason = self._wake_reason()
+        sql, params = self._lock_statement(history=bool(self._events))
+        server = self._server
+        try:
+            with server.pipeline():
+                locked = server.execute(pyformat(sql), params)
+                bump = SQL["bump_all_notify" if reason else "bump_all"]
+                server.execute(pyformat(bump), self._columns(bumps))
+                # Fewer tasks unfinished: the workflow may be over.
+                over = sum(b["delta"] for b in bumps if b["state"] in UNFINISHED) < 0
+                maybe = reason is None
+                if maybe or over:
+                    server.execute(pyformat(SQL["settle"]),
+                                   {"maybe": maybe, "touched": sorted(self._touched()),
+                                    "now": self.now})
+                server.commit()
+        except BaseException:
+            if server.broken or server.closed:
+                self.conn.invalidate()
+            raise
+        self._take_counts(locked.fetchall())
         self._deltas.clear()
         self._events.clear()

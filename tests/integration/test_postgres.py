@@ -986,3 +986,74 @@ def test_connections_the_server_ended_while_idle_are_replaced(pg, monkeypatch, s
     assert pg.rows("SELECT outcome, count(*) FROM attempts GROUP BY outcome") == [
         ("completed", 4)]
     w.close()
+
+
+def test_a_step_beside_others_lets_go_of_the_counts_as_it_commits(pg, monkeypatch):
+    """Every step locks the counts rows last and holds them to its commit: a step
+    beside others sends the lock, the bump, what it decides from them and the commit
+    in one round trip, so when its worker hears back the counts are free again (they
+    were held for three round trips, a queue every step of 32 workers waited in)."""
+    import psycopg
+
+    from laufband import Graphband, Task
+    from laufband.store.ledger import Ledger
+
+    checked: list[bool] = []
+    real = Ledger.flush
+
+    def flush(self):
+        bumped = any(self._deltas.values())
+        real(self)
+        if self.beside and bumped:
+            with psycopg.connect(backends._conninfo(pg.url()), autocommit=True) as other:
+                try:
+                    other.execute("SELECT 1 FROM counts FOR UPDATE NOWAIT")
+                    checked.append(True)
+                except psycopg.errors.LockNotAvailable:
+                    checked.append(False)
+
+    monkeypatch.setattr(Ledger, "flush", flush)
+    worker = Graphband([Task(str(i)) for i in range(4)], db=pg.url(), identifier="W",
+                       batch_size=1, tqdm_kwargs={"disable": True})
+    assert [task.id for task in worker] == ["0", "1", "2", "3"]
+    assert len(checked) >= 3 and all(checked), checked
+
+
+@pytest.mark.parametrize("counts, maybe, touched, notified, released", [
+    # (reqset 1 by state), an attempt ended, the requirement sets it changed
+    ({"pending": 1, "completed": 1}, False, [1], False, False),
+    ({"completed": 2}, False, [1], True, True),  # the workflow is over
+    ({"failed": 1, "completed": 1}, False, [1], False, False),  # Python decides
+    ({"ready": 1, "running": 1}, True, [1], True, False),  # a slot or resources freed
+    ({"pending": 1, "completed": 1}, True, [1], True, False),  # nothing runs any more
+    ({"pending": 1, "running": 1}, True, [1], False, False),
+    ({"completed": 1, "running": 1}, True, [2], True, False),  # reqset 2 is done
+])
+def test_what_a_step_beside_others_decides_from_the_counts(pg, counts, maybe, touched,
+                                                           notified, released):
+    """SQL["settle"], what a step beside others decides in SQL once it has bumped the
+    counts: the waiting workers are released when no task is unfinished (nor failed:
+    Python decides that from the budgets), and told when that holds, or when an
+    attempt ended and Ledger.wakes asks of the counts what Python asks."""
+    from laufband import Graphband, Task
+    from laufband.store.ledger import SQL, Ledger
+
+    worker = Graphband([Task("a"), Task("b", requirements={"gpu"})], db=pg.url(),
+                       identifier="W", labels={"gpu"})
+    worker.close()
+    with rolled_back(pg) as conn:
+        reqsets = [r for (r,) in conn.execute(sa.text(
+            "SELECT DISTINCT reqset FROM tasks ORDER BY reqset"))]
+        conn.execute(sa.text("UPDATE counts SET n = 0"))
+        for state, n in counts.items():
+            conn.execute(sa.text("UPDATE counts SET n = :n WHERE reqset = :r AND state = :s"),
+                         {"n": n, "r": reqsets[0], "s": state})
+        conn.execute(sa.text("UPDATE workers SET state = 'busy', leave_as = 'offline'"))
+        led = Ledger(conn, 5.0)
+        ids = [reqsets[r - 1] for r in touched]
+        led._deltas = {(r, "completed"): 1 for r in ids}
+        sent = led.all(SQL["settle"], {"maybe": maybe, "touched": ids, "now": 5.0})
+        state = conn.execute(sa.text("SELECT state FROM workers")).scalar()
+    assert (bool(sent), state == "offline") == (notified, released)
+    if maybe and not released:  # the same rule as Ledger._wakes_after
+        assert led._wakes_after() == notified

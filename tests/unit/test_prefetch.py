@@ -456,3 +456,38 @@ def test_a_give_back_whose_lock_release_fails_is_still_a_give_back():
         ("completed", "completed", "w", 2),
     ]
     assert rows("SELECT count(*) FROM events WHERE event = 'fenced'") == [(0,)]
+
+
+@pytest.mark.parametrize("tail", ["flat", "a task still pending"])
+def test_no_step_ahead_once_nothing_is_ready_or_pending(tail):
+    """At the tail of a run (nothing this worker may run is ready or pending) a step
+    ahead would claim nothing: the loop's own step after the last task records it all,
+    a transaction less per worker. While a task is pending (its dependencies run), the
+    worker still steps ahead: their completion may make it ready."""
+    from helpers import make
+
+    from laufband import Task
+
+    clock = FakeClock()
+    tasks = [Task(f"t{i}") for i in range(4)]
+    if tail != "flat":
+        tasks.append(Task("z", dependencies={t.id for t in tasks}))
+    worker = make(tasks, clock=clock)
+    steps: list[tuple[bool, int]] = []  # (ahead, tasks ready or pending before it)
+    left = [0]
+    real = worker._store.step
+
+    def step(me, finishes, want, cancel=None):
+        steps.append((want.ahead, left[0]))
+        result = real(me, finishes, want, cancel)
+        left[0] = result.counts.n(["ready", "pending"])
+        return result
+
+    worker._store.step = step
+    for _task in worker:
+        clock.advance(0.05)  # a 50 ms task
+    assert set(states().values()) == {"completed"}
+    ahead = [before for is_ahead, before in steps if is_ahead]
+    assert ahead and all(ahead), steps  # stepped ahead, never with nothing left
+    if tail != "flat":
+        assert (True, 1) in steps, steps  # running the last t: z pending
