@@ -241,13 +241,19 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
     elif running > 0:
         # A shared task whose other attempts still run just frees a slot: ready (not
         # claimable while it waits again: find_ready); a dirty mark stays for them.
-        led.move(claim.pk, state, S.READY, outcome, worker, claim.attempt, detail)
+        # Unless this attempt used up the budget: then no attempt starts in the slot
+        # (the task stays running) and the end of the last one decides (below). Were
+        # the slot taken again, attempts that keep failing would always leave one
+        # running, and the task would be retried for ever (review26).
+        spent = outcome != Event.PREEMPTED and _used(outcome, failures, kills) > finish.budget
+        led.move(claim.pk, state, S.RUNNING if spent else S.READY, outcome, worker,
+                 claim.attempt, detail)
     elif outcome == Event.PREEMPTED:  # costs no retry
         led.move(claim.pk, state, again, outcome, worker, claim.attempt, detail)
         if dirty == 1:  # the next attempt sees the new inputs anyway
             led.run(SQL["clear_dirty"], {"pk": claim.pk})
     else:
-        used = failures + 1 if outcome == Event.FAILED else kills + 1
+        used = _used(outcome, failures, kills)
         final = again if used <= finish.budget else (
             S.FAILED if outcome == Event.FAILED else S.KILLED)
         led.move(claim.pk, state, final, outcome, worker, claim.attempt, detail)
@@ -255,6 +261,12 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
             led.run(SQL["clear_dirty"], {"pk": claim.pk})
         if final not in (S.READY, S.PENDING):
             block_descendants(led, claim, worker)
+
+
+def _used(outcome: Event, failures: int, kills: int) -> int:
+    """The failures (or kills) of a task with the attempt that just ended badly, which
+    its worker's budget allows up to ``Finish.budget``."""
+    return failures + 1 if outcome == Event.FAILED else kills + 1
 
 
 def _fence(led: Ledger, worker: str, claim: Claim, outcome: Event) -> None:

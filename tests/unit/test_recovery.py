@@ -144,7 +144,8 @@ def test_failure_policy_stop_with_a_killed_task():
 @pytest.mark.parametrize("how", ["failed", "killed"])
 def test_a_shared_tasks_attempt_ending_badly_frees_only_its_slot(how):
     """Two workers run a task with max_parallel_workers=2; one attempt fails (or its
-    worker dies). The other attempt goes on and completes the task."""
+    worker dies), which uses up the budget (0): no attempt starts in its slot. The
+    other attempt goes on and completes the task."""
     clock = FakeClock()
     kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
           "max_killed_retries": 0}
@@ -159,11 +160,36 @@ def test_a_shared_tasks_attempt_ending_badly_frees_only_its_slot(how):
         beat(b)
         clock.advance(11)
         beat(b)  # A is dead
-    assert states()["wide"] == "ready"  # a slot is free, the task is not finished
+    assert rows("SELECT state, running FROM tasks WHERE id = 'wide'") == [("running", 1)]
     assert rows("SELECT failures, kills FROM tasks WHERE id = 'wide'") == [
         (1, 0) if how == "failed" else (0, 1)]
     assert [t.id for t in ib] == ["next"]  # B completes wide, then runs next
     assert set(states().values()) == {"completed"}
+    assert live() == 0
+
+
+@pytest.mark.parametrize("budget", [0, 1])
+def test_a_shared_task_that_keeps_failing_is_not_retried_past_the_budget(budget):
+    """An attempt of a shared task fails while another runs: within the budget its
+    slot is free for a retry (another worker takes it); past the budget no attempt
+    starts in it, and the failure of the last one fails the task. (Review26: workers
+    that kept taking the freed slot always left an attempt running, and a task that
+    always failed was retried thousands of times; its workers never left.)"""
+    graph = [Task("wide", max_parallel_workers=2), Task("next", dependencies={"wide"})]
+    kw = {"max_failed_retries": budget}
+    a, b = make(graph, name="A", **kw), make(graph, name="B", **kw)
+    ia, ib = iter(a), iter(b)
+    assert next(ia).id == "wide" and next(ib).id == "wide"
+    ia.close()  # A's attempt fails
+    if budget:
+        assert states()["wide"] == "ready"
+        ic = iter(make(graph, name="C", **kw))
+        assert next(ic).id == "wide"  # the retry, in the free slot
+        ic.close()  # fails: the budget is used up now
+    assert rows("SELECT state, running FROM tasks WHERE id = 'wide'") == [("running", 1)]
+    ib.close()  # the last attempt fails too
+    assert states() == {"wide": "failed", "next": "blocked"}
+    assert rows("SELECT failures FROM tasks WHERE id = 'wide'") == [(budget + 2,)]
     assert live() == 0
 
 
