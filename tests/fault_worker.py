@@ -103,19 +103,20 @@ def wait_for(condition) -> None:
 
 
 def hang_in_write(n: int, marker: Path) -> None:
-    """The n-th write transaction stops after its writes, before its commit."""
+    """The n-th write transaction stops after its writes, before its commit: before
+    the history and the counts (on a server a step beside others sends those with
+    its commit, ledger.Ledger._flush_beside)."""
     original = ledger.Ledger.flush
     calls = 0
 
     def flush(self):
         nonlocal calls
+        if threading.current_thread() is threading.main_thread():  # not heartbeats
+            calls += 1
+            if calls == n:
+                marker.touch()
+                time.sleep(DEADLINE)  # until the test kills us
         original(self)
-        if threading.current_thread() is not threading.main_thread():
-            return  # count the worker loop's transactions only, not heartbeats
-        calls += 1
-        if calls == n:
-            marker.touch()
-            time.sleep(DEADLINE)  # until the test kills us
 
     ledger.Ledger.flush = flush
 
