@@ -3,6 +3,9 @@
     pending ──(last dependency completed)──> ready ──(claim)──> running
     running ──> completed
     running ──> ready      (failure or kill with retries left, or preemption by a signal)
+    ready | running ──> running   (a shared task's attempt failed or was killed past the
+                                   budget while others run: no attempt starts in its
+                                   slot; the end of the last one decides)
     running ──> failed | killed     (retries used up; descendants become blocked)
     pending ──> blocked    (an ancestor failed or was killed for good)
     completed ──> ready | pending  (invalidated: its fingerprint or dependencies changed,
@@ -20,7 +23,8 @@
                                                  runs ends)
 
 ``ready`` means *claimable*: a task with ``max_parallel_workers > 1`` stays ready while
-it has free slots, and turns ``running`` only when all slots are taken.
+it has free slots, and turns ``running`` when all slots are taken, or when an attempt
+used up the retry budget while others still run (its slot is held until they end).
 """
 
 from __future__ import annotations

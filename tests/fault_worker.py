@@ -103,20 +103,27 @@ def wait_for(condition) -> None:
 
 
 def hang_in_write(n: int, marker: Path) -> None:
-    """The n-th write transaction stops after its writes, before its commit: before
-    the history and the counts (on a server a step beside others sends those with
-    its commit, ledger.Ledger._flush_beside)."""
+    """The n-th write transaction stops after its writes, before its commit: after
+    its history and counts, or before them in a step beside others on a server,
+    which sends them with its commit (ledger.Ledger._flush_beside)."""
     original = ledger.Ledger.flush
     calls = 0
 
     def flush(self):
         nonlocal calls
+        hit = False
         if threading.current_thread() is threading.main_thread():  # not heartbeats
             calls += 1
-            if calls == n:
-                marker.touch()
-                time.sleep(DEADLINE)  # until the test kills us
+            hit = calls == n
+        if hit and self.beside:
+            hang()
         original(self)
+        if hit:
+            hang()
+
+    def hang():
+        marker.touch()
+        time.sleep(DEADLINE)  # until the test kills us
 
     ledger.Ledger.flush = flush
 

@@ -38,7 +38,8 @@ SQL = {
                " traceback = :traceback WHERE task = :pk AND attempt = :attempt"
                " AND worker = :worker AND ended_at IS NULL",
     "end_attempt": "UPDATE tasks SET running = running - 1 WHERE pk = :pk"
-                   " RETURNING state, running, failures, kills, dirty, waiting_on",
+                   " RETURNING state, running, failures, kills, dirty, waiting_on,"
+                   " max_parallel",
     "clear_dirty": "UPDATE tasks SET dirty = 0 WHERE pk = :pk",
     "count_done": "UPDATE workers SET completed = completed + :n WHERE id = :worker",
     "count_kill": "UPDATE tasks SET kills = kills + 1 WHERE pk = :pk",
@@ -218,8 +219,8 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
         _fence(led, worker, claim, outcome)
         return
     led.ended = True
-    state, running, failures, kills, dirty, waiting = led.all(SQL["end_attempt"],
-                                                             {"pk": claim.pk})[0]
+    state, running, failures, kills, dirty, waiting, width = led.all(
+        SQL["end_attempt"], {"pk": claim.pk})[0]
     # Back to waiting if a dependency was invalidated while the attempt ran.
     again = S.READY if waiting == 0 else S.PENDING
     if outcome == Event.FAILED:
@@ -241,11 +242,14 @@ def _end_other(led: Ledger, worker: str, finish: Finish) -> None:
     elif running > 0:
         # A shared task whose other attempts still run just frees a slot: ready (not
         # claimable while it waits again: find_ready); a dirty mark stays for them.
-        # Unless this attempt used up the budget: then no attempt starts in the slot
-        # (the task stays running) and the end of the last one decides (below). Were
-        # the slot taken again, attempts that keep failing would always leave one
-        # running, and the task would be retried for ever (review26).
-        spent = outcome != Event.PREEMPTED and _used(outcome, failures, kills) > finish.budget
+        # Unless this attempt used up the budget, or one before it did (the task is
+        # running with a slot free: held): then no attempt starts in the slot (the task
+        # stays running) and the end of the last one decides (below). Were the slot
+        # taken again, attempts that keep failing would always leave one running, and
+        # the task would be retried for ever (review26, review27).
+        held = state == S.RUNNING and running + 1 < width
+        spent = held or (outcome != Event.PREEMPTED
+                         and _used(outcome, failures, kills) > finish.budget)
         led.move(claim.pk, state, S.RUNNING if spent else S.READY, outcome, worker,
                  claim.attempt, detail)
     elif outcome == Event.PREEMPTED:  # costs no retry

@@ -193,6 +193,30 @@ def test_a_shared_task_that_keeps_failing_is_not_retried_past_the_budget(budget)
     assert live() == 0
 
 
+def test_a_held_slot_stays_held_when_another_attempt_ends_within_its_budget():
+    """Three slots: A's failure used up the budget (0), so its slot is held. B's worker
+    then dies, a kill within the kill budget (1): the slots stay held (no attempt starts
+    past the failure budget; review27), and C's failure fails the task."""
+    clock = FakeClock()
+    kw = {"clock": clock, "heartbeat_interval": 10, "heartbeat_timeout": 30,
+          "max_killed_retries": 1}
+    graph = [Task("wide", max_parallel_workers=3), Task("next", dependencies={"wide"})]
+    a, b, c = (make(graph, name=name, **kw) for name in "ABC")
+    ia, ib, ic = iter(a), iter(b), iter(c)
+    assert [next(it).id for it in (ia, ib, ic)] == ["wide"] * 3
+    ia.close()  # A's attempt fails
+    assert rows("SELECT state, running FROM tasks WHERE id = 'wide'") == [("running", 2)]
+    clock.advance(20)
+    beat(c)
+    clock.advance(11)
+    beat(c)  # B is dead: its attempt killed, within the kill budget
+    assert rows("SELECT state, running, kills FROM tasks WHERE id = 'wide'") == [
+        ("running", 1, 1)]
+    ic.close()  # the last attempt fails
+    assert states() == {"wide": "failed", "next": "blocked"}
+    assert live() == 0
+
+
 def test_both_attempts_of_a_shared_task_failing_fail_it():
     graph = [Task("wide", max_parallel_workers=2), Task("next", dependencies={"wide"})]
     a, b = make(graph, name="A"), make(graph, name="B")
