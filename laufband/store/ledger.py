@@ -15,7 +15,8 @@ import functools
 import json
 import re
 import typing as t
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -83,8 +84,9 @@ SQL["event_all_lock_counts"] = f"WITH ev AS ({SQL['event_all']}) {SQL['lock_coun
 # beside others takes that path only when none is, and cannot make one so), and told
 # of the commit if that, or (``maybe``: an attempt ended) what Ledger.wakes asks of the
 # counts, holds. A statement alone with the counts sees every other step's commit.
-_NOT_OVER = ("EXISTS (SELECT 1 FROM counts WHERE state IN ('pending', 'ready', 'running',"
-             " 'failed', 'killed') AND n <> 0)")
+_NOT_OVER = ("EXISTS (SELECT 1 FROM counts WHERE state IN ("
+             + ", ".join(f"'{s}'" for s in (*UNFINISHED, TaskState.FAILED, TaskState.KILLED))
+             + ") AND n <> 0)")
 SQL["settle"] = (
     f"WITH released AS ({SQL['release_waiters']} AND NOT {_NOT_OVER} RETURNING 1)"
     f" SELECT {NOTIFY} WHERE NOT {_NOT_OVER} OR (:maybe AND (EXISTS (SELECT 1 FROM counts"
@@ -236,10 +238,16 @@ class Ledger:
         return self._on_server(pyformat(sql), params).rowcount
 
     def _on_server(self, sql: str, params: dict[str, t.Any]) -> t.Any:
-        """A statement on the driver connection; one that lost the connection hands it
+        """A statement on the driver connection (see ``_losing``)."""
+        with self._losing():
+            return self._server.execute(sql, params)
+
+    @contextmanager
+    def _losing(self) -> Iterator[None]:
+        """Statements on the driver connection: one that lost the connection hands it
         to SQLAlchemy invalidated (no rollback on it: its error would hide this one)."""
         try:
-            return self._server.execute(sql, params)
+            yield
         except BaseException:
             if self._server.broken or self._server.closed:
                 self.conn.invalidate()
@@ -415,23 +423,18 @@ class Ledger:
         reason = self._wake_reason()
         sql, params = self._lock_statement(history=bool(self._events))
         server = self._server
-        try:
-            with server.pipeline():
-                locked = server.execute(pyformat(sql), params)
-                bump = SQL["bump_all_notify" if reason else "bump_all"]
-                server.execute(pyformat(bump), self._columns(bumps))
-                # Fewer tasks unfinished: the workflow may be over.
-                over = sum(b["delta"] for b in bumps if b["state"] in UNFINISHED) < 0
-                maybe = reason is None
-                if maybe or over:
-                    server.execute(pyformat(SQL["settle"]),
-                                   {"maybe": maybe, "touched": sorted(self._touched()),
-                                    "now": self.now})
-                server.commit()
-        except BaseException:
-            if server.broken or server.closed:
-                self.conn.invalidate()
-            raise
+        with self._losing(), server.pipeline():
+            locked = server.execute(pyformat(sql), params)
+            bump = SQL["bump_all_notify" if reason else "bump_all"]
+            server.execute(pyformat(bump), self._columns(bumps))
+            # Fewer tasks unfinished: the workflow may be over.
+            over = sum(b["delta"] for b in bumps if b["state"] in UNFINISHED) < 0
+            maybe = reason is None
+            if maybe or over:
+                server.execute(pyformat(SQL["settle"]),
+                               {"maybe": maybe, "touched": sorted(self._touched()),
+                                "now": self.now})
+            server.commit()
         self._take_counts(locked.fetchall())
         self._deltas.clear()
         self._events.clear()
