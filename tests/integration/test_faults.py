@@ -115,9 +115,9 @@ def test_paused_past_the_timeout_resumed_and_killed_at_once_strands_nothing(work
                             what="a worker at work")
         victim.send_signal(signal.SIGSTOP)
         if inside_a_transaction(faults.db, victim):
-            # Paused inside SQLite's write lock: nobody can write until it resumes (the
-            # README's "not covered" case; on PostgreSQL until the server ends its
-            # transaction, after a minute). Let it go on, and pause another moment.
+            # Paused inside SQLite's write lock, or a read's: nobody can commit until it
+            # resumes (the README's "not covered" case; on PostgreSQL until the server
+            # ends its transaction, after a minute). Let it go on, pause another moment.
             victim.send_signal(signal.SIGCONT)
             continue
         try:
@@ -150,9 +150,11 @@ def assert_killed_and_consistent(faults, run, kills: int) -> None:
 
 
 def inside_a_transaction(db, proc) -> bool:
-    """Does the (stopped) process ``proc`` hold SQLite's write lock on ``db``? (A write
-    lock taken and given back at once; a live holder lets go within the 2 s.) On
-    PostgreSQL: does it have a transaction open (it holds row locks others wait for)?"""
+    """Does the (stopped) process ``proc`` hold one of SQLite's locks on ``db``: its
+    write lock, or the shared lock of a read (a commit waits for every reader to let
+    go)? (An exclusive lock taken and given back at once; a live holder lets go within
+    the 2 s.) On PostgreSQL: does it have a transaction open (it holds row locks
+    others wait for)?"""
     import sqlite3
 
     if not backends.current.sqlite:
@@ -162,7 +164,7 @@ def inside_a_transaction(db, proc) -> bool:
 
     conn = sqlite3.connect(db, timeout=2, isolation_level=None)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN EXCLUSIVE")
         conn.execute("ROLLBACK")
         return False
     except sqlite3.OperationalError:
