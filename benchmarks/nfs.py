@@ -3,6 +3,7 @@
     python benchmarks/nfs.py                  # full run, about 4 minutes
     python benchmarks/nfs.py --quick          # smoke run, under a minute
     python benchmarks/nfs.py --journal-mode truncate      # another journal mode
+    python benchmarks/nfs.py --sqlite-locking normal      # SQLite's usual lock protocol
     python benchmarks/nfs.py --laufband /tmp/old          # measure another laufband tree
     python benchmarks/nfs.py --json nfs.json  # also write every measurement
 
@@ -62,7 +63,8 @@ def scenario(name: str, ms: float, batch: int, workers: int, args: argparse.Name
     n = sized(ms, batch, workers, seconds, args.quick)
     return Scenario(name, f"flat:{n}", workers, batch=str(batch), journal=args.journal_mode,
                     delay_us=int(ms * 1000), delay_ops=args.delay_ops, kind="nfs",
-                    instrument=True, deadline=300, repeat=args.repeat)
+                    instrument=True, deadline=300, repeat=args.repeat,
+                    sqlite_locking=args.sqlite_locking)
 
 
 # --------------------------------------------------------------------- arithmetic
@@ -177,6 +179,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, fewer cells (CI)")
     p.add_argument("--journal-mode", default="delete",
                    help="laufband's journal_mode for every cell (default delete)")
+    p.add_argument("--sqlite-locking", default="exclusive", choices=("exclusive", "normal"),
+                   help="LAUFBAND_SQLITE_LOCKING of the workers (default exclusive, what "
+                   "'auto' picks on a real NFS mount; the shim's folder is a local disk)")
     p.add_argument("--workers", type=int, default=4, help="workers in the matrix (4)")
     p.add_argument("--contenders", type=int, default=8,
                    help="workers in the contention run (8)")
@@ -239,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"# laufband on simulated NFS{' (quick)' if args.quick else ''}\n\n"
           f"- laufband measured: {measured_tree(args, info)}; {info['date']}\n"
           f"- {info['cores']} cores ({info['cpu']}), Python {info['python']}, "
-          f"SQLite {info['sqlite']}, journal_mode={args.journal_mode}\n"
+          f"SQLite {info['sqlite']}, journal_mode={args.journal_mode}, "
+          f"LAUFBAND_SQLITE_LOCKING={args.sqlite_locking}\n"
           f"- delayed: {args.delay_ops or ','.join(DELAYED)}")
     delays = (0, 1) if args.quick else (0, 1, 5)
     alone: list[Result] = []

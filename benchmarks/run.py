@@ -100,6 +100,7 @@ class Scenario:
     repeat: int = 1
     upstream: bool = True  # run with 0.2.1 too under --compare-upstream
     kind: str = "main"  # main | breakdown | nfs
+    sqlite_locking: str = ""  # LAUFBAND_SQLITE_LOCKING ("": auto, i.e. normal on this disk)
 
     @property
     def tasks(self) -> int:
@@ -376,6 +377,8 @@ def run_once(ctx: Context, sc: Scenario, impl: str, keep: bool = False) -> Resul
                    NFSSIM_DELAY_US=str(sc.delay_us), NFSSIM_STATS=str(stats))
         if sc.delay_ops:
             env["NFSSIM_OPS"] = sc.delay_ops
+    if sc.sqlite_locking:
+        env["LAUFBAND_SQLITE_LOCKING"] = sc.sqlite_locking
     up_deadline = ctx.args.upstream_deadline or (15.0 if ctx.args.quick else 30.0)
     deadline = sc.deadline if impl == "current" else min(sc.deadline, up_deadline)
     go = folder / "go"

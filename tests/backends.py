@@ -24,7 +24,7 @@ class Backend:
 
     @property
     def sqlite(self) -> bool:
-        return self.kind == "sqlite"
+        return self.kind.startswith("sqlite")  # "sqlite-exclusive": SQLITE_LOCKING
 
     def url(self, name: str | Path = "graph.sqlite") -> str:
         """The URL of the test's database ``name`` (a file name; for PostgreSQL a new

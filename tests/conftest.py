@@ -272,27 +272,37 @@ def need(service: str) -> str:
 
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+#: SQLite with a connection per transaction holding SQLite's whole lock, as workers on
+#: NFS run (LAUFBAND_SQLITE_LOCKING=exclusive; connection.SQLITE_LOCKING).
+EXCLUSIVE = "sqlite-exclusive"
 
 
 def pytest_generate_tests(metafunc):
     """Tests marked ``backends`` (or asking for ``backend``) run on SQLite and on
-    PostgreSQL."""
+    PostgreSQL; those marked ``nfs_locking`` also on SQLite as on NFS."""
     if metafunc.definition.get_closest_marker("sqlite_only") is not None:
         return  # about the file itself (permissions, journal, lock file)
-    if (metafunc.definition.get_closest_marker("backends") is not None
+    nfs = metafunc.definition.get_closest_marker("nfs_locking") is not None
+    if ((nfs or metafunc.definition.get_closest_marker("backends") is not None)
             and "backend" not in metafunc.fixturenames):
         metafunc.fixturenames.append("backend")
     if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", BACKENDS, indirect=True)
+        kinds = BACKENDS
+        if nfs:
+            both = metafunc.definition.get_closest_marker("backends") is not None
+            kinds = ["sqlite", EXCLUSIVE, *(BACKENDS[1:] if both else [])]
+        metafunc.parametrize("backend", kinds, indirect=True)
 
 
 @pytest.fixture
-def backend(request):
+def backend(request, monkeypatch):
     """The backend of this test (``backends.current`` while it runs); its PostgreSQL
     databases are dropped afterwards."""
     kind = getattr(request, "param", "sqlite")
     chosen = backends.Backend(kind, SERVICES["postgres"]) if kind != "sqlite" \
         else backends.SQLITE
+    if kind == EXCLUSIVE:  # for the workers this test starts, and its own stores
+        monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "exclusive")
     backends.current = chosen
     try:
         yield chosen
@@ -307,5 +317,6 @@ def _services(request):
     for service in SERVICES:
         if request.node.get_closest_marker(service) is not None:
             need(service)
-    if request.node.get_closest_marker("backends") is not None:
+    if (request.node.get_closest_marker("backends") is not None
+            or request.node.get_closest_marker("nfs_locking") is not None):
         request.getfixturevalue("backend")  # set backends.current for the whole test

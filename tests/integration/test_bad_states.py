@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import Faults, wait_until
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.nfs_locking]
 
 
 @pytest.fixture

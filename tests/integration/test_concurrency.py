@@ -19,7 +19,7 @@ import pytest
 from conftest import assert_dependency_order, assert_exactly_once, peek, query, wait_until
 from graphs import build
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.nfs_locking]
 
 MAP_WORKER = Path(__file__).parent.parent / "map_worker.py"
 

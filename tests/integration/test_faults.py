@@ -12,6 +12,7 @@ import json
 import random
 import signal
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 from conftest import Faults, peek, query, wait_until
 from graphs import build
 
-pytestmark = [pytest.mark.processes, pytest.mark.backends]
+pytestmark = [pytest.mark.processes, pytest.mark.backends, pytest.mark.nfs_locking]
 
 
 def identifier_of(proc) -> str:
@@ -155,8 +156,6 @@ def inside_a_transaction(db, proc) -> bool:
     go)? (An exclusive lock taken and given back at once; a live holder lets go within
     the 2 s.) On PostgreSQL: does it have a transaction open (it holds row locks
     others wait for)?"""
-    import sqlite3
-
     if not backends.current.sqlite:
         return query(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name"
                      " = ? AND xact_start IS NOT NULL", (f"laufband pid {proc.pid}",)
@@ -379,4 +378,14 @@ def test_live_worker_keeps_a_long_held_lock(workers, interval):
     assert lockfile.read_text() == holder, "a live holder's lock was broken"
     assert a.poll() is None and b.poll() is None, workers.stderr_of(b)  # B waits
     assert "breaking" not in workers.stderr_of(b)
+    if backends.current.kind == "sqlite-exclusive":
+        # A holds SQLite's whole lock from its transaction's first statement: not even
+        # a reader gets in (so neither did B).
+        reader = sqlite3.connect(f"file:{faults.db}?mode=ro", uri=True, timeout=0)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                reader.execute("SELECT count(*) FROM workers").fetchall()
+        finally:
+            reader.close()
+        return
     assert query(faults.db, "SELECT count(*) FROM workers") == [(1,)]  # B never got in

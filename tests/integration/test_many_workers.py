@@ -8,7 +8,7 @@ from graphs import build
 
 from laufband.batching import MAX_DEFERRAL
 
-pytestmark = [pytest.mark.processes, pytest.mark.backends]
+pytestmark = [pytest.mark.processes, pytest.mark.backends, pytest.mark.nfs_locking]
 
 
 def complete_graph(workers, graph: str, n: int, env: dict | None = None, **options):

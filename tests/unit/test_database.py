@@ -20,12 +20,14 @@ def snapshot(db="g.sqlite"):
             for t in ("tasks", "edges", "counts", "graphs", "reqsets", "attempts")}
 
 
+@pytest.mark.nfs_locking
 def test_missing_folder():
     with pytest.raises(DatabaseError, match="folder .*nope.* does not exist.*mkdir -p"):
         make([Task("a")], db="nope/g.sqlite")
     assert not os.path.exists("nope")
 
 
+@pytest.mark.nfs_locking
 def test_read_only_database():
     """SQLite's read-only mode: what a read-only file or mount looks like even to root
     (for whom chmod does not stop writes)."""
@@ -36,6 +38,7 @@ def test_read_only_database():
     assert states() == {"a": "completed"}
 
 
+@pytest.mark.nfs_locking
 def test_corrupt_database():
     with open("g.sqlite", "wb") as f:
         f.write(b"this is not a database" * 100)
@@ -43,6 +46,7 @@ def test_corrupt_database():
         make([Task("a")])
 
 
+@pytest.mark.nfs_locking
 def test_database_of_another_schema_version():
     list(make([Task("a")], name="A"))
     conn = sqlite3.connect("g.sqlite")
@@ -53,6 +57,7 @@ def test_database_of_another_schema_version():
         make([Task("a")], name="B")
 
 
+@pytest.mark.nfs_locking
 def test_database_of_laufband_0_2():
     conn = sqlite3.connect("g.sqlite")
     conn.execute("CREATE TABLE workflows (id TEXT PRIMARY KEY, total_tasks INTEGER)")
@@ -69,12 +74,14 @@ def test_database_of_laufband_0_2():
     assert snapshot_file("g.sqlite") == before
 
 
+@pytest.mark.nfs_locking
 def test_a_read_only_url_to_a_missing_file_says_it_does_not_exist():
     with pytest.raises(DatabaseError, match="does not exist and cannot be created"):
         Graphband([Task("a")], db="sqlite:///file:none.sqlite?mode=ro&uri=true",
                   tqdm_kwargs={"disable": True})
 
 
+@pytest.mark.nfs_locking
 def test_contradicting_graph_is_rejected_and_database_unchanged():
     list(make([Task("a"), Task("b", dependencies={"a"}), Task("c")], name="A"))
     before = snapshot()
@@ -100,6 +107,7 @@ def test_older_worker_claims_only_tasks_of_its_graph():
     assert states() == dict.fromkeys("abcd", "completed")
 
 
+@pytest.mark.nfs_locking
 def test_fresh_database_file_is_created_in_existing_folder():
     os.mkdir("sub")
     assert list(flat_worker([1], db="sub/x.sqlite")) == [1]
@@ -177,6 +185,7 @@ def test_wal_is_explicit_opt_in():
     assert rows("PRAGMA journal_mode") == [("wal",)]
 
 
+@pytest.mark.nfs_locking
 def test_database_deleted_between_runs_starts_over():
     list(make([Task("a")], name="A"))
     os.remove("g.sqlite")
@@ -184,6 +193,7 @@ def test_database_deleted_between_runs_starts_over():
     assert [t.id for t in make([Task("a")], name="B")] == ["a"]
 
 
+@pytest.mark.nfs_locking
 def test_database_locked_by_a_process_paused_in_a_transaction(monkeypatch):
     """SQLite's own lock cannot be broken: a holder paused inside a transaction blocks
     writers until SQLite's busy timeout, then they stop with an explanation."""

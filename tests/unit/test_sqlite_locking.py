@@ -1,0 +1,189 @@
+"""SQLite's lock taken whole, one connection per transaction (LAUFBAND_SQLITE_LOCKING,
+connection.SQLITE_LOCKING): chosen on network file systems, and as safe as SQLite's
+usual protocol. "Another process" below is a real one: POSIX locks of one process
+never conflict with each other."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import make, rows, states, url
+
+from laufband import ConfigError, DatabaseError, Graphband, Monitor, Task
+from laufband.store import connection
+from laufband.store.connection import file_system_type, sqlite_locking
+
+MOUNTINFO = r"""22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:40 / /home rw,relatime shared:9 - nfs4 srv:/home rw,vers=4.2
+31 30 0:41 / /home/scratch\040space rw shared:10 - lustre 10.0.0.1@tcp:/scratch rw
+32 22 0:42 / /tmp rw shared:11 - tmpfs tmpfs rw
+33 32 0:43 / /tmp rw shared:12 - nfs srv:/tmp rw
+garbage line without the separator
+"""
+
+
+@pytest.mark.parametrize(("path", "kind"), [
+    ("/", "ext4"),
+    ("/var/lib/x", "ext4"),
+    ("/home", "nfs4"),
+    ("/home/me/runs", "nfs4"),
+    ("/homework", "ext4"),  # a prefix of the name is not inside the mount
+    ("/home/scratch space/wf", "lustre"),  # \040 in mountinfo is a space
+    ("/tmp/x", "nfs"),  # the last mount on a mount point is the one on top
+])
+def test_file_system_type_from_mountinfo(path, kind):
+    assert file_system_type(path, MOUNTINFO) == kind
+
+
+def test_file_system_type_of_this_folder():
+    if not os.path.exists("/proc/self/mountinfo"):
+        assert file_system_type(".") is None
+    else:
+        assert file_system_type(".") not in (None, "")
+
+
+@pytest.mark.parametrize(("fs", "env", "journal", "expected"), [
+    ("nfs4", {}, "delete", "exclusive"),
+    ("lustre", {"LAUFBAND_SQLITE_LOCKING": "auto"}, "truncate", "exclusive"),
+    ("ext4", {}, "delete", "normal"),
+    (None, {}, "delete", "normal"),  # cannot tell: SQLite's usual protocol
+    ("nfs4", {"LAUFBAND_SQLITE_LOCKING": "normal"}, "delete", "normal"),
+    ("ext4", {"LAUFBAND_SQLITE_LOCKING": "exclusive"}, "delete", "exclusive"),
+    ("nfs4", {}, "wal", "normal"),  # WAL keeps its own protocol (and is wrong on NFS)
+])
+def test_sqlite_locking_choice(monkeypatch, fs, env, journal, expected):
+    monkeypatch.setattr(connection, "file_system_type", lambda path, mountinfo=None: fs)
+    assert sqlite_locking("/x/db.sqlite", journal, env) == expected
+
+
+def test_bad_sqlite_locking_values_are_refused(monkeypatch):
+    with pytest.raises(ConfigError, match=r"LAUFBAND_SQLITE_LOCKING='nfs' is invalid.*"
+                       r"auto, exclusive, normal"):
+        sqlite_locking("db.sqlite", "delete", {"LAUFBAND_SQLITE_LOCKING": "nfs"})
+    with pytest.raises(ConfigError, match="exclusive cannot be used with journal_mode='wal'"):
+        sqlite_locking("db.sqlite", "wal", {"LAUFBAND_SQLITE_LOCKING": "exclusive"})
+    # ... and a worker stops with it before it makes any file
+    monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "Exclusive")
+    with pytest.raises(ConfigError, match="LAUFBAND_SQLITE_LOCKING='Exclusive' is invalid"):
+        make([Task("a")])
+    assert not os.path.exists("g.sqlite")
+
+
+# ------------------------------------------------------------- in another process
+PROBE = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+try:
+    conn.execute(sys.argv[2])
+    conn.execute("ROLLBACK") if conn.in_transaction else None
+    print("free")
+except sqlite3.OperationalError as exc:
+    print(exc)
+"""
+
+
+def others(statement: str = "BEGIN EXCLUSIVE", db: str = "g.sqlite") -> str:
+    """What another process gets when it tries ``statement`` at once: 'free', or
+    SQLite's error ('database is locked')."""
+    return subprocess.run([sys.executable, "-c", PROBE, db, statement], check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@pytest.fixture
+def exclusive(monkeypatch):
+    monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "exclusive")
+
+
+def test_a_transaction_holds_the_whole_lock_from_its_first_statement(exclusive):
+    """Not even a reader gets in while a worker's transaction is open, so a worker
+    paused inside one (its file lock broken) still keeps the others out; at its end
+    nothing is held (the lock went with the file's close)."""
+    worker = make([Task("a"), Task("b")])
+    db = worker._store.db
+    assert db.locking == "exclusive"
+    assert others() == "free"
+    with db.transaction() as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM tasks").all()
+        assert others("SELECT count(*) FROM tasks") == "database is locked"
+    assert others() == "free"
+    with db.read() as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM tasks").all()
+        assert others("SELECT count(*) FROM tasks") == "database is locked"
+    assert others() == "free"
+    assert [t.id for t in worker] == ["a", "b"]
+    assert others() == "free"
+    assert states() == {"a": "completed", "b": "completed"}
+
+
+def test_a_monitor_beside_a_worker_in_one_process_leaves_no_lock_behind(exclusive):
+    """SQLite keeps the lock of unix-excl until the process's last connection to the
+    file closes, and an unlock by a connection with SQLite's usual protocol in the same
+    process lets it go under the others: a Monitor here opens the file as the workers do
+    and holds no connection between its reads."""
+    worker = make([Task(str(i)) for i in range(6)], name="A")
+    db = worker._store.db
+    monitor = Monitor(db=db.url)
+    for _ in range(2):
+        assert monitor.status().total == 6
+        with db.transaction() as conn:
+            conn.exec_driver_sql("SELECT count(*) FROM tasks").all()
+            # (a pooled usual connection's unlock would have dropped the process's lock)
+            assert others("SELECT count(*) FROM tasks") == "database is locked"
+        # (and one left open would keep it after the last connection of the workers)
+        assert others() == "free"
+    done = []
+    for task in worker:
+        done.append(task.id)
+        assert monitor.status().total == 6
+    assert sorted(done) == [str(i) for i in range(6)]
+    assert others() == "free"
+
+
+def test_a_reader_neither_writes_nor_makes_a_missing_file(exclusive):
+    list(make([Task("a")]))
+    from laufband.store import Store
+
+    store = Store.open_read_only(url("g.sqlite"))
+    assert store.db.locking == "exclusive"
+    with pytest.raises(DatabaseError, match="readonly"), store.db.read() as conn:
+        conn.exec_driver_sql("DELETE FROM tasks")
+    assert states() == {"a": "completed"}
+    with pytest.raises(DatabaseError, match="No database at"):
+        Store.open_read_only(url("missing.sqlite"))
+    assert not os.path.exists("missing.sqlite")
+
+
+def test_a_database_deleted_under_a_worker_is_reported_not_made_again(exclusive):
+    worker = make([Task("a"), Task("b")])
+    it = iter(worker)
+    next(it)
+    os.remove("g.sqlite")
+    with pytest.raises(DatabaseError, match="deleted or moved away"):
+        next(it)
+    assert not os.path.exists("g.sqlite")
+
+
+def test_workers_of_both_protocols_share_a_file(monkeypatch):
+    """The two protocols exclude each other (the file's lock bytes are SQLite's): a
+    worker that chose differently from the others (a setting) still runs with them."""
+    tasks = [Task(str(i)) for i in range(20)]
+    a = make(tasks, name="A")
+    monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "exclusive")
+    b = make(tasks, name="B")
+    assert (a._store.db.locking, b._store.db.locking) == ("normal", "exclusive")
+    ran, ia, ib = [], iter(a), iter(b)
+    for task in (*ia, *ib):
+        ran.append(task.id)
+    assert sorted(ran) == sorted(t.id for t in tasks)
+    assert rows("SELECT count(*) FROM attempts") == [(20,)]
+
+
+def test_graphband_runs_with_the_default_of_this_disk():
+    """Outside tests that set it, the default is ``auto``: this disk is local."""
+    worker = Graphband([Task("a")], db="g.sqlite", tqdm_kwargs={"disable": True})
+    assert worker._store.db.locking == ("exclusive" if file_system_type(".")
+                                        in connection.NETWORK_FILE_SYSTEMS else "normal")
+    assert [t.id for t in worker] == ["a"]
