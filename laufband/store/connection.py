@@ -195,6 +195,27 @@ def sqlite_locking(path: str, journal_mode: str, env: t.Mapping[str, str] = os.e
     return value
 
 
+def sqlite_uri(url: str) -> tuple[str, dict[str, list[str]]]:
+    """The SQLite URI filename (``file:...``) that the sqlite URL ``url`` opens, and the
+    parameters in it (``mode``, ``vfs``...)."""
+    parsed = sa.engine.make_url(url)
+    [name], kwargs = parsed.get_dialect()().create_connect_args(parsed)
+    if not (kwargs.get("uri") and name.startswith("file:")):
+        name = f"file:{urllib.parse.quote(name)}"  # a plain file name
+    return name, urllib.parse.parse_qs(urllib.parse.urlsplit(name).query)
+
+
+def is_wal_file(path: str) -> bool:
+    """Is the SQLite file at ``path`` in WAL mode (its header's format versions are 2)?
+    False for a missing or empty file."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[18:20] == b"\x02\x02"
+
+
 def server_connect(url: str) -> Callable[[], t.Any]:
     """A function that opens a new DBAPI connection to the server at ``url``, outside
     any pool (the advisory lock's own connection). Without a password in the URL, the
@@ -263,13 +284,20 @@ class Database:
         self._files = (self.path, f"{self.path}-wal") if self.path else ()
         self._notices: Notices | None = None  # a server's change mark, at first use
         # SQLite's own lock: "exclusive" or "normal" (SQLITE_LOCKING); None on a server.
-        self.locking = sqlite_locking(self.path, journal_mode) \
-            if self.path is not None else None
+        self.locking = self._choose_locking(journal_mode) if self.path is not None else None
         if read_only:
             self._check_readable()
         else:
             self._check_writable()
         self.engine = self._make_engine(journal_mode, read_only)
+
+    def _choose_locking(self, journal_mode: str) -> str:
+        assert self.path is not None
+        locking = sqlite_locking(self.path, journal_mode)  # checks the variable always
+        if locking == "exclusive" and ("vfs" in sqlite_uri(self.url)[1]
+                                       or is_wal_file(self.path)):
+            return "normal"  # the URL's own VFS; a WAL file keeps WAL's protocol
+        return locking
 
     # ---------------------------------------------------------------- checks
     def _check_readable(self) -> None:
@@ -346,17 +374,19 @@ class Database:
         read-only by ``PRAGMA query_only``; one that may not runs in another process
         (it cannot be a worker), where the two protocols exclude each other."""
         assert self.path is not None
-        # The file as the URL names it, with the URL's own settings (a file: URI may
-        # say mode=ro: a worker must then fail as it would with SQLite's protocol).
-        dialect = sa.engine.make_url(self.url).get_dialect()()
-        [name], kwargs = dialect.create_connect_args(sa.engine.make_url(self.url))
-        uri = name if kwargs.get("uri") else f"file:{urllib.parse.quote(name)}"
-        given = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
+        uri, given = sqlite_uri(self.url)  # with the URL's own settings (mode=ro...)
         sep = "&" if "?" in uri else "?"
-        query_only = False
         if read_only and not os.access(self.path, os.W_OK):
-            uri, given = f"{uri}{sep}mode=ro", {**given, "mode": ["ro"]}
-        elif "vfs" not in given:
+            # It may not take a writer's lock: SQLite's usual protocol, read-only, in a
+            # process that cannot be a worker's.
+            if "mode" not in given:
+                uri, given = f"{uri}{sep}mode=ro", {**given, "mode": ["ro"]}
+            query_only = False
+        else:
+            if read_only and given.get("mode") == ["ro"]:
+                # One protocol in this process even where the URL says mode=ro: the
+                # reader opens the file as the writers do, read-only by query_only.
+                uri = re.sub(r"([?&])mode=ro(?=&|$)", r"\1mode=rw", uri)
             uri, query_only = f"{uri}{sep}vfs=unix-excl", read_only
             sep = "&"
 

@@ -118,14 +118,17 @@ def test_a_transaction_holds_the_whole_lock_from_its_first_statement(exclusive):
     assert states() == {"a": "completed", "b": "completed"}
 
 
-def test_a_monitor_beside_a_worker_in_one_process_leaves_no_lock_behind(exclusive):
+@pytest.mark.parametrize("form", ["path", "mode=ro"])
+def test_a_monitor_beside_a_worker_in_one_process_leaves_no_lock_behind(exclusive, form):
     """SQLite keeps the lock of unix-excl until the process's last connection to the
     file closes, and an unlock by a connection with SQLite's usual protocol in the same
     process lets it go under the others: a Monitor here opens the file as the workers do
     and holds no connection between its reads."""
     worker = make([Task(str(i)) for i in range(6)], name="A")
     db = worker._store.db
-    monitor = Monitor(db=db.url)
+    # (a URL that asks for mode=ro too: the reader still opens the file as the worker)
+    monitor = Monitor(db=db.url if form == "path" else
+                      f"sqlite:///file:{os.path.abspath('g.sqlite')}?mode=ro&uri=true")
     for _ in range(2):
         assert monitor.status().total == 6
         with db.transaction() as conn:
@@ -187,3 +190,43 @@ def test_graphband_runs_with_the_default_of_this_disk():
     assert worker._store.db.locking == ("exclusive" if file_system_type(".")
                                         in connection.NETWORK_FILE_SYSTEMS else "normal")
     assert [t.id for t in worker] == ["a"]
+
+
+def test_urls_of_the_file(exclusive, tmp_path):
+    """The URL's own settings hold: a file: URI with its parameters, a path with
+    characters a URI quotes, uri=true on a plain path; a URL that names its own VFS
+    keeps SQLite's usual protocol with it."""
+    folder = tmp_path / "with space #1 &x=1"
+    folder.mkdir()
+    for db in (f"sqlite:///{folder}/a.sqlite",
+               f"sqlite:///{folder}/b.sqlite?uri=true",
+               f"sqlite:///file:{tmp_path}/c.sqlite?cache=private&uri=true"):
+        worker = Graphband([Task("a"), Task("b")], db=db, tqdm_kwargs={"disable": True})
+        assert worker._store.db.locking == "exclusive"
+        assert [t.id for t in worker] == ["a", "b"]
+    assert sorted(p.name for p in folder.iterdir() if "lock" not in p.name
+                  ) == ["a.sqlite", "b.sqlite"]
+    assert (tmp_path / "c.sqlite").exists()
+    worker = Graphband([Task("a")], db=f"sqlite:///file:{tmp_path}/d.sqlite?vfs=unix-none"
+                       "&uri=true", tqdm_kwargs={"disable": True})
+    assert worker._store.db.locking == "normal"
+
+
+def test_a_wal_file_keeps_the_usual_protocol(exclusive, monkeypatch):
+    """WAL has a protocol of its own (shared memory): a reader of a WAL file, and a
+    worker that finds one (and turns it back to a rollback journal), use SQLite's."""
+    monkeypatch.delenv("LAUFBAND_SQLITE_LOCKING")
+    first = make([Task("a")], journal_mode="wal")
+    list(first)
+    first._store.db.engine.dispose()  # (its pooled connection would keep the WAL open)
+    monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "exclusive")
+    from laufband.store import Store
+
+    reader = Store.open_read_only(url("g.sqlite"))
+    assert reader.db.locking == "normal"
+    reader.db.engine.dispose()
+    worker = make([Task("a"), Task("b")], name="B")
+    assert worker._store.db.locking == "normal"
+    assert [t.id for t in worker] == ["b"]
+    assert rows("PRAGMA journal_mode") == [("delete",)]
+    assert make([Task("a"), Task("b")], name="C")._store.db.locking == "exclusive"
