@@ -220,9 +220,12 @@ class FastLock(Lock):
         self._ours_until = (0.0, 0.0)
         self._laufband_tries = 0
         self._claim()
-        if self._stamp[0] - time.time() < _RESTAMP * life:
-            self._touch()
         while True:
+            # Before every try, not once: a waiter that waited out a dead holder's
+            # lifetime would otherwise link a stamp already past, and the next waiter
+            # that looks would break its new lock at once (two holders).
+            if self._stamp[0] - time.time() < _RESTAMP * life:
+                self._touch()
             try:
                 os.link(self._claimfile, self._lockfile)
             except FileExistsError:

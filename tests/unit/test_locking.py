@@ -122,6 +122,30 @@ def test_waiting_fails_with_one_link_per_try_and_breaks_an_expired_lock(tmp_path
     waiter.unlock()
 
 
+def test_a_waiter_that_waited_out_a_dead_holder_links_a_fresh_stamp(tmp_path, monkeypatch):
+    """A waiter stamps its claim file when it starts waiting; if it then waits out a
+    dead holder's lifetime and slop, that stamp is past by the time it breaks the lock
+    and links: its new lock would look expired to the next waiter, which would break it
+    at once (two holders; the review's reproduction with processes). It stamps again
+    before linking."""
+    holder = FastLock(str(tmp_path / "db.lock"))
+    holder.lock()
+    waiter = FastLock(str(tmp_path / "db.lock"), lifetime=0.4)  # looks every 0.1 s
+
+    def a_long_wait() -> None:  # as if 20 s went by: both stamps are long past
+        past = time.time() - 20
+        for path in (waiter.claimfile, tmp_path / "db.lock"):
+            os.utime(path, (past, past))
+        waiter._stamp = (past, time.monotonic() - 20)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(waiter, "_sleep", a_long_wait)
+    waiter.lock(timeout=5)  # breaks the dead holder's lock and takes it
+    assert os.path.samefile(tmp_path / "db.lock", waiter.claimfile)
+    assert os.stat(tmp_path / "db.lock").st_mtime > time.time(), "linked a stale stamp"
+    waiter.unlock()
+
+
 def test_a_hold_broken_while_paused_does_not_remove_the_new_holders_lock(tmp_path):
     """A holds; A is paused past its stamp + slop; B breaks the lock and takes it. A's
     release must leave B's lock alone, and A's next acquisition waits for B."""
