@@ -104,9 +104,11 @@ class Store:
     @classmethod
     def open_read_only(cls, url: str, clock: Clock | None = None) -> Store:
         """For looking only (status, Monitor): never writes, never upgrades, works on a
-        read-only file or folder. Takes the database lock for its reads where it can
-        create the lock file (consistent reads on any file system), else reads under
-        SQLite's own locks."""
+        read-only file or folder. (With SQLite's lock taken whole, connection.py, a
+        reader that may write the file rolls back a transaction a killed worker left
+        half-done, as SQLite's own readers do; the next worker would.) Takes the
+        database lock for its reads where it can create the lock file (consistent reads
+        on any file system), else reads under SQLite's own locks."""
         path = sqlite_path(absolute_url(url))
         lock = None  # a server's snapshot needs none (connection.Database.read)
         if path is not None and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):

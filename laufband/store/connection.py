@@ -10,6 +10,7 @@ import re
 import select
 import sqlite3
 import threading
+import time
 import typing as t
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -21,6 +22,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from laufband.errors import ConfigError, DatabaseError
 from laufband.locking import DEFAULT_TIMEOUT, DatabaseLock
+from laufband.store.sqlite_lock import (
+    foreign_hold,
+    is_wal_file,
+    one_protocol,
+    sqlite_locking,
+    sqlite_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,93 +137,6 @@ def network_timeouts(url: str) -> dict[str, int]:
     return {k: v for k, v in NETWORK_TIMEOUTS.items() if k not in given}
 
 
-#: How a worker takes SQLite's own lock (``LAUFBAND_SQLITE_LOCKING``). ``normal``:
-#: pooled connections and SQLite's lock protocol, 9 lock calls per transaction (3 to
-#: read, 1 to write, 2 to commit, 3 to let go), the fastest on a local disk. ``exclusive``:
-#: a connection per transaction (and per read) through SQLite's ``unix-excl`` VFS, which
-#: takes the whole lock in one call at its first statement and lets go when the file
-#: closes: 1 lock call plus the file's open and close, 6 fewer round trips to an NFS
-#: server per transaction, for about half a millisecond of CPU to open the connection
-#: (SCALING_ANALYSIS.md, 'NFS'). ``auto`` (default): ``exclusive`` on a network file
-#: system (/proc/self/mountinfo), else ``normal``. Both protocols exclude each other
-#: correctly, so workers that chose differently can share a file.
-SQLITE_LOCKING = ("auto", "exclusive", "normal")
-#: File systems whose every lock call and open is a round trip to a server.
-NETWORK_FILE_SYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
-    "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.ceph-fuse", "9p", "afs", "ocfs2",
-    "gfs2"})
-
-
-def file_system_type(path: str, mountinfo: str | None = None) -> str | None:
-    """The type of the file system that holds ``path`` (``nfs4``, ``ext4``...), from
-    /proc/self/mountinfo (Linux; ``mountinfo``: its text, for tests); None where it
-    cannot tell."""
-    if mountinfo is None:
-        try:
-            with open("/proc/self/mountinfo") as f:
-                mountinfo = f.read()
-        except OSError:
-            return None
-    target = os.path.realpath(path)
-    best, kind = "", None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        try:  # ID PARENT MAJOR:MINOR ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - TYPE ...
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            fstype = fields[fields.index("-") + 1]
-        except (IndexError, ValueError):
-            continue
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):  # the last of equal ones is on top
-            best, kind = point, fstype
-    return kind
-
-
-def sqlite_locking(path: str, journal_mode: str, env: t.Mapping[str, str] = os.environ
-                   ) -> str:
-    """``exclusive`` or ``normal`` for the SQLite file ``path`` (SQLITE_LOCKING)."""
-    var = "LAUFBAND_SQLITE_LOCKING"
-    value = env.get(var, "auto")
-    if value not in SQLITE_LOCKING:
-        raise ConfigError(f"{var}={value!r} is invalid: use one of "
-                          f"{', '.join(SQLITE_LOCKING)} (auto: exclusive on a network "
-                          "file system, else normal).")
-    if journal_mode == "wal":
-        if value == "exclusive":
-            raise ConfigError(
-                f"{var}=exclusive cannot be used with journal_mode='wal' (WAL needs "
-                "memory shared by the processes of one host, and a connection that stays "
-                "open): use journal_mode='delete' (on NFS), or unset the variable.")
-        return "normal"
-    if value == "auto":
-        folder = os.path.dirname(os.path.abspath(path))
-        return "exclusive" if file_system_type(folder) in NETWORK_FILE_SYSTEMS \
-            else "normal"
-    return value
-
-
-def sqlite_uri(url: str) -> tuple[str, dict[str, list[str]]]:
-    """The SQLite URI filename (``file:...``) that the sqlite URL ``url`` opens, and the
-    parameters in it (``mode``, ``vfs``...)."""
-    parsed = sa.engine.make_url(url)
-    [name], kwargs = parsed.get_dialect()().create_connect_args(parsed)
-    if not (kwargs.get("uri") and name.startswith("file:")):
-        name = f"file:{urllib.parse.quote(name)}"  # a plain file name
-    return name, urllib.parse.parse_qs(urllib.parse.urlsplit(name).query)
-
-
-def is_wal_file(path: str) -> bool:
-    """Is the SQLite file at ``path`` in WAL mode (its header's format versions are 2)?
-    False for a missing or empty file."""
-    try:
-        with open(path, "rb") as f:
-            header = f.read(20)
-    except OSError:
-        return False
-    return len(header) == 20 and header[18:20] == b"\x02\x02"
-
-
 def server_connect(url: str) -> Callable[[], t.Any]:
     """A function that opens a new DBAPI connection to the server at ``url``, outside
     any pool (the advisory lock's own connection). Without a password in the URL, the
@@ -285,6 +206,7 @@ class Database:
         self._notices: Notices | None = None  # a server's change mark, at first use
         # SQLite's own lock: "exclusive" or "normal" (SQLITE_LOCKING); None on a server.
         self.locking = self._choose_locking(journal_mode) if self.path is not None else None
+        self._foreign_said, self._next_foreign_look = False, 0.0  # _check_no_foreign_hold
         if read_only:
             self._check_readable()
         else:
@@ -296,8 +218,8 @@ class Database:
         locking = sqlite_locking(self.path, journal_mode)  # checks the variable always
         if locking == "exclusive" and ("vfs" in sqlite_uri(self.url)[1]
                                        or is_wal_file(self.path)):
-            return "normal"  # the URL's own VFS; a WAL file keeps WAL's protocol
-        return locking
+            locking = "normal"  # the URL's own VFS; a WAL file keeps WAL's protocol
+        return one_protocol(self.path, locking)
 
     # ---------------------------------------------------------------- checks
     def _check_readable(self) -> None:
@@ -458,8 +380,32 @@ class Database:
                 yield conn
         finally:
             _here.depth -= 1
+            if self.locking == "exclusive" and _here.depth == 0:
+                self._check_no_foreign_hold()
             if lock is not None:
                 lock.release()
+
+    def _check_no_foreign_hold(self) -> None:
+        """In exclusive locking, with our connection closed and the database lock still
+        ours (no other transaction of this process open): is SQLite's lock still held
+        by this process? Then a connection not of laufband's (a user's sqlite3
+        connection) keeps it, and the other workers wait for ever. Said once; looked at
+        at most once a second (/proc/locks)."""
+        now = time.monotonic()
+        if self._foreign_said or now < self._next_foreign_look:
+            return
+        self._next_foreign_look = now + 1.0
+        assert self.path is not None
+        if foreign_hold(self.path):
+            self._foreign_said = True
+            log.warning(
+                "laufband: another connection to %s is open in this process (one not "
+                "of laufband's: your code's or a library's sqlite3 connection). With "
+                "SQLite's lock taken whole (LAUFBAND_SQLITE_LOCKING=exclusive, the "
+                "default on a network file system) it keeps that lock while it is "
+                "open, so the other workers cannot read or write. Close it after use "
+                "and read the workflow through laufband.Monitor, or set "
+                "LAUFBAND_SQLITE_LOCKING=normal for these workers.", self.path)
 
     @contextmanager
     def _begin(self, take: str | None) -> Iterator[Connection]:

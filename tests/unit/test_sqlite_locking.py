@@ -10,11 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import assert_dependency_order, assert_exactly_once
+from graphs import build
 from helpers import make, rows, states, url
 
 from laufband import ConfigError, DatabaseError, Graphband, Monitor, Task
-from laufband.store import connection
-from laufband.store.connection import file_system_type, sqlite_locking
+from laufband.store import sqlite_lock
+from laufband.store.sqlite_lock import file_system_type, foreign_hold, sqlite_locking
 
 MOUNTINFO = r"""22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
 30 22 0:40 / /home rw,relatime shared:9 - nfs4 srv:/home rw,vers=4.2
@@ -53,9 +55,10 @@ def test_file_system_type_of_this_folder():
     ("nfs4", {"LAUFBAND_SQLITE_LOCKING": "normal"}, "delete", "normal"),
     ("ext4", {"LAUFBAND_SQLITE_LOCKING": "exclusive"}, "delete", "exclusive"),
     ("nfs4", {}, "wal", "normal"),  # WAL keeps its own protocol (and is wrong on NFS)
+    ("ext4", {"LAUFBAND_SQLITE_LOCKING": " Exclusive\n"}, "delete", "exclusive"),
 ])
 def test_sqlite_locking_choice(monkeypatch, fs, env, journal, expected):
-    monkeypatch.setattr(connection, "file_system_type", lambda path, mountinfo=None: fs)
+    monkeypatch.setattr(sqlite_lock, "file_system_type", lambda path, mountinfo=None: fs)
     assert sqlite_locking("/x/db.sqlite", journal, env) == expected
 
 
@@ -65,9 +68,11 @@ def test_bad_sqlite_locking_values_are_refused(monkeypatch):
         sqlite_locking("db.sqlite", "delete", {"LAUFBAND_SQLITE_LOCKING": "nfs"})
     with pytest.raises(ConfigError, match="exclusive cannot be used with journal_mode='wal'"):
         sqlite_locking("db.sqlite", "wal", {"LAUFBAND_SQLITE_LOCKING": "exclusive"})
+    with pytest.raises(ConfigError, match="LAUFBAND_SQLITE_LOCKING='' is invalid"):
+        sqlite_locking("db.sqlite", "delete", {"LAUFBAND_SQLITE_LOCKING": ""})
     # ... and a worker stops with it before it makes any file
-    monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "Exclusive")
-    with pytest.raises(ConfigError, match="LAUFBAND_SQLITE_LOCKING='Exclusive' is invalid"):
+    monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "exclusiv")
+    with pytest.raises(ConfigError, match="LAUFBAND_SQLITE_LOCKING='exclusiv' is invalid"):
         make([Task("a")])
     assert not os.path.exists("g.sqlite")
 
@@ -169,26 +174,82 @@ def test_a_database_deleted_under_a_worker_is_reported_not_made_again(exclusive)
     assert not os.path.exists("g.sqlite")
 
 
-def test_workers_of_both_protocols_share_a_file(monkeypatch):
-    """The two protocols exclude each other (the file's lock bytes are SQLite's): a
-    worker that chose differently from the others (a setting) still runs with them."""
+def test_one_protocol_per_process_and_file(monkeypatch, caplog):
+    """Two protocols in one process would let SQLite's lock go (an unlock by the usual
+    protocol releases the process's lock): a second worker on the file follows the
+    first's, and says so."""
     tasks = [Task(str(i)) for i in range(20)]
     a = make(tasks, name="A")
     monkeypatch.setenv("LAUFBAND_SQLITE_LOCKING", "exclusive")
     b = make(tasks, name="B")
-    assert (a._store.db.locking, b._store.db.locking) == ("normal", "exclusive")
-    ran, ia, ib = [], iter(a), iter(b)
-    for task in (*ia, *ib):
-        ran.append(task.id)
+    assert (a._store.db.locking, b._store.db.locking) == ("normal", "normal")
+    assert "already used with SQLite's normal locking" in caplog.text
+    assert make(tasks, name="C", db="other.sqlite")._store.db.locking == "exclusive"
+    ran = [t.id for t in a] + [t.id for t in b]
     assert sorted(ran) == sorted(t.id for t in tasks)
-    assert rows("SELECT count(*) FROM attempts") == [(20,)]
+
+
+def test_workers_of_both_protocols_share_a_file(workers):
+    """Across processes the two protocols exclude each other (the lock bytes are
+    SQLite's): workers that chose differently run one workflow exactly once."""
+    workers.start("layered:4x40", 2, sleep=0.002, env={"LAUFBAND_SQLITE_LOCKING": "normal"})
+    workers.start("layered:4x40", 2, sleep=0.002,
+                  env={"LAUFBAND_SQLITE_LOCKING": "exclusive"})
+    run = workers.wait()
+    assert run.returncodes == [0, 0, 0, 0], run.stderr
+    tasks = build("layered:4x40")
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    assert len({rec["worker"] for rec in run.records}) > 1
+
+
+LOCKS = """1: POSIX  ADVISORY  WRITE {pid} {dev}:{ino} 1073741826 1073742335
+2: FLOCK  ADVISORY  WRITE {pid} {dev}:{other} 0 EOF
+3: POSIX  ADVISORY  READ  1 {dev}:{ino} 0 EOF
+"""
+
+
+def test_foreign_hold_reads_this_process_locks_on_the_file(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("x")
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    mine = LOCKS.format(pid=os.getpid(), dev=dev, ino=st.st_ino, other=st.st_ino + 1)
+    assert foreign_hold(str(path), mine)
+    assert not foreign_hold(str(path), mine.splitlines()[1] + "\n" + mine.splitlines()[2])
+    assert not foreign_hold(str(tmp_path / "missing"), mine)
+
+
+def test_a_users_own_connection_in_a_worker_is_named(exclusive, caplog):
+    """A sqlite3 connection of the user's code open in the worker's process keeps
+    unix-excl's lock after the worker's transactions (the others could not write):
+    the worker says so, once, with what to do."""
+    import sqlite3
+
+    worker = make([Task("a"), Task("b"), Task("c")])
+    db = worker._store.db
+    with db.transaction() as conn:
+        conn.exec_driver_sql("SELECT 1").all()
+    assert "another connection" not in caplog.text
+    mine = sqlite3.connect("g.sqlite")
+    try:
+        db._next_foreign_look = 0.0
+        with db.transaction() as conn:
+            conn.exec_driver_sql("SELECT 1").all()
+        assert others() == "database is locked"  # what the warning is about
+    finally:
+        mine.close()
+    assert caplog.text.count("another connection to") == 1
+    assert "LAUFBAND_SQLITE_LOCKING=normal" in caplog.text
+    assert others() == "free"
+    assert [t.id for t in worker] == ["a", "b", "c"]
 
 
 def test_graphband_runs_with_the_default_of_this_disk():
     """Outside tests that set it, the default is ``auto``: this disk is local."""
     worker = Graphband([Task("a")], db="g.sqlite", tqdm_kwargs={"disable": True})
     assert worker._store.db.locking == ("exclusive" if file_system_type(".")
-                                        in connection.NETWORK_FILE_SYSTEMS else "normal")
+                                        in sqlite_lock.NETWORK_FILE_SYSTEMS else "normal")
     assert [t.id for t in worker] == ["a"]
 
 
@@ -229,4 +290,5 @@ def test_a_wal_file_keeps_the_usual_protocol(exclusive, monkeypatch):
     assert worker._store.db.locking == "normal"
     assert [t.id for t in worker] == ["b"]
     assert rows("PRAGMA journal_mode") == [("delete",)]
-    assert make([Task("a"), Task("b")], name="C")._store.db.locking == "exclusive"
+    # (one protocol per process and file: a worker here stays with the first one)
+    assert make([Task("a"), Task("b")], name="C")._store.db.locking == "normal"
