@@ -23,8 +23,10 @@ from sqlalchemy.engine import Connection, Engine
 from laufband.errors import ConfigError, DatabaseError
 from laufband.locking import DEFAULT_TIMEOUT, DatabaseLock
 from laufband.store.sqlite_lock import (
+    counted_connection,
     foreign_hold,
     is_wal_file,
+    laufband_open,
     one_protocol,
     sqlite_locking,
     sqlite_uri,
@@ -214,12 +216,23 @@ class Database:
         self.engine = self._make_engine(journal_mode, read_only)
 
     def _choose_locking(self, journal_mode: str) -> str:
-        assert self.path is not None
-        locking = sqlite_locking(self.path, journal_mode)  # checks the variable always
-        if locking == "exclusive" and ("vfs" in sqlite_uri(self.url)[1]
-                                       or is_wal_file(self.path)):
-            locking = "normal"  # the URL's own VFS; a WAL file keeps WAL's protocol
-        return one_protocol(self.path, locking)
+        path = self.path
+        assert path is not None
+
+        def first(wanted: str) -> str:  # the first Database of this file in the process
+            if wanted == "exclusive" and ("vfs" in sqlite_uri(self.url)[1]
+                                          or is_wal_file(path)):
+                return "normal"  # the URL's own VFS; a WAL file keeps WAL's protocol
+            return wanted
+
+        chosen = one_protocol(path, sqlite_locking(path, journal_mode), first)
+        if chosen == "exclusive" and journal_mode == "wal":
+            raise ConfigError(
+                f"journal_mode='wal' cannot be used for {path}: this process already uses "
+                "it with SQLite's lock taken whole (LAUFBAND_SQLITE_LOCKING=exclusive, the "
+                "default on a network file system, where WAL is unsafe). Use "
+                "journal_mode='delete'.")
+        return chosen
 
     # ---------------------------------------------------------------- checks
     def _check_readable(self) -> None:
@@ -317,7 +330,9 @@ class Database:
             # the workers is reported (explain), not made again empty at the next step.
             mode = "rw" if read_only or self.opened else "rwc"
             return sqlite3.connect(uri if "mode" in given else f"{uri}{sep}mode={mode}",
-                                   uri=True, check_same_thread=False)
+                                   uri=True, check_same_thread=False, factory=counted)
+
+        counted = counted_connection(self.path)
 
         engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool, creator=connect)
         return engine, query_only
@@ -380,10 +395,12 @@ class Database:
                 yield conn
         finally:
             _here.depth -= 1
-            if self.locking == "exclusive" and _here.depth == 0:
-                self._check_no_foreign_hold()
-            if lock is not None:
-                lock.release()
+            try:
+                if self.locking == "exclusive" and _here.depth == 0:
+                    self._check_no_foreign_hold()
+            finally:
+                if lock is not None:
+                    lock.release()
 
     def _check_no_foreign_hold(self) -> None:
         """In exclusive locking, with our connection closed and the database lock still
@@ -392,10 +409,11 @@ class Database:
         connection) keeps it, and the other workers wait for ever. Said once; looked at
         at most once a second (/proc/locks)."""
         now = time.monotonic()
-        if self._foreign_said or now < self._next_foreign_look:
+        assert self.path is not None
+        if (self._foreign_said or now < self._next_foreign_look
+                or laufband_open(self.path)):  # (another thread's: a Monitor's...)
             return
         self._next_foreign_look = now + 1.0
-        assert self.path is not None
         if foreign_hold(self.path):
             self._foreign_said = True
             log.warning(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import threading
 import typing as t
 import urllib.parse
@@ -107,25 +108,75 @@ def is_wal_file(path: str) -> bool:
 
 
 
-#: The protocol each SQLite file (its real path) is used with in this process. One
-#: only: unix-excl's lock is the process's, and an unlock by a connection of SQLite's
-#: usual protocol in the same process lets it go under the others.
-_PROTOCOLS: dict[str, str] = {}
-_PROTOCOLS_LOCK = threading.Lock()
+#: The protocol each SQLite file is used with in this process, under each name of it
+#: (its real path, and its device and inode once it exists). One only: unix-excl's lock
+#: is the process's, and an unlock by a connection of SQLite's usual protocol in the
+#: same process lets it go under the others.
+_PROTOCOLS: dict[t.Hashable, str] = {}
+#: laufband's connections open in this process, per file (same keys): the foreign-hold
+#: check looks only when there are none.
+_OPEN: dict[t.Hashable, int] = {}
+_REGISTRY_LOCK = threading.Lock()
 
 
-def one_protocol(path: str, wanted: str) -> str:
-    """The protocol for ``path`` in this process: the first one chosen for it here
-    (a later choice that differs is logged and not followed)."""
-    key = os.path.realpath(path)
-    with _PROTOCOLS_LOCK:
-        first = _PROTOCOLS.setdefault(key, wanted)
-    if first != wanted:
+def _keys(path: str) -> list[t.Hashable]:
+    keys: list[t.Hashable] = [os.path.realpath(path)]
+    try:
+        st = os.stat(path)
+    except OSError:
+        return keys
+    return [*keys, (st.st_dev, st.st_ino)]  # also through a bind mount or hard link
+
+
+def one_protocol(path: str, wanted: str, first: t.Callable[[str], str]) -> str:
+    """The protocol for ``path`` in this process: the one chosen for it here before
+    (a later choice that differs is logged and not followed), else ``first(wanted)``,
+    which may open the file: it runs before any connection of this process to it (an
+    open and close of the file would let go this process's lock on it)."""
+    keys = _keys(path)
+    with _REGISTRY_LOCK:
+        known = next((_PROTOCOLS[k] for k in keys if k in _PROTOCOLS), None)
+        chosen = first(wanted) if known is None else known
+        for key in keys:
+            _PROTOCOLS.setdefault(key, chosen)
+    if known is not None and known != wanted:
         log.warning("laufband: %s is already used with SQLite's %s locking in this "
                     "process; the %s locking chosen now is not used, since both in one "
                     "process would let SQLite's lock go (LAUFBAND_SQLITE_LOCKING)",
-                    path, first, wanted)
-    return first
+                    path, known, wanted)
+    return chosen
+
+
+def counted_connection(path: str) -> type[sqlite3.Connection]:
+    """A sqlite3 connection class that counts itself open (for ``laufband_open``)."""
+    keys = _keys(path)[:1]  # the real path: a file a worker is about to create has no inode
+
+    class Counted(sqlite3.Connection):
+        def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._counted = True
+            _count(keys, +1)
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                if self.__dict__.pop("_counted", False):
+                    _count(keys, -1)
+
+    return Counted
+
+
+def _count(keys: list[t.Hashable], delta: int) -> None:
+    with _REGISTRY_LOCK:
+        for key in keys:
+            _OPEN[key] = _OPEN.get(key, 0) + delta
+
+
+def laufband_open(path: str) -> int:
+    """laufband's connections to ``path`` open in this process now."""
+    with _REGISTRY_LOCK:
+        return _OPEN.get(os.path.realpath(path), 0)
 
 
 def foreign_hold(path: str, locks: str | None = None) -> bool:

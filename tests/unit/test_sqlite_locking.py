@@ -292,3 +292,47 @@ def test_a_wal_file_keeps_the_usual_protocol(exclusive, monkeypatch):
     assert rows("PRAGMA journal_mode") == [("delete",)]
     # (one protocol per process and file: a worker here stays with the first one)
     assert make([Task("a"), Task("b")], name="C")._store.db.locking == "normal"
+
+
+def test_a_second_database_of_the_file_lets_no_lock_go(exclusive):
+    """Choosing the protocol may read the file's header (is it WAL?), and closing any
+    descriptor of the file lets go this process's lock on it: only the first Database
+    of a file in a process reads it, before any connection to it."""
+    from laufband.store.connection import Database
+
+    worker = make([Task("a")])
+    db = worker._store.db
+    with db.transaction() as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM tasks").all()
+        other = Database(db.url, None, read_only=True)  # a Monitor's, a prune's...
+        assert other.locking == "exclusive"
+        assert others("SELECT count(*) FROM tasks") == "database is locked"
+    assert others() == "free"
+
+
+def test_wal_in_a_process_that_takes_the_lock_whole_is_refused(monkeypatch):
+    """On a network file system (auto), a worker asking for WAL is refused where this
+    process already takes the file's lock whole (one protocol per process and file)."""
+    monkeypatch.setattr(sqlite_lock, "file_system_type", lambda path, mountinfo=None: "nfs")
+    list(make([Task("a")]))
+    with pytest.raises(ConfigError, match="journal_mode='wal' cannot be used.*"
+                       "LAUFBAND_SQLITE_LOCKING=exclusive"):
+        make([Task("a")], name="B", journal_mode="wal")
+    assert rows("PRAGMA journal_mode") == [("delete",)]
+
+
+def test_no_warning_for_laufbands_own_connections(exclusive, caplog):
+    """A reader of laufband's with a lock file of its own (a worker's db_lock= put
+    elsewhere) may hold a connection while a worker's transaction ends: not foreign."""
+    from laufband.store.connection import Database
+
+    worker = make([Task("a")])
+    db = worker._store.db
+    reader = Database(db.url, None, read_only=True)
+    with reader.read() as held:
+        held.exec_driver_sql("SELECT count(*) FROM tasks").all()
+        assert others() == "database is locked"  # this process holds the lock: laufband's
+        db._next_foreign_look = 0.0
+        db._check_no_foreign_hold()  # what a worker's transaction runs at its end
+    assert "another connection" not in caplog.text
+    assert others() == "free"
