@@ -107,15 +107,15 @@ def is_wal_file(path: str) -> bool:
     return len(header) == 20 and header[18:20] == b"\x02\x02"
 
 
-
 #: The protocol each SQLite file is used with in this process, under each name of it
 #: (its real path, and its device and inode once it exists). One only: unix-excl's lock
 #: is the process's, and an unlock by a connection of SQLite's usual protocol in the
 #: same process lets it go under the others.
 _PROTOCOLS: dict[t.Hashable, str] = {}
-#: laufband's connections open in this process, per file (same keys): the foreign-hold
-#: check looks only when there are none.
-_OPEN: dict[t.Hashable, int] = {}
+#: laufband's connections open in this process, per file (its real path: a file a
+#: worker is about to create has no inode yet): the foreign-hold check looks only when
+#: there are none.
+_OPEN: dict[str, int] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -149,28 +149,27 @@ def one_protocol(path: str, wanted: str, first: t.Callable[[str], str]) -> str:
 
 def counted_connection(path: str) -> type[sqlite3.Connection]:
     """A sqlite3 connection class that counts itself open (for ``laufband_open``)."""
-    keys = _keys(path)[:1]  # the real path: a file a worker is about to create has no inode
+    key = os.path.realpath(path)
 
     class Counted(sqlite3.Connection):
         def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
             super().__init__(*args, **kwargs)
             self._counted = True
-            _count(keys, +1)
+            _count(key, +1)
 
         def close(self) -> None:
             try:
                 super().close()
             finally:
                 if self.__dict__.pop("_counted", False):
-                    _count(keys, -1)
+                    _count(key, -1)
 
     return Counted
 
 
-def _count(keys: list[t.Hashable], delta: int) -> None:
+def _count(key: str, delta: int) -> None:
     with _REGISTRY_LOCK:
-        for key in keys:
-            _OPEN[key] = _OPEN.get(key, 0) + delta
+        _OPEN[key] = _OPEN.get(key, 0) + delta
 
 
 def laufband_open(path: str) -> int:
