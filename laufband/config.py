@@ -38,6 +38,11 @@ DEFAULT_RESULT_SIZE = 65536
 #: (a few seconds; a minute also covers a slow shared file system, clock skew between
 #: the node and the controller, and runtimes a little longer than estimated).
 DEFAULT_WALLTIME_MARGIN = 60.0
+#: Seconds a worker waits for a live worker with the labels its tasks' dependencies
+#: need before it leaves them behind: the job arrays of a pipeline's stages start in
+#: any order (the scheduler's), and a worker registers a second or so after its job
+#: starts. Short enough that a stage nobody started costs a minute, not an allocation.
+DEFAULT_LABEL_WAIT = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class Settings:
     depth_first: bool = False
     max_result_size: int = 65536
     walltime_margin: float = DEFAULT_WALLTIME_MARGIN
+    label_wait: float = DEFAULT_LABEL_WAIT
 
 
 class _Source(t.NamedTuple):
@@ -166,6 +172,7 @@ def resolve(
     depth_first: bool | None = None,
     max_result_size: int | None = None,
     walltime_margin: float | None = None,
+    label_wait: float | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if env is None else env
@@ -209,4 +216,6 @@ def resolve(
                                 int, 1, False),
         walltime_margin=_number(pick(walltime_margin, "walltime_margin",
                                      DEFAULT_WALLTIME_MARGIN), float, 0, False),
+        label_wait=_number(pick(label_wait, "label_wait", DEFAULT_LABEL_WAIT), float, 0,
+                           False),
     )

@@ -107,6 +107,7 @@ class Graphband(t.Generic[T]):
         depth_first: bool | None = None,
         max_result_size: int | None = None,
         walltime_margin: float | None = None,
+        label_wait: float | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.settings = config.resolve(
@@ -118,13 +119,14 @@ class Graphband(t.Generic[T]):
             enable_fingerprints=enable_fingerprints,
             invalidate_downstream=invalidate_downstream, limits=limits,
             depth_first=depth_first, max_result_size=max_result_size,
-            walltime_margin=walltime_margin,
+            walltime_margin=walltime_margin, label_wait=label_wait,
         )
         self._tasks_input = tasks
         self.tqdm_kwargs = dict(tqdm_kwargs or {})
         self._clock = clock or SystemClock()
         self._bar: tqdm | None = None
         self._last_counts: Counts | None = None
+        self._label_wait_said = False
         self._closing = False
         self._cancelled: t.Any = None  # the workflow's cancel, once a step saw it
         self._loop: _Loop | ThreadedRun | None = None
@@ -186,7 +188,8 @@ class Graphband(t.Generic[T]):
         self._by_id = spec.by_id
         self._me = Me(s.identifier, [], generation, s.max_failed_retries,
                       s.max_killed_retries, s.failure_policy == "stop",
-                      deadline=None if end is None else end - s.walltime_margin)
+                      deadline=None if end is None else end - s.walltime_margin,
+                      label_wait=s.label_wait)
         self._session.heartbeat.me = self._me  # it reads the runtime estimates
         self._known_reqsets: set[int] = set()
         self._refresh_reqsets()
@@ -389,6 +392,7 @@ class Graphband(t.Generic[T]):
             raise drained(self._session.drain)
         self._closing = False
         self._cancelled = None  # a step tells again if the workflow is still cancelled
+        self._me.stranded_since = None  # each run waits label_wait afresh
         self._session.go_online()
         self._bar = tqdm(total=0, **self.tqdm_kwargs)
 
@@ -473,6 +477,7 @@ class Graphband(t.Generic[T]):
         counts = result.counts
         self._last_counts = counts
         self._see_reqsets(counts)
+        self._note_labels_missing(result)
         bar = self._bar
         if bar is not None:
             bar.total = counts.total
@@ -490,6 +495,23 @@ class Graphband(t.Generic[T]):
                 "allows another attempt runs them again, and their dependents after them. "
                 "Completed tasks are kept."
             )
+
+    def _note_labels_missing(self, result: StepResult) -> None:
+        """Say once when this worker starts to wait for a worker with the labels that
+        what its pending tasks wait for needs, and if it leaves them behind."""
+        me, pending = self._me, result.counts.n(["pending"], self._me.reqset_ids)
+        waiting = me.stranded_since is not None and pending > 0
+        if waiting and not self._label_wait_said and not result.left:
+            log.warning("worker %s: %d task(s) it could run wait for tasks that need "
+                        "labels no live worker has; it waits up to %g s for a worker "
+                        "with them (label_wait), then leaves. `laufband status` names "
+                        "the labels.", me.id, pending, me.label_wait)
+        self._label_wait_said = waiting
+        if result.left and waiting and not result.short_of_time:
+            log.warning("worker %s leaves: no worker with the labels its %d pending "
+                        "task(s) wait for came within label_wait (%g s). They stay "
+                        "pending: start workers with those labels (`laufband status` "
+                        "names them) and they run.", me.id, pending, me.label_wait)
 
 
 def user_lock_file(db_path: str | None) -> str:

@@ -40,6 +40,14 @@ def labelled() -> list[Task]:
     return tasks
 
 
+def stages(n: int) -> list[Task]:
+    """A two-stage pipeline: ``n`` cpu tasks, each followed by a gpu task (two worker
+    families, as two job arrays)."""
+    return [Task(id=f"cpu{i}", requirements={"cpu"}) for i in range(n)] + [
+        Task(id=f"gpu{i}", requirements={"gpu"}, dependencies={f"cpu{i}"})
+        for i in range(n)]
+
+
 def shared() -> list[Task]:
     return [Task(id="wide", max_parallel_workers=3), *flat(5)]
 
@@ -63,6 +71,7 @@ GRAPHS = {
     "chain": lambda n: chain(int(n)),
     "layered": lambda spec: layered(*map(int, spec.split("x"))),
     "labelled": lambda _: labelled(),
+    "stages": lambda n: stages(int(n)),
     "shared": lambda _: shared(),
     "timed": lambda _: timed(),
     "walltime": lambda spec: walltime(int(spec.split("x")[0]), float(spec.split("x")[1])),

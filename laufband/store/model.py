@@ -69,6 +69,10 @@ class Me:
     estimates: dict[int, float] = dataclasses.field(default_factory=dict)
     estimated_at: float = float("-inf")
     reqset_keys: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    #: Seconds this worker waits for a live worker with the labels that what its pending
+    #: tasks wait for needs (workers.done_for), and since when it does (store clock).
+    label_wait: float = 0.0
+    stranded_since: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,7 +189,23 @@ def done_for(led: Ledger, me: Me) -> bool:
         return False
     if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
         return not _can_change_up_to(led, me, mine)
-    return not led.counts.can_change(mine, lambda: _live_reqsets(led, me.id))
+    if led.counts.can_change(mine, lambda: _live_reqsets(led, me.id)):
+        me.stranded_since = None
+        return False
+    return not _waits_for_labels(led, me, mine)
+
+
+def _waits_for_labels(led: Ledger, me: Me, mine: list[int]) -> bool:
+    """Nothing runs, and no live worker can run what this worker's pending tasks wait
+    for: its labels are nobody's now. Wait ``me.label_wait`` seconds for a worker that
+    has them before leaving (the job arrays of a pipeline's stages start in any order).
+    A worker that comes in time resets the wait; one that leaves later starts it again."""
+    if not led.counts.n([TaskState.PENDING], mine):
+        me.stranded_since = None
+        return False
+    if me.stranded_since is None:
+        me.stranded_since = led.now
+    return led.now - me.stranded_since < me.label_wait
 
 
 def _can_change_up_to(led: Ledger, me: Me, reqsets: list[int]) -> bool:

@@ -94,15 +94,20 @@ def test_chain_of_50_with_4_workers_completes(workers):
 
 def test_labels_route_tasks_and_unrunnable_tasks_do_not_hang(workers):
     tasks = build("labelled")
-    workers.start("labelled", 2, labels="cpu")
+    # after_tpu waits for a tpu task no worker can run: every worker waits label_wait
+    # for a tpu worker, then leaves it pending and says so.
+    env = {"LAUFBAND_LABEL_WAIT": "1"}
+    workers.start("labelled", 2, labels="cpu", env=env)
     # A worker cannot know about workers that have not started yet: let the cpu workers
     # register so the gpu workers know someone will run the cpu tasks they wait for.
     db = workers.folder / "graph.sqlite"
     wait_until(lambda: len(peek(db, "SELECT id FROM workers") or []) == 2,
                what="cpu workers")
-    workers.start("labelled", 2, labels="gpu")
+    workers.start("labelled", 2, labels="gpu", env=env)
     run = workers.wait()
     assert run.returncodes == [0] * 4, run.stderr
+    assert all("came within label_wait (1 s)" in err for err in run.stderr), run.stderr
+    assert query(db, "SELECT state FROM tasks WHERE id = 'after_tpu'") == [("pending",)]
     runnable = [t.id for t in tasks if t.id not in ("tpu", "after_tpu")]
     assert_exactly_once(run, runnable)
     assert_dependency_order(run, [t for t in tasks if t.id in runnable])
@@ -110,6 +115,43 @@ def test_labels_route_tasks_and_unrunnable_tasks_do_not_hang(workers):
         kind = rec["id"].rstrip("0123456789")
         if kind in ("cpu", "gpu"):
             assert rec["labels"] == [kind], rec
+
+
+def test_a_later_stage_started_first_waits_for_the_earlier_stage(workers):
+    """The job arrays of a pipeline's stages start in the scheduler's order: gpu
+    workers that start while no cpu worker lives wait (label_wait) instead of leaving
+    at once with nothing done, and run the gpu tasks once cpu workers came."""
+    tasks = build("stages:20")
+    db = workers.folder / "graph.sqlite"
+    workers.start("stages:20", 2, labels="gpu", sleep=0.01)
+    # Both gpu workers wait (a waiting worker's row names the state it leaves in)...
+    wait_until(lambda: (peek(db, "SELECT count(*) FROM workers WHERE leave_as IS NOT NULL")
+                        or [(0,)])[0][0] == 2, what="gpu workers waiting")
+    # ... and are still there once the cpu workers register, long after their first look.
+    workers.start("stages:20", 2, labels="cpu", sleep=0.01)
+    run = workers.wait()
+    assert run.returncodes == [0] * 4, run.stderr
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    gpu = [r for r in run.records if r["id"].startswith("gpu")]
+    assert {tuple(r["labels"]) for r in gpu} == {("gpu",)}
+    assert sum("labels no live worker has" in err for err in run.stderr[:2]) == 2, run.stderr
+
+
+def test_a_stage_nobody_starts_is_left_after_label_wait(workers):
+    """No cpu worker ever comes: the gpu worker waits label_wait, then leaves (exit 0)
+    with the gpu tasks pending, and says why."""
+    workers.start("stages:3", 1, labels="gpu", env={"LAUFBAND_LABEL_WAIT": "2"})
+    run = workers.wait()
+    assert run.returncodes == [0], run.stderr
+    assert run.records == []
+    [err] = run.stderr
+    assert "waits up to 2 s for a worker" in err and "came within label_wait (2 s)" in err
+    db = workers.folder / "graph.sqlite"
+    assert query(db, "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state") == [
+        ("pending", 3), ("ready", 3)]
+    [(started, stopped)] = query(db, "SELECT started_at, stopped_at FROM workers")
+    assert stopped - started >= 2.0
 
 
 def test_shared_task_runs_on_max_parallel_workers_at_once(workers):

@@ -45,6 +45,7 @@ def test_identifier_may_be_a_callable():
     ({"labels": "gpu"}, "labels must be a set of strings"),
     ({"journal_mode": "memory"}, "journal_mode='memory' is invalid: use one of"),
     ({"identifier": 42}, "identifier must be a string"),
+    ({"label_wait": -1}, "label_wait=-1 is invalid: it must be >= 0"),
     ({"db": "postgresql+nodriver://x/y"}, "db='postgresql\\+nodriver://x/y' is neither"),
 ])
 def test_invalid_parameters(kwargs, message):
@@ -67,6 +68,7 @@ def test_invalid_parameters(kwargs, message):
     ("LAUFBAND_FAILURE_POLICY", "panic", "LAUFBAND_FAILURE_POLICY='panic' is invalid"),
     ("LAUFBAND_JOURNAL_MODE", "off", "LAUFBAND_JOURNAL_MODE='off' is invalid"),
     ("LAUFBAND_DB", "nosuchdialect://x", "LAUFBAND_DB='nosuchdialect://x' is neither"),
+    ("LAUFBAND_LABEL_WAIT", "1min", "LAUFBAND_LABEL_WAIT='1min' is invalid: not a number"),
 ])
 def test_invalid_environment_value(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
