@@ -31,6 +31,7 @@ from conftest import (
     Run,
     assert_dependency_order,
     assert_exactly_once,
+    peek,
     query,
     wait_until,
 )
@@ -238,6 +239,36 @@ def claimed_again(faults: Faults) -> str:
         if (event, attempt) == ("claimed", 2):
             return worker
     return ""
+
+
+def test_two_stages_as_two_arrays_the_later_stage_started_first(slurm, tmp_path):
+    """A pipeline of two worker families as two job arrays, the gpu stage's running
+    before the cpu stage's was even submitted (the scheduler's order): the gpu workers
+    wait for cpu workers (label_wait) instead of leaving with nothing done."""
+    def family(labels: str) -> str:
+        script = worker_job(tmp_path, WORKER, graph="stages:20", labels=labels, sleep=0.01)
+        return script.replace('/w"${SLURM_ARRAY_TASK_ID}', f'/{labels}"${{SLURM_ARRAY_TASK_ID}}')
+
+    gpu = slurm.submit(family("gpu"), "--array=0-1")
+    db = tmp_path / "graph.sqlite"
+    # Both gpu workers registered and wait (a waiting worker's row names the state it
+    # leaves in), with no cpu worker anywhere.
+    wait_until(lambda: (peek(db, "SELECT count(*) FROM workers WHERE leave_as IS NOT NULL")
+                        or [(0,)])[0][0] == 2,
+        timeout=60, interval=0.2, what="the gpu workers waiting")
+    cpu = slurm.submit(family("cpu"), "--array=0-1")
+    for job in (gpu, cpu):
+        slurm.wait_gone(job)
+        for i, rec in slurm.tasks(job).items():
+            assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), \
+                job_log(tmp_path, job, i)
+    tasks = build("stages:20")
+    run = recorded(tmp_path, "*.jsonl")
+    assert_exactly_once(run, [t.id for t in tasks])
+    assert_dependency_order(run, tasks)
+    ran_gpu = {r["worker"] for r in run.records if r["id"].startswith("gpu")}
+    assert ran_gpu and ran_gpu <= {f"{gpu}_0", f"{gpu}_1"}, run.records
+    assert "labels no live worker has" in job_log(tmp_path, gpu, 0)
 
 
 def test_scancel_of_an_array_task_hands_its_task_to_the_others(slurm, tmp_path):
