@@ -393,6 +393,7 @@ class Graphband(t.Generic[T]):
         self._closing = False
         self._cancelled = None  # a step tells again if the workflow is still cancelled
         self._me.stranded_since = None  # each run waits label_wait afresh
+        self._label_wait_said = False  # ... and says so
         self._session.go_online()
         self._bar = tqdm(total=0, **self.tqdm_kwargs)
 

@@ -311,6 +311,8 @@ class Store:
                 # do not see, so we would leave while they are taken. (A step ahead
                 # decides neither: its loop steps again after the task it runs.)
                 return _Alone.REST
+            if claimed:
+                me.stranded_since = None  # it got work: a later wait starts afresh
             left = not claimed and not final and workers.leave_if_done(led, me, want.leave)
             if not (claimed or left) and want.leave is not None:
                 workers.wait(led, me.id, want.leave)
@@ -354,6 +356,8 @@ class Store:
                 return StepResult([], led.counts, left=True)
             final = workers.final_failures(led) if me.stop_on_failure else 0
             if final or self._claimable(led, me):
+                if not final:
+                    me.stranded_since = None  # work came: a later wait starts afresh
                 return StepResult([], led.counts, claimable=not final, final_failures=final)
             if leave is None or not workers.done_for(led, me):
                 return StepResult([], led.counts)

@@ -188,7 +188,10 @@ def done_for(led: Ledger, me: Me) -> bool:
         # holds them while it is still 'ready': look at the attempts, not the counts).
         return False
     if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
-        return not _can_change_up_to(led, me, mine)
+        if _can_change_up_to(led, me, mine):
+            me.stranded_since = None
+            return False
+        return not _waits_for_labels(led, me, mine)
     if led.counts.can_change(mine, lambda: _live_reqsets(led, me.id)):
         me.stranded_since = None
         return False
@@ -201,6 +204,12 @@ def _waits_for_labels(led: Ledger, me: Me, mine: list[int]) -> bool:
     has them before leaving (the job arrays of a pipeline's stages start in any order).
     A worker that comes in time resets the wait; one that leaves later starts it again."""
     if not led.counts.n([TaskState.PENDING], mine):
+        me.stranded_since = None
+        return False
+    # Only labels nobody has: a ready task this worker could run but not in its time
+    # left (runtimes.in_reach) is no reason to wait (it leaves short of time).
+    have = _live_reqsets(led, me.id) | set(me.reqset_ids)
+    if not led.counts.n([TaskState.READY], [r for r in led.counts.rows if r not in have]):
         me.stranded_since = None
         return False
     if me.stranded_since is None:

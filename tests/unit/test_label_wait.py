@@ -1,0 +1,92 @@
+"""label_wait: a worker whose pending tasks wait for tasks that need labels no live
+worker has waits that long for such a worker before it leaves them (workers.done_for).
+Store calls with a fake clock: what each rule decides, at exact times."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from graphs import build
+from helpers import make, url
+
+from laufband import Task
+from laufband.clock import FakeClock
+from laufband.states import Event, WorkerState
+from laufband.store import Store
+from laufband.store.model import Finish, Me, Want, WorkerInfo
+from laufband.task import read_graph
+
+pytestmark = pytest.mark.backends
+
+OFF = WorkerState.OFFLINE
+
+
+def worker(store: Store, name: str, labels: set[str], tasks, **me) -> Me:
+    store.register_worker(WorkerInfo(name, "h", 1, frozenset(labels), 60.0),
+                          lambda host, pid: False)
+    gen = store.register_graph(read_graph(tasks), name)
+    who = Me(name, [], gen, **me)
+    store.reqsets_for(who, frozenset(labels))
+    return who
+
+
+def test_a_worker_waits_label_wait_then_leaves():
+    clock = FakeClock()
+    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    gpu = worker(store, "G", {"gpu"}, build("stages:1"), label_wait=10.0)
+    first = store.step(gpu, [], Want(limit=1, start=True, leave=OFF))
+    assert (first.claims, first.left) == ([], False)  # waits for a cpu worker
+    clock.advance(9.9)
+    assert not store.poll(gpu, OFF).left
+    clock.advance(0.2)
+    assert store.poll(gpu, OFF).left
+
+
+def test_work_that_came_makes_the_next_wait_start_afresh():
+    """A cpu worker came and went between two looks of the waiting gpu worker (it never
+    saw it live: its next look found a task to claim). Once the gpu worker ran that
+    task and is stranded again, it waits label_wait from then, not from its first
+    wait (review30 F1: it left at once)."""
+    clock = FakeClock()
+    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    tasks = build("stages:2")
+    gpu = worker(store, "G", {"gpu"}, tasks, label_wait=10.0)
+    assert not store.step(gpu, [], Want(limit=1, start=True, leave=OFF)).left
+    clock.advance(8)
+    cpu = worker(store, "C", {"cpu"}, tasks)
+    [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
+    store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)  # it ran one task only
+    assert store.poll(gpu, OFF).claimable
+    [gpu0] = store.step(gpu, [], Want(limit=1)).claims
+    clock.advance(1)
+    after = store.step(gpu, [Finish(gpu0, Event.COMPLETED)], Want(limit=1, leave=OFF))
+    assert (after.claims, after.left) == ([], False)  # gpu1 waits for cpu1: no cpu worker
+    clock.advance(5)  # 14 s after the first wait, 5 s after this one began
+    assert not store.poll(gpu, OFF).left
+    clock.advance(5.1)
+    assert store.poll(gpu, OFF).left
+
+
+def test_a_worker_short_of_time_leaves_at_once_and_does_not_blame_labels():
+    """What its pending task waits for is a task it has the labels for but no time
+    (its allocation ends): it leaves short of time at once (review30 F2: it waited
+    label_wait, as if labels were missing)."""
+    clock = FakeClock()
+    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    tasks = [Task("long", runtime=1000.0), Task("after", requirements={"x"},
+                                                dependencies={"long"}, runtime=1.0)]
+    me = worker(store, "W", {"x"}, tasks, label_wait=10.0, deadline=clock.now() + 240)
+    result = store.step(me, [], Want(limit=1, start=True, leave=OFF))
+    assert (result.claims, result.left, result.short_of_time) == ([], True, True)
+
+
+def test_each_loop_says_that_it_waits(caplog):
+    """A second loop of the same worker waits again and says so again (review30 F3)."""
+    w = make(build("stages:1"), name="g", labels={"gpu"}, label_wait=1.0)
+    with caplog.at_level(logging.WARNING, logger="laufband"):
+        assert list(w) == []
+        assert list(w) == []
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("waits up to 1 s for a worker" in m for m in said) == 2, said
+    assert sum("came within label_wait (1 s)" in m for m in said) == 2, said
