@@ -106,11 +106,20 @@ def _number(src: _Source, kind: type, minimum: float, strict: bool) -> t.Any:
     return value
 
 
-def _choice(src: _Source, choices: tuple[str, ...]) -> str:
+def _choice(src: _Source, choices: tuple[str, ...], hint: str = "") -> str:
     value = src.value.strip().lower() if isinstance(src.value, str) else src.value
     if value not in choices:
-        src.fail(f"use one of {', '.join(choices)}")
+        src.fail(f"use one of {', '.join(choices)}{hint}")
     return value
+
+
+def choice_from_environment(var: str, choices: tuple[str, ...], default: str,
+                            env: Mapping[str, str] | None = None, hint: str = "") -> str:
+    """A setting only a variable sets, checked as ``resolve`` checks the others: for
+    code that runs where no ``Settings`` are made (the store of ``Monitor`` and the
+    CLI). ``hint``: appended to the list of choices in the error."""
+    env = os.environ if env is None else env
+    return _choice(_pick(None, env, var, var, default), choices, hint)
 
 
 def _bool(src: _Source) -> bool:

@@ -65,13 +65,12 @@ def file_system_type(path: str, mountinfo: str | None = None) -> str | None:
 def sqlite_locking(path: str, journal_mode: str, env: t.Mapping[str, str] = os.environ
                    ) -> str:
     """``exclusive`` or ``normal`` for the SQLite file ``path`` (SQLITE_LOCKING)."""
+    from laufband import config  # here: config imports the store (connection.py)
+
     var = "LAUFBAND_SQLITE_LOCKING"
-    given = env.get(var, "auto")
-    value = given.strip().lower()  # as config.py's choices
-    if value not in SQLITE_LOCKING:
-        raise ConfigError(f"{var}={given!r} is invalid: use one of "
-                          f"{', '.join(SQLITE_LOCKING)} (auto: exclusive on a network "
-                          "file system, else normal).")
+    value = config.choice_from_environment(
+        var, SQLITE_LOCKING, "auto", env,
+        " (auto: exclusive on a network file system, else normal)")
     if journal_mode == "wal":
         if value == "exclusive":
             raise ConfigError(
