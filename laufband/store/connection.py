@@ -50,7 +50,10 @@ def database_url(value: str, name: str = "db") -> str:
     """A database URL from a URL or a plain path (``runs/wf.sqlite`` is a SQLite file)."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{name} must be a database URL or a file path, got {value!r}.")
-    url = value if "://" in value else f"sqlite:///{value}"
+    # A path becomes a URL with its characters escaped: pasted into one, "run?1.sqlite"
+    # was the file "run" (the rest a query) and "50%25.sqlite" the file "50%.sqlite".
+    url = value if "://" in value else sa.engine.URL.create(
+        "sqlite", database=value).render_as_string(hide_password=False)
     try:
         parsed = sa.engine.make_url(url)
         parsed.get_dialect()

@@ -8,6 +8,7 @@ import pytest
 from helpers import flat_worker
 
 from laufband import ConfigError, Laufband, Monitor
+from laufband.store.connection import database_url, sqlite_path
 
 
 def test_environment_is_read_at_creation_not_import(monkeypatch):
@@ -90,6 +91,15 @@ def test_a_plain_path_is_a_sqlite_database(monkeypatch, how):
     absolute = os.path.abspath("runs/wf2.sqlite")
     assert list(Laufband(["z"], db=absolute, tqdm_kwargs={"disable": True})) == ["z"]
     assert os.path.exists(absolute)
+
+
+@pytest.mark.parametrize("name", ["run?1.sqlite", "50%25.sqlite", "hash#1.sqlite",
+                                  "x@y:z.sqlite", "sp ace.sqlite"])
+def test_a_path_is_that_file_whatever_its_characters(name):
+    for _ in Laufband([1, 2], db=name, tqdm_kwargs={"disable": True}):
+        pass
+    assert name in os.listdir(".")
+    assert sqlite_path(database_url(name)) == name
 
 
 def test_a_relative_database_stays_the_same_file_after_chdir():
