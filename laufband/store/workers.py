@@ -188,10 +188,10 @@ def done_for(led: Ledger, me: Me) -> bool:
         # holds them while it is still 'ready': look at the attempts, not the counts).
         return False
     if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
-        if _can_change_up_to(led, me, mine):
-            me.stranded_since = None
-            return False
-        return not _waits_for_labels(led, me, mine)
+        # A worker of an older graph leaves once nothing of its generations can change:
+        # it does not wait for newer work, so not for labels either (no label wait).
+        me.stranded_since = None
+        return not _can_change_up_to(led, me, mine)
     if led.counts.can_change(mine, lambda: _live_reqsets(led, me.id)):
         me.stranded_since = None
         return False
@@ -202,14 +202,16 @@ def _waits_for_labels(led: Ledger, me: Me, mine: list[int]) -> bool:
     """Nothing runs, and no live worker can run what this worker's pending tasks wait
     for: its labels are nobody's now. Wait ``me.label_wait`` seconds for a worker that
     has them before leaving (the job arrays of a pipeline's stages start in any order).
-    A worker that comes in time resets the wait; one that leaves later starts it again."""
-    if not led.counts.n([TaskState.PENDING], mine):
+    A worker that comes in time resets the wait; one that leaves later starts it again.
+    Called when ``Counts.can_change`` found no ready task a live worker can run."""
+    counts = led.counts
+    if not counts.n([TaskState.PENDING], mine):
         me.stranded_since = None
         return False
-    # Only labels nobody has: a ready task this worker could run but not in its time
-    # left (runtimes.in_reach) is no reason to wait (it leaves short of time).
-    have = _live_reqsets(led, me.id) | set(me.reqset_ids)
-    if not led.counts.n([TaskState.READY], [r for r in led.counts.rows if r not in have]):
+    # Only labels nobody has: a ready task of this worker's own sets that it cannot
+    # claim in its time left (runtimes.in_reach) is no reason to wait (it leaves short
+    # of time). Every other ready task needs labels no live worker has (can_change).
+    if not counts.n([TaskState.READY], [r for r in counts.rows if r not in me.reqset_ids]):
         me.stranded_since = None
         return False
     if me.stranded_since is None:

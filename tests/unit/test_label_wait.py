@@ -4,6 +4,7 @@ Store calls with a fake clock: what each rule decides, at exact times."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -22,10 +23,11 @@ pytestmark = pytest.mark.backends
 OFF = WorkerState.OFFLINE
 
 
-def worker(store: Store, name: str, labels: set[str], tasks, **me) -> Me:
+def worker(store: Store, name: str, labels: set[str], tasks, fingerprints: bool = False,
+           **me) -> Me:
     store.register_worker(WorkerInfo(name, "h", 1, frozenset(labels), 60.0),
                           lambda host, pid: False)
-    gen = store.register_graph(read_graph(tasks), name)
+    gen = store.register_graph(read_graph(tasks, fingerprints=fingerprints), name)
     who = Me(name, [], gen, **me)
     store.reqsets_for(who, frozenset(labels))
     return who
@@ -79,6 +81,27 @@ def test_a_worker_short_of_time_leaves_at_once_and_does_not_blame_labels():
     me = worker(store, "W", {"x"}, tasks, label_wait=10.0, deadline=clock.now() + 240)
     result = store.step(me, [], Want(limit=1, start=True, leave=OFF))
     assert (result.claims, result.left, result.short_of_time) == ([], True, True)
+
+
+def test_a_worker_of_an_older_graph_does_not_wait_for_newer_work():
+    """Once nothing of its own generations can change it leaves at once, as before
+    label_wait: what still waits is a task a newer graph changed, which it may not
+    claim (review31 N2: it waited label_wait for it and blamed labels)."""
+    clock = FakeClock()
+    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    old = [dataclasses.replace(t, fingerprint="v1") for t in build("stages:2")]
+    new = [dataclasses.replace(t, fingerprint="v2" if t.id == "gpu1" else "v1") for t in old]
+    gpu = worker(store, "G", {"gpu"}, old, fingerprints=True, label_wait=30.0)
+    assert not store.step(gpu, [], Want(limit=1, start=True, leave=OFF)).left
+    clock.advance(1)  # C starts after G registered its graph (else: a mismatch)
+    cpu = worker(store, "C", {"cpu"}, new, fingerprints=True)
+    assert cpu.generation > gpu.generation
+    [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
+    store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)  # cpu1 stays ready
+    [gpu0] = store.step(gpu, [], Want(limit=1)).claims
+    after = store.step(gpu, [Finish(gpu0, Event.COMPLETED)], Want(limit=1, leave=OFF))
+    assert (after.claims, after.left) == ([], True)  # gpu1 is of generation 2
+    assert gpu.stranded_since is None  # nor does it say it waited for labels
 
 
 def test_each_loop_says_that_it_waits(caplog):
