@@ -15,10 +15,8 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from laufband import DatabaseError, Monitor
 from laufband.cli import limits_table, open_store, status, workers_table
 
 HERE = Path(__file__).resolve().parent
@@ -34,24 +32,6 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def wait_for_family(db: str, label: str, procs: list[subprocess.Popen],
-                    timeout: float = 60.0) -> None:
-    """Until a worker with ``label`` has registered (or one of ``procs`` ended). A
-    download worker that starts before any resolve worker sees nobody who could resolve
-    its sources, and leaves at once (a worker does not wait for tasks that need labels
-    no live worker has): start the first stage's family first."""
-    deadline = time.monotonic() + timeout
-    while not any(p.poll() is not None for p in procs):
-        try:
-            if any(label in w.labels for w in Monitor(db=db).get_workers()):
-                return
-        except DatabaseError:
-            pass  # no database yet
-        if time.monotonic() > deadline:
-            raise SystemExit(f"no {label} worker registered within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE.parent / "out" / "pipeline")
@@ -60,10 +40,11 @@ def main() -> int:
     args.out.mkdir(parents=True)
     script = [sys.executable, str(HERE / "pipeline.py"), "--out", str(args.out)]
     db = str(args.out / "pipeline.sqlite")
-    procs = [subprocess.Popen([*script, "--stage", "resolve"]) for _ in range(2)]
-    wait_for_family(db, "resolve", procs)
-    procs += [subprocess.Popen([*script, "--stage", "download", "--threads", "4"])
-              for _ in range(3)]
+    # The families start together, in no order: a download worker that registers before
+    # any resolve worker waits for one (label_wait), as job arrays on a cluster do.
+    procs = [subprocess.Popen([*script, "--stage", "download", "--threads", "4"])
+             for _ in range(3)]
+    procs += [subprocess.Popen([*script, "--stage", "resolve"]) for _ in range(2)]
     codes = [p.wait() for p in procs]
     store = open_store(db)
     print(f"\n$ laufband --db {db} status")
