@@ -65,8 +65,6 @@ SQL = {
                     " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
     "mine_pending": "SELECT 1 FROM tasks WHERE state = 'pending'"
                     " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
-    "old_running": "SELECT 1 FROM tasks WHERE state = 'running'"
-                   " AND generation <= :generation LIMIT 1",
     "old_ready": "SELECT 1 FROM tasks WHERE state = 'ready' AND reqset IN ({live})"
                  " AND generation <= :generation LIMIT 1",
 }
@@ -228,7 +226,10 @@ def _can_change_up_to(led: Ledger, me: Me, reqsets: list[int]) -> bool:
     gen = {"generation": me.generation}
     if not led.all(SQL["mine_waiting"].format(mine=mine), {**params, **gen}):
         return False
-    if led.all(SQL["old_running"], gen):
+    if led.all(SQL["any_live"]):
+        # A running task of any generation: a changed task gets the new generation
+        # while its dependents keep theirs, so a newer worker may be running what ours
+        # wait for (it may also fail and run again).
         return True
     if not led.all(SQL["mine_pending"].format(mine=mine), {**params, **gen}):
         return False

@@ -104,6 +104,29 @@ def test_a_worker_of_an_older_graph_does_not_wait_for_newer_work():
     assert gpu.stranded_since is None  # nor does it say it waited for labels
 
 
+def test_a_worker_of_an_older_graph_waits_while_a_newer_one_runs_its_upstream():
+    """A rerun changed cpu0: it has the new generation, gpu0 (unchanged) keeps the old
+    one. While a newer worker runs cpu0, the older gpu worker waits for it, and then
+    runs gpu0 (review31 N1: it left at once, and gpu0 stayed ready with nobody to run
+    it)."""
+    clock = FakeClock()
+    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    old = [dataclasses.replace(t, fingerprint="v1") for t in build("stages:1")]
+    new = [dataclasses.replace(t, fingerprint="v2" if t.id == "cpu0" else "v1") for t in old]
+    gpu = worker(store, "G", {"gpu"}, old, fingerprints=True, label_wait=30.0)
+    assert not store.step(gpu, [], Want(limit=1, start=True, leave=OFF)).left
+    clock.advance(1)
+    cpu = worker(store, "C", {"cpu"}, new, fingerprints=True)
+    assert cpu.generation > gpu.generation
+    [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
+    clock.advance(60)  # long after label_wait: it waits for the running task itself
+    assert not store.poll(gpu, OFF).left
+    store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)
+    assert store.poll(gpu, OFF).claimable
+    [gpu0] = store.step(gpu, [], Want(limit=1)).claims
+    assert gpu0.id == "gpu0"
+
+
 def test_each_loop_says_that_it_waits(caplog):
     """A second loop of the same worker waits again and says so again (review30 F3)."""
     w = make(build("stages:1"), name="g", labels={"gpu"}, label_wait=1.0)
