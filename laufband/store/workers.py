@@ -59,8 +59,8 @@ SQL = {
     "live_labels": "SELECT DISTINCT labels FROM workers WHERE state IN ('idle', 'busy')"
                    " AND id != :me",
     "newest_generation": "SELECT max(generation) FROM graphs",
-    # For a worker of an older graph generation: tasks of its generations only (an
-    # older task never depends on a newer one: a rerun may only add tasks).
+    # For a worker of an older graph generation: its own tasks are those of its
+    # generations (it may not claim newer ones; _can_change_up_to).
     "mine_waiting": "SELECT 1 FROM tasks WHERE state IN ('pending', 'running')"
                     " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
     "mine_pending": "SELECT 1 FROM tasks WHERE state = 'pending'"
@@ -226,10 +226,10 @@ def _can_change_up_to(led: Ledger, me: Me, reqsets: list[int]) -> bool:
     gen = {"generation": me.generation}
     if not led.all(SQL["mine_waiting"].format(mine=mine), {**params, **gen}):
         return False
-    if led.all(SQL["any_live"]):
-        # A running task of any generation: a changed task gets the new generation
-        # while its dependents keep theirs, so a newer worker may be running what ours
-        # wait for (it may also fail and run again).
+    if led.counts.n([TaskState.RUNNING]):
+        # A running task of any generation (Counts.can_change's rule): a changed task
+        # gets the new generation while its dependents keep theirs, so a newer worker
+        # may be running what ours wait for.
         return True
     if not led.all(SQL["mine_pending"].format(mine=mine), {**params, **gen}):
         return False
