@@ -83,19 +83,28 @@ def test_a_worker_short_of_time_leaves_at_once_and_does_not_blame_labels():
     assert (result.claims, result.left, result.short_of_time) == ([], True, True)
 
 
-def test_a_worker_of_an_older_graph_does_not_wait_for_newer_work():
-    """Once nothing of its own generations can change it leaves at once, as before
-    label_wait: what still waits is a task a newer graph changed, which it may not
-    claim (review31 N2: it waited label_wait for it and blamed labels)."""
+def older_and_newer(graph: str, changed: str) -> tuple[FakeClock, Store, Me, Me]:
+    """A gpu worker G of ``graph`` waits for a cpu worker; then a cpu worker C starts
+    with ``changed``'s fingerprint changed (a rerun of the script): C's generation is
+    newer, and so is ``changed``'s."""
     clock = FakeClock()
     store = Store(url(), Store.writers_lock(url(), 60), clock)
-    old = [dataclasses.replace(t, fingerprint="v1") for t in build("stages:2")]
-    new = [dataclasses.replace(t, fingerprint="v2" if t.id == "gpu1" else "v1") for t in old]
+    old = [dataclasses.replace(t, fingerprint="v1") for t in build(graph)]
+    new = [dataclasses.replace(t, fingerprint="v2" if t.id == changed else "v1")
+           for t in old]
     gpu = worker(store, "G", {"gpu"}, old, fingerprints=True, label_wait=30.0)
     assert not store.step(gpu, [], Want(limit=1, start=True, leave=OFF)).left
     clock.advance(1)  # C starts after G registered its graph (else: a mismatch)
     cpu = worker(store, "C", {"cpu"}, new, fingerprints=True)
     assert cpu.generation > gpu.generation
+    return clock, store, gpu, cpu
+
+
+def test_a_worker_of_an_older_graph_does_not_wait_for_newer_work():
+    """Once nothing of its own generations can change it leaves at once, as before
+    label_wait: what still waits is a task a newer graph changed, which it may not
+    claim (review31 N2: it waited label_wait for it and blamed labels)."""
+    _clock, store, gpu, cpu = older_and_newer("stages:2", "gpu1")
     [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
     store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)  # cpu1 stays ready
     [gpu0] = store.step(gpu, [], Want(limit=1)).claims
@@ -109,15 +118,7 @@ def test_a_worker_of_an_older_graph_waits_while_a_newer_one_runs_its_upstream():
     one. While a newer worker runs cpu0, the older gpu worker waits for it, and then
     runs gpu0 (review31 N1: it left at once, and gpu0 stayed ready with nobody to run
     it)."""
-    clock = FakeClock()
-    store = Store(url(), Store.writers_lock(url(), 60), clock)
-    old = [dataclasses.replace(t, fingerprint="v1") for t in build("stages:1")]
-    new = [dataclasses.replace(t, fingerprint="v2" if t.id == "cpu0" else "v1") for t in old]
-    gpu = worker(store, "G", {"gpu"}, old, fingerprints=True, label_wait=30.0)
-    assert not store.step(gpu, [], Want(limit=1, start=True, leave=OFF)).left
-    clock.advance(1)
-    cpu = worker(store, "C", {"cpu"}, new, fingerprints=True)
-    assert cpu.generation > gpu.generation
+    clock, store, gpu, cpu = older_and_newer("stages:1", "cpu0")
     [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
     clock.advance(60)  # long after label_wait: it waits for the running task itself
     assert not store.poll(gpu, OFF).left
