@@ -247,6 +247,13 @@ def peek(db_file: Path, sql: str, params=()) -> list[tuple] | None:
         raise
 
 
+def waiting_workers(db_file: Path) -> int:
+    """Workers that wait for others (their row names the state they leave in; 0 until
+    the database exists), for conditions polled while workers start."""
+    found = peek(db_file, "SELECT count(*) FROM workers WHERE leave_as IS NOT NULL")
+    return found[0][0] if found else 0
+
+
 # ------------------------------------------------------------------ services
 #: Set by scripts/postgres-up.sh and scripts/slurm-up.sh (read here, before the autouse
 #: fixture above clears LAUFBAND_* for each test). In CI (LAUFBAND_REQUIRE_SERVICES=1)

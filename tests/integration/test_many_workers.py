@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_dependency_order, assert_exactly_once, peek, query, wait_until
+from conftest import (
+    assert_dependency_order,
+    assert_exactly_once,
+    peek,
+    query,
+    wait_until,
+    waiting_workers,
+)
 from graphs import build
 
 from laufband.batching import MAX_DEFERRAL
@@ -125,8 +132,7 @@ def test_a_later_stage_started_first_waits_for_the_earlier_stage(workers):
     db = workers.folder / "graph.sqlite"
     workers.start("stages:20", 2, labels="gpu", sleep=0.01)
     # Both gpu workers wait (a waiting worker's row names the state it leaves in)...
-    wait_until(lambda: (peek(db, "SELECT count(*) FROM workers WHERE leave_as IS NOT NULL")
-                        or [(0,)])[0][0] == 2, what="gpu workers waiting")
+    wait_until(lambda: waiting_workers(db) == 2, what="gpu workers waiting")
     # ... and are still there once the cpu workers register, long after their first look.
     workers.start("stages:20", 2, labels="cpu", sleep=0.01)
     run = workers.wait()

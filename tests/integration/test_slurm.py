@@ -31,9 +31,9 @@ from conftest import (
     Run,
     assert_dependency_order,
     assert_exactly_once,
-    peek,
     query,
     wait_until,
+    waiting_workers,
 )
 from graphs import build
 
@@ -158,14 +158,15 @@ def slurm(tmp_path):
     s.cancel_all()
 
 
-def worker_job(folder: Path, script: Path, **options: object) -> str:
+def worker_job(folder: Path, script: Path, prefix: str = "w", **options: object) -> str:
     """A batch script as users write it (examples/slurm/run.sbatch): the identity from
     the array ids, exec python. Each incarnation (SLURM_RESTART_COUNT: requeues) records
-    into ``w<array task>.<restart>.jsonl``."""
+    into ``<prefix><array task>.<restart>.jsonl``."""
     args = [sys.executable, str(script), "--db", f"sqlite:///{folder / 'graph.sqlite'}"]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    out = shlex.quote(str(folder)) + '/w"${SLURM_ARRAY_TASK_ID}.${SLURM_RESTART_COUNT:-0}"'
+    out = (shlex.quote(f"{folder}/{prefix}")
+           + '"${SLURM_ARRAY_TASK_ID}.${SLURM_RESTART_COUNT:-0}"')
     return ("#!/bin/bash\n"
             'export LAUFBAND_IDENTIFIER="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"\n'
             f"exec {shlex.join(args)} --out {out}.jsonl\n")
@@ -245,17 +246,16 @@ def test_two_stages_as_two_arrays_the_later_stage_started_first(slurm, tmp_path)
     """A pipeline of two worker families as two job arrays, the gpu stage's running
     before the cpu stage's was even submitted (the scheduler's order): the gpu workers
     wait for cpu workers (label_wait) instead of leaving with nothing done."""
-    def family(labels: str) -> str:
-        script = worker_job(tmp_path, WORKER, graph="stages:20", labels=labels, sleep=0.01)
-        return script.replace('/w"${SLURM_ARRAY_TASK_ID}', f'/{labels}"${{SLURM_ARRAY_TASK_ID}}')
+    def family(labels: str) -> str:  # each family records into <labels><task>.*.jsonl
+        return worker_job(tmp_path, WORKER, prefix=labels, graph="stages:20", labels=labels,
+                          sleep=0.01)
 
     gpu = slurm.submit(family("gpu"), "--array=0-1")
     db = tmp_path / "graph.sqlite"
     # Both gpu workers registered and wait (a waiting worker's row names the state it
     # leaves in), with no cpu worker anywhere.
-    wait_until(lambda: (peek(db, "SELECT count(*) FROM workers WHERE leave_as IS NOT NULL")
-                        or [(0,)])[0][0] == 2,
-        timeout=60, interval=0.2, what="the gpu workers waiting")
+    wait_until(lambda: waiting_workers(db) == 2, timeout=60, interval=0.2,
+               what="the gpu workers waiting")
     cpu = slurm.submit(family("cpu"), "--array=0-1")
     for job in (gpu, cpu):
         slurm.wait_gone(job)
