@@ -219,7 +219,8 @@ def _waits_for_labels(led: Ledger, me: Me, mine: list[int]) -> bool:
 
 def _can_change_up_to(led: Ledger, me: Me, reqsets: list[int]) -> bool:
     """Counts.can_change for a worker of an older generation: the counters span every
-    generation, so ask the tasks of its own (rare: only such a worker about to leave)."""
+    generation, so its own tasks are asked of the tasks table (rare: only such a worker
+    about to leave); running tasks of any generation count, from the counters."""
     if not reqsets:
         return False
     mine, params = in_list(reqsets)
