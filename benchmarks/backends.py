@@ -263,10 +263,10 @@ def median(runs: list[bench.Result]) -> bench.Result:
 
 
 # ---------------------------------------------------------------------- report
-def cells(quick: bool) -> list[Cell]:
+def cells(quick: bool, scale: float = 1.0) -> list[Cell]:
     sizes = QUICK_SIZES if quick else SIZES
-    return [Cell(kind, w, n, sleep) for kind, (sleep, counts) in sizes.items()
-            for w, n in counts.items()]
+    return [Cell(kind, w, max(1, round(n * scale)), sleep)
+            for kind, (sleep, counts) in sizes.items() for w, n in counts.items()]
 
 
 def rate(r: bench.Result | None) -> str:
@@ -392,10 +392,15 @@ def main() -> int:
     p.add_argument("--workdir", default=tempfile.gettempdir(),
                    help="where the SQLite scenario directories are made (the disk under test)")
     p.add_argument("--keep", action="store_true", help="keep the SQLite scenario directories")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every cell's task count (e.g. 5: longer runs, in which "
+                   "the workers' fixed costs of start and end weigh less)")
     p.add_argument("--json", help="write every measurement to this file")
     args = p.parse_args()
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    if args.scale <= 0:
+        p.error(f"--scale {args.scale}: must be above 0")
     args.backends = tuple(b for b in BACKENDS if b in args.backends.split(","))
     if args.against:
         if not (Path(args.against) / "laufband" / "__init__.py").exists():
@@ -436,7 +441,7 @@ def run(args: argparse.Namespace, server: Server) -> int:
     if args.compare_upstream:
         ctx.python["upstream"] = bench.upstream_python(ctx)
     only = re.compile(args.only) if args.only else None
-    todo = [c for c in cells(args.quick)
+    todo = [c for c in cells(args.quick, args.scale)
             if only is None or only.search(f"{c.kind} x{c.workers}")]
     whole = bench.CpuMeter()
     print(header(info, args, pg_info))
