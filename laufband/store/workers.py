@@ -60,13 +60,9 @@ SQL = {
                    " AND id != :me",
     "newest_generation": "SELECT max(generation) FROM graphs",
     # For a worker of an older graph generation: its own tasks are those of its
-    # generations (it may not claim newer ones; _can_change_up_to).
+    # generations (it may not claim newer ones; _done_for_older).
     "mine_waiting": "SELECT 1 FROM tasks WHERE state IN ('pending', 'running')"
                     " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
-    "mine_pending": "SELECT 1 FROM tasks WHERE state = 'pending'"
-                    " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
-    "old_ready": "SELECT 1 FROM tasks WHERE state = 'ready' AND reqset IN ({live})"
-                 " AND generation <= :generation LIMIT 1",
 }
 
 
@@ -186,10 +182,7 @@ def done_for(led: Ledger, me: Me) -> bool:
         # holds them while it is still 'ready': look at the attempts, not the counts).
         return False
     if me.generation < (led.scalar(SQL["newest_generation"]) or 0):
-        # A worker of an older graph leaves once nothing of its generations can change:
-        # it does not wait for newer work, so not for labels either (no label wait).
-        me.stranded_since = None
-        return not _can_change_up_to(led, me, mine)
+        return _done_for_older(led, me, mine)
     if led.counts.can_change(mine, lambda: _live_reqsets(led, me.id)):
         me.stranded_since = None
         return False
@@ -217,28 +210,29 @@ def _waits_for_labels(led: Ledger, me: Me, mine: list[int]) -> bool:
     return led.now - me.stranded_since < me.label_wait
 
 
-def _can_change_up_to(led: Ledger, me: Me, reqsets: list[int]) -> bool:
-    """Counts.can_change for a worker of an older generation: the counters span every
+def _done_for_older(led: Ledger, me: Me, mine: list[int]) -> bool:
+    """done_for for a worker of an older generation. Its own tasks are those of its
+    generations (it may not claim newer ones): with none of them pending or running it
+    leaves at once, as it does not wait for newer work it cannot run. Else it waits as
+    a worker of the newest generation does (Counts.can_change, then label_wait), for
+    tasks of any generation: a changed task gets the new generation while its
+    dependents keep theirs, so what its pending tasks wait for may be newer work that
+    another worker runs (and that may fail and run again). The counters span every
     generation, so its own tasks are asked of the tasks table (rare: only such a worker
-    about to leave); running tasks of any generation count, from the counters."""
-    if not reqsets:
-        return False
-    mine, params = in_list(reqsets)
-    gen = {"generation": me.generation}
-    if not led.all(SQL["mine_waiting"].format(mine=mine), {**params, **gen}):
-        return False
-    if led.counts.n([TaskState.RUNNING]):
-        # A running task of any generation (Counts.can_change's rule): a changed task
-        # gets the new generation while its dependents keep theirs, so a newer worker
-        # may be running what ours wait for.
+    about to leave)."""
+    if not mine or not led.all(SQL["mine_waiting"].format(mine=in_list(mine)[0]),
+                               {**in_list(mine)[1], "generation": me.generation}):
+        me.stranded_since = None
         return True
-    if not led.all(SQL["mine_pending"].format(mine=mine), {**params, **gen}):
+    # A running task may unblock its pending tasks or come back (Counts.can_change's
+    # rule); with none, what of its own waits is pending: on a ready task that another
+    # live worker may run?
+    counts = led.counts
+    if counts.n([TaskState.RUNNING]) or counts.n([TaskState.READY],
+                                                 sorted(_live_reqsets(led, me.id))):
+        me.stranded_since = None
         return False
-    live = sorted(_live_reqsets(led, me.id))
-    if not live:
-        return False
-    marks, live_params = in_list(live)
-    return bool(led.all(SQL["old_ready"].format(live=marks), {**live_params, **gen}))
+    return not _waits_for_labels(led, me, mine)
 
 
 def leave_if_done(led: Ledger, me: Me, leave: WorkerState | None) -> bool:

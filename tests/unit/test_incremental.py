@@ -135,6 +135,9 @@ def test_a_fingerprint_change_while_a_dependent_runs():
     # ... while the fingerprint of b changes (another run of the script)
     worker_b = make(graph(c="v2", b="v3"), name="B", clock=clock, enable_fingerprints=True)
     assert states()["c"] == "running" and states()["b"] == "ready"
+    # A stops after c (else, once it finished c, it would wait for B, which may run b:
+    # c keeps A's generation)
+    running.close()
     assert [t.id for t in loop] == []  # A finishes c: not completed (it waits for b)
     assert states()["c"] == "pending"
     assert history("c")[-1][:2] == ("invalidated", "pending")

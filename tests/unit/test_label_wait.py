@@ -15,7 +15,7 @@ from laufband import Task
 from laufband.clock import FakeClock
 from laufband.states import Event, WorkerState
 from laufband.store import Store
-from laufband.store.model import Finish, Me, Want, WorkerInfo
+from laufband.store.model import Failure, Finish, Me, Want, WorkerInfo
 from laufband.task import read_graph
 
 pytestmark = pytest.mark.backends
@@ -100,17 +100,62 @@ def older_and_newer(graph: str, changed: str) -> tuple[FakeClock, Store, Me, Me]
     return clock, store, gpu, cpu
 
 
-def test_a_worker_of_an_older_graph_does_not_wait_for_newer_work():
-    """Once nothing of its own generations can change it leaves at once, as before
-    label_wait: what still waits is a task a newer graph changed, which it may not
-    claim (review31 N2: it waited label_wait for it and blamed labels)."""
+@pytest.mark.parametrize("cpu_leaves_as", [OFF, WorkerState.IDLE])
+def test_a_worker_of_an_older_graph_does_not_wait_for_newer_work(cpu_leaves_as):
+    """Once nothing of its own generations waits it leaves at once, whether or not a
+    live worker may run what the newer work waits for: what still waits is a task a
+    newer graph changed, which it may not claim (review31 N2: it waited label_wait for
+    it and blamed labels)."""
     _clock, store, gpu, cpu = older_and_newer("stages:2", "gpu1")
     [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
-    store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)  # cpu1 stays ready
+    store.leave("C", [Finish(cpu0, Event.COMPLETED)], cpu_leaves_as)  # cpu1 stays ready
     [gpu0] = store.step(gpu, [], Want(limit=1)).claims
     after = store.step(gpu, [Finish(gpu0, Event.COMPLETED)], Want(limit=1, leave=OFF))
     assert (after.claims, after.left) == ([], True)  # gpu1 is of generation 2
     assert gpu.stranded_since is None  # nor does it say it waited for labels
+
+
+def test_a_worker_of_an_older_graph_waits_while_a_newer_one_may_run_its_upstream():
+    """A rerun changed cpu0 (generation 2); gpu0 keeps the old generation. The newer
+    cpu worker is live but has not claimed cpu0 yet: the older gpu worker, the only one
+    that may run gpu0, waits for it (review32 F1: it left, and gpu0 was stranded)."""
+    clock, store, gpu, cpu = older_and_newer("stages:1", "cpu0")
+    clock.advance(60)  # long after label_wait: a live worker may run cpu0
+    assert not store.poll(gpu, OFF).left
+    assert gpu.stranded_since is None
+    [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
+    store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)
+    assert [c.id for c in store.step(gpu, [], Want(limit=1)).claims] == ["gpu0"]
+
+
+def test_a_worker_of_an_older_graph_waits_while_its_upstream_is_retried():
+    """The newer worker's attempt at the changed cpu0 failed within its budget: cpu0 is
+    ready again, and the older gpu worker waits for the retry (review32 F1)."""
+    clock, store, gpu, cpu = older_and_newer("stages:1", "cpu0")
+    cpu.max_failed = 1  # its attempts may fail once and run again
+    [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
+    failed = Finish(cpu0, Event.FAILED, budget=1, failure=Failure("boom", "traceback"))
+    assert store.step(cpu, [failed], Want(limit=0)).claims == []
+    clock.advance(60)
+    assert not store.poll(gpu, OFF).left
+    [again] = store.step(cpu, [], Want(limit=1)).claims
+    store.leave("C", [Finish(again, Event.COMPLETED)], OFF)
+    assert [c.id for c in store.step(gpu, [], Want(limit=1)).claims] == ["gpu0"]
+
+
+def test_a_worker_of_an_older_graph_waits_label_wait_for_its_upstream():
+    """The newer cpu worker left without running the changed cpu0, which nobody live
+    can run now: the older gpu worker waits label_wait for one, as a worker of the
+    newest graph does, then leaves (review32 F2: it left at once)."""
+    clock, store, gpu, _cpu = older_and_newer("stages:1", "cpu0")
+    assert not store.poll(gpu, OFF).left  # C is live
+    store.leave("C", [], OFF)
+    assert not store.poll(gpu, OFF).left  # the wait starts
+    assert gpu.stranded_since == clock.now()
+    clock.advance(29.9)
+    assert not store.poll(gpu, OFF).left
+    clock.advance(0.2)
+    assert store.poll(gpu, OFF).left
 
 
 def test_a_worker_of_an_older_graph_waits_while_a_newer_one_runs_its_upstream():
