@@ -504,9 +504,11 @@ class Graphband(t.Generic[T]):
         waiting = me.stranded_since is not None and pending > 0
         if waiting and not self._label_wait_said and not result.left:
             log.warning("worker %s: %d task(s) it could run wait for tasks that need "
-                        "labels no live worker has; it waits up to %g s for a worker "
-                        "with them (label_wait), then leaves. `laufband status` names "
-                        "the labels.", me.id, pending, me.label_wait)
+                        "labels no live worker has (or, for a worker of an older "
+                        "version of the graph, tasks the newer version changed); it "
+                        "waits up to %g s for a worker to take them (label_wait), then "
+                        "leaves. `laufband status` names the labels.", me.id, pending,
+                        me.label_wait)
         self._label_wait_said = waiting
         if result.left and waiting and not result.short_of_time:
             log.warning("worker %s leaves: no worker with the labels its %d pending "

@@ -73,6 +73,9 @@ class Me:
     #: tasks wait for needs (workers.done_for), and since when it does (store clock).
     label_wait: float = 0.0
     stranded_since: float | None = None
+    #: A worker of an older generation: did its last look see a live worker with the
+    #: labels of a newer ready task it waits for? (One that comes restarts the wait.)
+    taker_seen: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,12 @@ SQL = {
     # generations (it may not claim newer ones; _done_for_older).
     "mine_waiting": "SELECT 1 FROM tasks WHERE state IN ('pending', 'running')"
                     " AND reqset IN ({mine}) AND generation <= :generation LIMIT 1",
+    # ... a ready task of its generations that another live worker may run,
+    "old_ready": "SELECT 1 FROM tasks WHERE state = 'ready' AND reqset IN ({live})"
+                 " AND generation <= :generation LIMIT 1",
+    # ... a ready task it may not claim: newer, or of a set it may not run.
+    "unclaimable_ready": "SELECT 1 FROM tasks WHERE state = 'ready' AND (generation >"
+                         " :generation OR reqset NOT IN ({mine})) LIMIT 1",
 }
 
 
@@ -205,6 +211,12 @@ def _waits_for_labels(led: Ledger, me: Me, mine: list[int]) -> bool:
     if not counts.n([TaskState.READY], [r for r in counts.rows if r not in me.reqset_ids]):
         me.stranded_since = None
         return False
+    return _stranded(led, me)
+
+
+def _stranded(led: Ledger, me: Me) -> bool:
+    """Does the wait for a worker that can run what this worker's pending tasks wait
+    for go on? It started at the first look; ``me.label_wait`` seconds long."""
     if me.stranded_since is None:
         me.stranded_since = led.now
     return led.now - me.stranded_since < me.label_wait
@@ -213,26 +225,55 @@ def _waits_for_labels(led: Ledger, me: Me, mine: list[int]) -> bool:
 def _done_for_older(led: Ledger, me: Me, mine: list[int]) -> bool:
     """done_for for a worker of an older generation. Its own tasks are those of its
     generations (it may not claim newer ones): with none of them pending or running it
-    leaves at once, as it does not wait for newer work it cannot run. Else it waits as
-    a worker of the newest generation does (Counts.can_change, then label_wait), for
-    tasks of any generation: a changed task gets the new generation while its
-    dependents keep theirs, so what its pending tasks wait for may be newer work that
-    another worker runs (and that may fail and run again). The counters span every
-    generation, so its own tasks are asked of the tasks table (rare: only such a worker
-    about to leave)."""
-    if not mine or not led.all(SQL["mine_waiting"].format(mine=in_list(mine)[0]),
-                               {**in_list(mine)[1], "generation": me.generation}):
+    leaves at once, as it does not wait for newer work it cannot run. It waits while a
+    task of any generation runs (Counts.can_change's rule), and while another live
+    worker may run a ready task of its generations (the counters span every
+    generation, so its own tasks are asked of the tasks table: rare, only such a worker
+    about to leave).
+
+    Else its pending tasks may wait for a ready task of a newer generation: a changed
+    task gets the new generation while its dependents keep theirs. A live worker may
+    be about to run it (registered but not claimed yet, between loops, after a failed
+    attempt), or nobody may (no live worker has its labels, or only workers of older
+    generations do, which may not claim it: the workers' generations are not stored).
+    It cannot tell which, so it waits ``label_wait`` for such a task to be claimed
+    (review32 F1, F2), then leaves; never longer, so two older workers never wait for
+    each other. A live worker with the task's labels that comes restarts the wait."""
+    if not _any_task(led, "mine_waiting", mine, me.generation):
         me.stranded_since = None
         return True
-    # A running task may unblock its pending tasks or come back (Counts.can_change's
-    # rule); with none, what of its own waits is pending: on a ready task that another
-    # live worker may run?
-    counts = led.counts
-    if counts.n([TaskState.RUNNING]) or counts.n([TaskState.READY],
-                                                 sorted(_live_reqsets(led, me.id))):
+    if led.counts.n([TaskState.RUNNING]):
         me.stranded_since = None
         return False
-    return not _waits_for_labels(led, me, mine)
+    live = sorted(_live_reqsets(led, me.id))
+    if _any_task(led, "old_ready", live, me.generation):
+        me.stranded_since = None
+        return False
+    # Nothing runs, so its own tasks wait pending. For a ready task it may not claim
+    # (newer, or needing labels it lacks)? Ready tasks of its own sets and generations
+    # it would have claimed, unless they do not fit its time left: it leaves short of
+    # time (runtimes.in_reach), as a worker of the newest graph does.
+    if not _any_task(led, "unclaimable_ready", me.reqset_ids, me.generation):
+        me.stranded_since = None
+        return True
+    # A live worker with the labels of such a task came: the wait starts afresh, as
+    # label_wait's does when a worker with the labels comes (it may be of the newer
+    # generation, and claim it).
+    taker = bool(led.counts.n([TaskState.READY], live))
+    if taker and not me.taker_seen:
+        me.stranded_since = None
+    me.taker_seen = taker
+    return not _stranded(led, me)
+
+
+def _any_task(led: Ledger, query: str, reqsets: list[int], generation: int) -> bool:
+    """Does SQL[query] find a task, with ``reqsets`` as its ``{mine}`` or ``{live}``
+    list? None for an empty list."""
+    if not reqsets:
+        return False
+    marks, params = in_list(reqsets)
+    sql = SQL[query].format(mine=marks, live=marks)
+    return bool(led.all(sql, {**params, "generation": generation}))
 
 
 def leave_if_done(led: Ledger, me: Me, leave: WorkerState | None) -> bool:

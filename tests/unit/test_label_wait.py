@@ -118,14 +118,45 @@ def test_a_worker_of_an_older_graph_does_not_wait_for_newer_work(cpu_leaves_as):
 def test_a_worker_of_an_older_graph_waits_while_a_newer_one_may_run_its_upstream():
     """A rerun changed cpu0 (generation 2); gpu0 keeps the old generation. The newer
     cpu worker is live but has not claimed cpu0 yet: the older gpu worker, the only one
-    that may run gpu0, waits for it (review32 F1: it left, and gpu0 was stranded)."""
+    that may run gpu0, waits label_wait for it (review32 F1: it left at once, and gpu0
+    was stranded). Once cpu0 runs, it waits for it as for any running task."""
     clock, store, gpu, cpu = older_and_newer("stages:1", "cpu0")
-    clock.advance(60)  # long after label_wait: a live worker may run cpu0
     assert not store.poll(gpu, OFF).left
-    assert gpu.stranded_since is None
+    clock.advance(29.9)
+    assert not store.poll(gpu, OFF).left
     [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
+    clock.advance(60)  # cpu0 runs long: no label wait any more
+    assert not store.poll(gpu, OFF).left and gpu.stranded_since is None
     store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)
     assert [c.id for c in store.step(gpu, [], Want(limit=1)).claims] == ["gpu0"]
+
+
+def test_a_worker_of_an_older_graph_waits_label_wait_only():
+    """It cannot tell whether a live worker may claim the newer task: here the newer
+    worker stays live and never claims cpu0, and the older one leaves after
+    label_wait."""
+    clock, store, gpu, _cpu = older_and_newer("stages:1", "cpu0")
+    assert not store.poll(gpu, OFF).left
+    clock.advance(30.1)
+    assert store.poll(gpu, OFF).left
+
+
+def test_two_workers_of_an_older_graph_do_not_wait_for_each_other():
+    """A rerun changed g1, which needs gpu; its dependent g2 keeps the old generation.
+    Only the two older gpu workers have gpu, and neither may claim the newer g1: each
+    sees the other live with the labels, and neither waits for it for ever."""
+    clock = FakeClock()
+    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    old = [Task("g1", requirements={"gpu"}, fingerprint="v1"),
+           Task("g2", requirements={"gpu"}, dependencies={"g1"}, fingerprint="v1")]
+    new = [dataclasses.replace(old[0], fingerprint="v2"), old[1]]
+    older = [worker(store, name, {"gpu"}, old, fingerprints=True, label_wait=30.0)
+             for name in ("G1", "G2")]
+    clock.advance(1)
+    worker(store, "C", {"cpu"}, new, fingerprints=True)
+    assert [store.poll(w, OFF).left for w in older] == [False, False]
+    clock.advance(30.1)
+    assert [store.poll(w, OFF).left for w in older] == [True, True]
 
 
 def test_a_worker_of_an_older_graph_waits_while_its_upstream_is_retried():
@@ -136,7 +167,8 @@ def test_a_worker_of_an_older_graph_waits_while_its_upstream_is_retried():
     [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
     failed = Finish(cpu0, Event.FAILED, budget=1, failure=Failure("boom", "traceback"))
     assert store.step(cpu, [failed], Want(limit=0)).claims == []
-    clock.advance(60)
+    assert not store.poll(gpu, OFF).left
+    clock.advance(29.9)
     assert not store.poll(gpu, OFF).left
     [again] = store.step(cpu, [], Want(limit=1)).claims
     store.leave("C", [Finish(again, Event.COMPLETED)], OFF)
