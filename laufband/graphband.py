@@ -511,10 +511,12 @@ class Graphband(t.Generic[T]):
                         me.label_wait)
         self._label_wait_said = waiting
         if result.left and waiting and not result.short_of_time:
-            log.warning("worker %s leaves: no worker with the labels its %d pending "
-                        "task(s) wait for came within label_wait (%g s). They stay "
-                        "pending: start workers with those labels (`laufband status` "
-                        "names them) and they run.", me.id, pending, me.label_wait)
+            log.warning("worker %s leaves: no worker took what its %d pending task(s) "
+                        "wait for within label_wait (%g s). They stay pending: start "
+                        "workers with the labels it needs (`laufband status` names "
+                        "them), or, if this worker runs an older version of a changed "
+                        "graph, workers of the new version, and they run.", me.id,
+                        pending, me.label_wait)
 
 
 def user_lock_file(db_path: str | None) -> str:

@@ -74,7 +74,7 @@ class Me:
     label_wait: float = 0.0
     stranded_since: float | None = None
     #: A worker of an older generation: did its last look see a live worker with the
-    #: labels of a newer ready task it waits for? (One that comes restarts the wait.)
+    #: labels of a newer ready task it waits for? (A change restarts the wait.)
     taker_seen: bool = False
 
 

@@ -66,9 +66,12 @@ SQL = {
     # ... a ready task of its generations that another live worker may run,
     "old_ready": "SELECT 1 FROM tasks WHERE state = 'ready' AND reqset IN ({live})"
                  " AND generation <= :generation LIMIT 1",
-    # ... a ready task it may not claim: newer, or of a set it may not run.
+    # ... a ready task it may not claim: newer, or of a set it may not run;
     "unclaimable_ready": "SELECT 1 FROM tasks WHERE state = 'ready' AND (generation >"
                          " :generation OR reqset NOT IN ({mine})) LIMIT 1",
+    # ... a shared task that runs while it stays ready (a slot free): the counters count
+    # it ready, not running (review33 F1).
+    "shared_running": "SELECT 1 FROM tasks WHERE state = 'ready' AND running > 0 LIMIT 1",
 }
 
 
@@ -226,10 +229,10 @@ def _done_for_older(led: Ledger, me: Me, mine: list[int]) -> bool:
     """done_for for a worker of an older generation. Its own tasks are those of its
     generations (it may not claim newer ones): with none of them pending or running it
     leaves at once, as it does not wait for newer work it cannot run. It waits while a
-    task of any generation runs (Counts.can_change's rule), and while another live
-    worker may run a ready task of its generations (the counters span every
-    generation, so its own tasks are asked of the tasks table: rare, only such a worker
-    about to leave).
+    task of any generation runs (Counts.can_change's rule; a shared task that runs may
+    stay ready), and while another live worker may run a ready task of its generations
+    (the counters span every generation, so its own tasks are asked of the tasks
+    table: rare, only such a worker about to leave).
 
     Else its pending tasks may wait for a ready task of a newer generation: a changed
     task gets the new generation while its dependents keep theirs. A live worker may
@@ -238,11 +241,12 @@ def _done_for_older(led: Ledger, me: Me, mine: list[int]) -> bool:
     generations do, which may not claim it: the workers' generations are not stored).
     It cannot tell which, so it waits ``label_wait`` for such a task to be claimed
     (review32 F1, F2), then leaves; never longer, so two older workers never wait for
-    each other. A live worker with the task's labels that comes restarts the wait."""
+    each other. A live worker with the task's labels that comes, or the last one that
+    leaves, restarts the wait."""
     if not _any_task(led, "mine_waiting", mine, me.generation):
         me.stranded_since = None
         return True
-    if led.counts.n([TaskState.RUNNING]):
+    if led.counts.n([TaskState.RUNNING]) or led.all(SQL["shared_running"]):
         me.stranded_since = None
         return False
     live = sorted(_live_reqsets(led, me.id))
@@ -256,11 +260,11 @@ def _done_for_older(led: Ledger, me: Me, mine: list[int]) -> bool:
     if not _any_task(led, "unclaimable_ready", me.reqset_ids, me.generation):
         me.stranded_since = None
         return True
-    # A live worker with the labels of such a task came: the wait starts afresh, as
-    # label_wait's does when a worker with the labels comes (it may be of the newer
-    # generation, and claim it).
+    # A live worker with the labels of such a task came (it may be of the newer
+    # generation, and claim it), or the last one left: the wait starts afresh, as
+    # label_wait's does when a worker with the labels comes or leaves.
     taker = bool(led.counts.n([TaskState.READY], live))
-    if taker and not me.taker_seen:
+    if taker != me.taker_seen:
         me.stranded_since = None
     me.taker_seen = taker
     return not _stranded(led, me)

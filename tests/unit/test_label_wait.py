@@ -83,13 +83,15 @@ def test_a_worker_short_of_time_leaves_at_once_and_does_not_blame_labels():
     assert (result.claims, result.left, result.short_of_time) == ([], True, True)
 
 
-def older_and_newer(graph: str, changed: str) -> tuple[FakeClock, Store, Me, Me]:
-    """A gpu worker G of ``graph`` waits for a cpu worker; then a cpu worker C starts
-    with ``changed``'s fingerprint changed (a rerun of the script): C's generation is
-    newer, and so is ``changed``'s."""
+def older_and_newer(graph: str | list[Task], changed: str
+                    ) -> tuple[FakeClock, Store, Me, Me]:
+    """A gpu worker G of ``graph`` (a name for graphs.build, or tasks) waits for a cpu
+    worker; then a cpu worker C starts with ``changed``'s fingerprint changed (a rerun
+    of the script): C's generation is newer, and so is ``changed``'s."""
     clock = FakeClock()
     store = Store(url(), Store.writers_lock(url(), 60), clock)
-    old = [dataclasses.replace(t, fingerprint="v1") for t in build(graph)]
+    tasks = build(graph) if isinstance(graph, str) else graph
+    old = [dataclasses.replace(t, fingerprint="v1") for t in tasks]
     new = [dataclasses.replace(t, fingerprint="v2" if t.id == changed else "v1")
            for t in old]
     gpu = worker(store, "G", {"gpu"}, old, fingerprints=True, label_wait=30.0)
@@ -141,10 +143,42 @@ def test_a_worker_of_an_older_graph_waits_label_wait_only():
     assert store.poll(gpu, OFF).left
 
 
+def test_a_worker_of_an_older_graph_waits_while_its_shared_upstream_runs():
+    """The changed cpu0 is shared: while the newer worker runs it, it stays ready (a
+    slot is free) and the counters show nothing running. The older gpu worker waits for
+    that attempt, however long it takes (review33 F1: it left after label_wait)."""
+    shared = [Task("cpu0", requirements={"cpu"}, max_parallel_workers=2),
+              Task("gpu0", requirements={"gpu"}, dependencies={"cpu0"})]
+    clock, store, gpu, cpu = older_and_newer(shared, "cpu0")
+    [cpu0] = store.step(cpu, [], Want(limit=1, start=True)).claims
+    assert store.counts().n(["running"]) == 0
+    assert not store.poll(gpu, OFF).left
+    clock.advance(60)
+    assert not store.poll(gpu, OFF).left
+    store.leave("C", [Finish(cpu0, Event.COMPLETED)], OFF)
+    assert [c.id for c in store.step(gpu, [], Want(limit=1)).claims] == ["gpu0"]
+
+
+def test_the_older_wait_starts_over_when_the_worker_with_the_labels_leaves():
+    """As label_wait's does (README 'Labels'): a cpu worker that comes restarts the
+    older gpu worker's wait, and so does its leaving without claiming cpu0 (review33
+    F2: the wait went on from its coming)."""
+    clock, store, gpu, _cpu = older_and_newer("stages:1", "cpu0")
+    assert not store.poll(gpu, OFF).left
+    clock.advance(25)
+    store.leave("C", [], OFF)
+    assert not store.poll(gpu, OFF).left
+    clock.advance(29.9)
+    assert not store.poll(gpu, OFF).left
+    clock.advance(0.2)
+    assert store.poll(gpu, OFF).left
+
+
 def test_two_workers_of_an_older_graph_do_not_wait_for_each_other():
     """A rerun changed g1, which needs gpu; its dependent g2 keeps the old generation.
     Only the two older gpu workers have gpu, and neither may claim the newer g1: each
-    sees the other live with the labels, and neither waits for it for ever."""
+    sees the other live with the labels, and neither waits for it for ever (review33:
+    they did at de8691e)."""
     clock = FakeClock()
     store = Store(url(), Store.writers_lock(url(), 60), clock)
     old = [Task("g1", requirements={"gpu"}, fingerprint="v1"),
@@ -156,7 +190,11 @@ def test_two_workers_of_an_older_graph_do_not_wait_for_each_other():
     worker(store, "C", {"cpu"}, new, fingerprints=True)
     assert [store.poll(w, OFF).left for w in older] == [False, False]
     clock.advance(30.1)
-    assert [store.poll(w, OFF).left for w in older] == [True, True]
+    # G1 leaves; G2 saw it live with the labels and starts its wait over (as label_wait
+    # does when a worker with the labels leaves), so it waits at most twice label_wait.
+    assert [store.poll(w, OFF).left for w in older] == [True, False]
+    clock.advance(30.1)
+    assert store.poll(older[1], OFF).left
 
 
 def test_a_worker_of_an_older_graph_waits_while_its_upstream_is_retried():
