@@ -251,4 +251,4 @@ def test_each_loop_says_that_it_waits(caplog):
         assert list(w) == []
     said = [r.getMessage() for r in caplog.records]
     assert sum("waits up to 1 s for a worker" in m for m in said) == 2, said
-    assert sum("came within label_wait (1 s)" in m for m in said) == 2, said
+    assert sum("within label_wait (1 s)" in m for m in said) == 2, said
