@@ -23,6 +23,12 @@ pytestmark = pytest.mark.backends
 OFF = WorkerState.OFFLINE
 
 
+def clocked_store() -> tuple[FakeClock, Store]:
+    """A store of the test's database on a fake clock of its own."""
+    clock = FakeClock()
+    return clock, Store(url(), Store.writers_lock(url(), 60), clock)
+
+
 def worker(store: Store, name: str, labels: set[str], tasks, fingerprints: bool = False,
            **me) -> Me:
     store.register_worker(WorkerInfo(name, "h", 1, frozenset(labels), 60.0),
@@ -34,8 +40,7 @@ def worker(store: Store, name: str, labels: set[str], tasks, fingerprints: bool 
 
 
 def test_a_worker_waits_label_wait_then_leaves():
-    clock = FakeClock()
-    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    clock, store = clocked_store()
     gpu = worker(store, "G", {"gpu"}, build("stages:1"), label_wait=10.0)
     first = store.step(gpu, [], Want(limit=1, start=True, leave=OFF))
     assert (first.claims, first.left) == ([], False)  # waits for a cpu worker
@@ -50,8 +55,7 @@ def test_work_that_came_makes_the_next_wait_start_afresh():
     saw it live: its next look found a task to claim). Once the gpu worker ran that
     task and is stranded again, it waits label_wait from then, not from its first
     wait (review30 F1: it left at once)."""
-    clock = FakeClock()
-    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    clock, store = clocked_store()
     tasks = build("stages:2")
     gpu = worker(store, "G", {"gpu"}, tasks, label_wait=10.0)
     assert not store.step(gpu, [], Want(limit=1, start=True, leave=OFF)).left
@@ -74,8 +78,7 @@ def test_a_worker_short_of_time_leaves_at_once_and_does_not_blame_labels():
     """What its pending task waits for is a task it has the labels for but no time
     (its allocation ends): it leaves short of time at once (review30 F2: it waited
     label_wait, as if labels were missing)."""
-    clock = FakeClock()
-    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    clock, store = clocked_store()
     tasks = [Task("long", runtime=1000.0), Task("after", requirements={"x"},
                                                 dependencies={"long"}, runtime=1.0)]
     me = worker(store, "W", {"x"}, tasks, label_wait=10.0, deadline=clock.now() + 240)
@@ -88,8 +91,7 @@ def older_and_newer(graph: str | list[Task], changed: str
     """A gpu worker G of ``graph`` (a name for graphs.build, or tasks) waits for a cpu
     worker; then a cpu worker C starts with ``changed``'s fingerprint changed (a rerun
     of the script): C's generation is newer, and so is ``changed``'s."""
-    clock = FakeClock()
-    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    clock, store = clocked_store()
     tasks = build(graph) if isinstance(graph, str) else graph
     old = [dataclasses.replace(t, fingerprint="v1") for t in tasks]
     new = [dataclasses.replace(t, fingerprint="v2" if t.id == changed else "v1")
@@ -179,8 +181,7 @@ def test_two_workers_of_an_older_graph_do_not_wait_for_each_other():
     Only the two older gpu workers have gpu, and neither may claim the newer g1: each
     sees the other live with the labels, and neither waits for it for ever (review33:
     they did at de8691e)."""
-    clock = FakeClock()
-    store = Store(url(), Store.writers_lock(url(), 60), clock)
+    clock, store = clocked_store()
     old = [Task("g1", requirements={"gpu"}, fingerprint="v1"),
            Task("g2", requirements={"gpu"}, dependencies={"g1"}, fingerprint="v1")]
     new = [dataclasses.replace(old[0], fingerprint="v2"), old[1]]
