@@ -275,7 +275,7 @@ def _done_for_older(led: Ledger, me: Me, mine: list[int]) -> bool:
 
 def _any_task(led: Ledger, query: str, reqsets: list[int], generation: int) -> bool:
     """Does SQL[query] find a task, with ``reqsets`` as its ``{mine}`` or ``{live}``
-    list? None for an empty list."""
+    list? False for an empty list."""
     if not reqsets:
         return False
     marks, params = in_list(reqsets)
